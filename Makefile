@@ -1,0 +1,31 @@
+# Common tasks. Variables: MODE (finetune|feature-extract), DATA_DIR, DATA_ZIP (a local copy of
+# hymenoptera_data.zip for machines without internet), ARGS (more train.py options).
+VENV     ?= .venv
+PY       := $(VENV)/bin/python
+MODE     ?= finetune
+DATA_DIR ?= data/hymenoptera_data
+DATA_ZIP ?= $(wildcard ../shared/data/hymenoptera_data.zip)
+ARGS     ?=
+TRAIN    := train.py --mode $(MODE) --data-dir $(DATA_DIR) $(if $(DATA_ZIP),--data-zip $(DATA_ZIP)) $(ARGS)
+
+.PHONY: install train-cpu test lint clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+train-cpu: install  ## train on the CPU (bf16 autocast where supported)
+	$(VENV)/bin/accelerate launch --config_file accelerate_configs/cpu.yaml $(TRAIN)
+
+test: install  ## the whole test suite (CPU, a few minutes)
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf runs wandb .pytest_cache

@@ -1,0 +1,40 @@
+"""Options: defaults from the tutorial, --help for each, one-line errors for bad values."""
+
+import pytest
+from conftest import run_cli
+
+from tl.config import Config, parse_args
+from tl.errors import UserError
+
+
+def test_defaults_are_the_tutorials():
+    cfg = parse_args([])
+    assert (cfg.mode, cfg.model, cfg.epochs, cfg.batch_size) == ("finetune", "resnet18", 25, 4)
+    assert (cfg.lr, cfg.momentum, cfg.step_size, cfg.gamma) == (0.001, 0.9, 7, 0.1)
+    assert cfg.data_dir == "data/hymenoptera_data" and cfg.weights == "DEFAULT"
+
+
+def test_every_option_is_documented_in_help():
+    proc = run_cli("train.py", "--help")
+    assert proc.returncode == 0
+    for name in Config.__dataclass_fields__:
+        assert "--" + name.replace("_", "-") in proc.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "0"], "--epochs must be positive"),
+    (["--batch-size", "-4"], "--batch-size must be positive"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--mode", "fine"], "invalid choice: 'fine'"),
+    (["--epochs", "two"], "invalid int value"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_bad_flags_are_user_errors(argv, message):
+    with pytest.raises(UserError, match=message):
+        parse_args(argv)
+
+
+def test_bad_flag_from_the_command_line_is_one_line():
+    proc = run_cli("train.py", "--mode", "fine")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: argument --mode")

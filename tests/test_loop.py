@@ -1,0 +1,102 @@
+"""Both scenarios end to end on generated data: they learn, write their files, freeze what they must."""
+
+import json
+
+import pytest
+import torch
+from conftest import FAST, HYMENOPTERA_ZIP, PROXY_WEIGHTS, run_cli
+from PIL import Image
+from safetensors.torch import load_file
+
+from tl import checkpoint
+from tl.config import parse_args
+from tl.data import find_classes, load_split, make_loaders
+from tl.loop import evaluate, train
+from tl.model import build_model
+
+
+def run(tmp_path, data, mode, *extra, epochs=8):
+    out = tmp_path / mode
+    cfg = parse_args(["--mode", mode, "--data-dir", str(data), "--epochs", str(epochs), "--lr", "0.01",
+                      "--output-dir", str(out), *FAST, *extra])
+    summary, model = train(cfg)
+    return out, summary, model
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("mode", ["finetune", "feature-extract"])
+def test_mode_learns_and_writes_every_output(tmp_path, tiny_data, base_weights, mode):
+    out, summary, _ = run(tmp_path, tiny_data, mode, "--weights", str(base_weights))
+    rows = read_metrics(out)
+    assert [r["epoch"] for r in rows] == list(range(1, 9))
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"):
+        assert all(isinstance(r[key], float) for r in rows), key
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert summary["best_val_acc"] == max(r["val_acc"] for r in rows) >= 0.9
+    assert rows[summary["best_epoch"] - 1]["val_acc"] == summary["best_val_acc"]
+    assert rows[7]["lr"] == pytest.approx(0.001)  # StepLR: x0.1 after 7 epochs
+
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["num_train"] == 24 and saved["num_val"] == 12 and saved["classes"] == ["blue", "red"]
+    assert saved["best_val_acc"] == summary["best_val_acc"] and saved["total_seconds"] > 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["mode"] == mode and config["epochs"] == 8 and config["weights"] == str(base_weights)
+    with Image.open(out / "predictions.png") as img:
+        assert img.width > 400 and img.height > 200
+    meta = checkpoint.read_metadata(out / "best.safetensors")
+    assert meta["mode"] == mode and meta["model"] == "resnet18"
+    assert json.loads(meta["classes"]) == ["blue", "red"]
+    assert meta["base_weights"].startswith("sha256:")
+
+
+def test_feature_extract_freezes_backbone_and_saves_only_the_head(tmp_path, tiny_data, base_weights):
+    out, _, model = run(tmp_path, tiny_data, "feature-extract", "--weights", str(base_weights))
+    base = torch.load(base_weights, weights_only=True)
+    trained = model.state_dict()
+    backbone = [k for k in base if not k.startswith("fc.")]
+    assert len(backbone) > 100  # weights and every BatchNorm buffer
+    for k in backbone:
+        assert torch.equal(trained[k], base[k]), f"{k} changed"
+    assert not torch.equal(trained["fc.weight"][:, :8], torch.zeros(2, 8))
+    head = load_file(out / "best.safetensors")
+    assert set(head) == {"fc.weight", "fc.bias"} and head["fc.weight"].shape == (2, 512)
+    assert (out / "best.safetensors").stat().st_size < 10_000
+
+
+def test_finetune_checkpoint_reloads_to_the_same_val_accuracy(tmp_path, tiny_data):
+    out, summary, _ = run(tmp_path, tiny_data, "finetune", "--weights", "none")
+    model, _ = build_model("resnet18", "none", 2, "finetune")
+    tensors, meta = checkpoint.load(out / "best.safetensors")
+    model.load_state_dict(tensors)
+    assert all(v.dtype in (torch.float32, torch.int64) for v in tensors.values())
+
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    _, folders = find_classes(tiny_data)
+    val = load_split(folders["val"], 64, train=False, show_progress=False)
+    train_split = load_split(folders["train"], 64, train=True, show_progress=False)
+    *_, val_loader = make_loaders(train_split, val, 8, 0, 64, 0, 0, 1)
+    model = accelerator.prepare(model.to(memory_format=torch.channels_last)).eval()
+    preds, _ = evaluate(model, val_loader, accelerator, len(val.images))
+    acc = (preds == torch.tensor(val.targets)).float().mean().item()
+    assert acc == summary["best_val_acc"] == float(meta["val_acc"])
+
+
+@pytest.mark.skipif(not HYMENOPTERA_ZIP.is_file() or not PROXY_WEIGHTS.is_file(), reason="needs ../shared")
+@pytest.mark.parametrize("mode", ["feature-extract", "finetune"])
+def test_real_data_from_the_command_line(tmp_path, hymenoptera, mode):
+    out = tmp_path / "run"
+    proc = run_cli("train.py", "--mode", mode, "--epochs", "2", "--data-dir", str(hymenoptera),
+                   "--weights", str(PROXY_WEIGHTS), "--output-dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("config.json", "metrics.jsonl", "summary.json", "best.safetensors", "predictions.png"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["num_train"], summary["num_val"]) == (244, 153)  # the GIF is not an image set member
+    assert summary["classes"] == ["ants", "bees"] and 0.4 <= summary["best_val_acc"] <= 1
+    size = (out / "best.safetensors").stat().st_size
+    assert size < 100_000 if mode == "feature-extract" else size > 40_000_000

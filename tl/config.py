@@ -1,0 +1,72 @@
+"""Every option of a run: one dataclass, its command line, and the checks on it."""
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+from tl.errors import UserError
+
+MODES = ("finetune", "feature-extract")
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+
+
+def _opt(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Config:
+    mode: str = _opt("finetune", "finetune: train every layer; feature-extract: freeze the "
+                     "backbone, train only the new final layer", choices=MODES)
+    data_dir: str = _opt("data/hymenoptera_data", "ImageFolder root holding train/ and val/ "
+                         "with the same class folders (the default is downloaded if missing)")
+    data_zip: str | None = _opt(None, "local zip of the data set, extracted next to --data-dir "
+                                "when that is missing (for machines without internet)")
+    model: str = _opt("resnet18", "any torchvision classification model name")
+    weights: str = _opt("DEFAULT", "torchvision weights name (DEFAULT, IMAGENET1K_V1, ...), "
+                        "'none' for random init, or a path to a local .pth/.safetensors state dict")
+    epochs: int = _opt(25, "number of epochs")
+    batch_size: int = _opt(4, "images per batch on each process")
+    lr: float = _opt(0.001, "SGD learning rate")
+    momentum: float = _opt(0.9, "SGD momentum")
+    step_size: int = _opt(7, "StepLR: decay the learning rate every this many epochs")
+    gamma: float = _opt(0.1, "StepLR: multiply the learning rate by this at each step")
+    image_size: int = _opt(224, "crop size for training and validation (val resizes to "
+                           "size*256/224 first, as the tutorial does)")
+    precision: str = _opt("auto", "mixed precision; auto: the accelerate config's choice, else "
+                          "bf16 where the GPU or CPU supports it, else fp32", choices=PRECISIONS)
+    output_dir: str | None = _opt(None, "where the run's files go (default runs/<mode>-<time>)")
+    seed: int = _opt(0, "random seed: head init, data order and augmentation")
+    num_workers: int = _opt(0, "DataLoader worker processes for train augmentation "
+                            "(images are decoded once and kept in memory, so 0 is usually fastest)")
+
+    def validate(self) -> "Config":
+        for name in ("epochs", "batch_size", "step_size", "image_size"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got "
+                                f"{getattr(self, name)}")
+        for name in ("lr", "gamma"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise UserError(f"--num-workers must be 0 or more, got {self.num_workers}")
+        return self
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, like every other user mistake
+        raise UserError(f"{message} (see --help)")
+
+
+def parse_args(argv=None) -> Config:
+    parser = _Parser(description="Transfer learning for a torchvision classifier on an "
+                     "ImageFolder data set.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if f.type is bool:
+            parser.add_argument(flag, action="store_true", help=help)
+        else:
+            kind = f.type if f.type in (int, float) else str
+            parser.add_argument(flag, type=kind, default=f.default, help=help,
+                                choices=f.metadata.get("choices"))
+    return Config(**vars(parser.parse_args(argv))).validate()

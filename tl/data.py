@@ -1,0 +1,163 @@
+"""Data: fetch the ImageFolder set, decode every image once into memory, shard it per process.
+
+Images are decoded a single time and kept as uint8 tensors: val images already resized and
+center-cropped (deterministic), train images at most 2x the crop size on their shorter side so
+each epoch's RandomResizedCrop+flip is a cheap tensor op. Normalization happens on the device.
+This suits data sets that fit in RAM (hymenoptera: about 60 MB); see the README for larger ones.
+"""
+
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.datasets.utils import download_and_extract_archive, extract_archive
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
+
+from tl.errors import UserError
+
+HYMENOPTERA_URL = "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
+DEFAULT_DATA_DIR = "data/hymenoptera_data"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def ensure_data(data_dir: str, data_zip: str | None = None) -> Path:
+    """Return data_dir, first extracting data_zip or downloading the tutorial set if it is missing."""
+    root = Path(data_dir)
+    if root.is_dir():
+        return root
+    if data_zip is None and data_dir != DEFAULT_DATA_DIR:
+        raise UserError(f"data dir {root} does not exist; pass --data-dir pointing to an ImageFolder "
+                        "root with train/ and val/, or --data-zip with a zip of it")
+    if data_zip is not None and not Path(data_zip).is_file():
+        raise UserError(f"data zip {data_zip} does not exist; pass --data-zip with the path of a "
+                        "zip file, e.g. hymenoptera_data.zip")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # Unpack into a temporary folder and rename at the end: an interrupted download or a second
+    # process doing the same never leaves a half-written data dir behind.
+    with tempfile.TemporaryDirectory(dir=root.parent, prefix=".tl-download-") as tmp:
+        if data_zip is not None:
+            extract_archive(data_zip, tmp)
+        else:
+            try:
+                download_and_extract_archive(HYMENOPTERA_URL, download_root=tmp)
+            except OSError as e:  # URLError, timeouts, refused connections are all OSErrors
+                raise UserError(f"could not download {HYMENOPTERA_URL} ({e}); on a machine without "
+                                "internet pass --data-zip /path/to/hymenoptera_data.zip "
+                                "(make train-cpu DATA_ZIP=...) or --data-dir with an extracted copy"
+                                ) from None
+        extracted = Path(tmp) / root.name
+        if not extracted.is_dir():
+            raise UserError(f"the zip holds no top-level folder {root.name}/; pass --data-dir with "
+                            "the folder's real name or a zip whose top folder matches it")
+        if not root.exists():
+            extracted.rename(root)
+    return root
+
+
+@dataclass
+class Split:
+    """One split decoded into memory: uint8 CHW images, integer labels, the files it skipped."""
+    images: list[torch.Tensor]
+    targets: list[int]
+    paths: list[str]
+    skipped: list[str] = field(default_factory=list)
+
+
+class ImageSet(Dataset):
+    def __init__(self, split: Split, transform=None):
+        self.split, self.transform = split, transform
+
+    def __len__(self):
+        return len(self.split.images)
+
+    def __getitem__(self, i):
+        x = self.split.images[i]
+        return (self.transform(x) if self.transform else x), self.split.targets[i]
+
+
+def find_classes(root: Path) -> tuple[list[str], dict[str, ImageFolder]]:
+    """Scan train/ and val/ and check they hold the same, non-empty class folders."""
+    folders = {}
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise UserError(f"{root} has no {split}/ folder; an ImageFolder root needs train/ and "
+                            "val/, each with one sub-folder per class")
+        try:
+            folders[split] = ImageFolder(root / split)
+        except FileNotFoundError as e:  # ImageFolder's message for no class dirs or an empty one
+            raise UserError(f"{root / split}: {e}; put at least one image "
+                            f"({', '.join(IMG_EXTENSIONS)}) in every class folder or remove the "
+                            "empty ones") from None
+    train, val = folders["train"].classes, folders["val"].classes
+    if train != val:
+        raise UserError(f"train/ and val/ hold different class folders (train: {train}, "
+                        f"val: {val}); give both the same class folders")
+    return train, folders
+
+
+def decode(path: str, image_size: int, train: bool) -> torch.Tensor:
+    """Decode one file to uint8 RGB: val as the tutorial's Resize+CenterCrop, train shrunk to at
+    most 2x the crop on its shorter side."""
+    resize = round(image_size * 256 / 224)
+    with Image.open(path) as img:
+        img.draft("RGB", (2 * resize, 2 * resize))  # JPEG: decode big photos at reduced scale
+        img = img.convert("RGB")
+        if train:
+            if min(img.size) > 2 * image_size:
+                img = TF.resize(img, 2 * image_size)
+        else:
+            img = TF.center_crop(TF.resize(img, resize), image_size)
+        return TF.pil_to_tensor(img)
+
+
+def load_split(folder: ImageFolder, image_size: int, train: bool, show_progress: bool) -> Split:
+    split = Split([], [], [])
+    name = "train" if train else "val"
+    for path, target in tqdm(folder.samples, desc=f"decode {name}", disable=not show_progress,
+                             leave=False):
+        try:
+            split.images.append(decode(path, image_size, train))
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            warnings.warn(f"skipping unreadable image {path}: {e}", stacklevel=1)
+            split.skipped.append(path)
+            continue
+        split.targets.append(target)
+        split.paths.append(path)
+    if not split.images:
+        raise UserError(f"no readable image in {folder.root}; check the files are images")
+    return split
+
+
+def train_transform(image_size: int):
+    return v2.Compose([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()])
+
+
+def make_loaders(train: Split, val: Split, batch_size: int, num_workers: int, image_size: int,
+                 seed: int, rank: int, world: int):
+    """Train: shuffled and sharded by DistributedSampler (call set_epoch every epoch). Val: a
+    strided shard per process with no padding, so every image is counted exactly once."""
+    train_set = ImageSet(train, train_transform(image_size))
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    train_loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler,
+                              num_workers=num_workers, persistent_workers=num_workers > 0,
+                              pin_memory=torch.cuda.is_available())
+    val_set = Subset(ImageSet(val), range(rank, len(val.images), world))
+    val_loader = DataLoader(val_set, batch_size=max(batch_size, 32))
+    return train_loader, sampler, val_loader
+
+
+def to_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 NCHW batch -> normalized float on the device, channels_last for faster convolutions."""
+    x = x.to(device, non_blocking=True).float().div_(255)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
