@@ -3,7 +3,8 @@
 #   slurm/local_cluster.sh start   # install if needed, start munged+slurmctld+2 slurmd; prints `export SLURM_CONF=...`
 #   slurm/local_cluster.sh stop    # kill what start started
 #   slurm/local_cluster.sh status  # sinfo
-# Usage from a test: eval "$(slurm/local_cluster.sh start)"   (state dir: $TL_SLURM_DIR, default /tmp/tl-slurm)
+# Usage from a test: eval "$(slurm/local_cluster.sh start)"
+# Env: TL_SLURM_DIR (state dir, default /tmp/tl-slurm), TL_SLURM_PORT (slurmctld port, default 6817).
 set -euo pipefail
 
 DIR=${TL_SLURM_DIR:-/tmp/tl-slurm}
@@ -60,7 +61,9 @@ ReturnToService=2
 JobRequeue=1
 # A requeued job waits cred_expire seconds (default 120) before it may start again; 5 is the minimum.
 AuthInfo=cred_expire=5
-# Short timeouts so cancel/requeue/restarts are quick in tests.
+# Backfill (every 30 s by default) is what starts a requeued job once its BeginTime passes.
+SchedulerParameters=bf_interval=1,sched_interval=1
+# SIGTERM->SIGKILL grace on cancel/requeue (default 30 s); keep finished jobs visible to scontrol for 10 min.
 KillWait=5
 MinJobAge=600
 SlurmdTimeout=60
@@ -72,8 +75,7 @@ EOF
 }
 
 wait_idle() {
-  local t
-  for t in $(seq 60); do
+  for _ in $(seq 60); do
     [[ $(sinfo -h -N -t idle -o %N 2>/dev/null | sort -u | wc -l) -eq ${#NODES[@]} ]] && return
     sleep 1
   done
@@ -101,6 +103,10 @@ start() {
 
 stop() {
   local f pids=()
+  if alive "$DIR/slurmctld.pid"; then  # jobs' slurmstepd/processes outlive slurmd: cancel them first
+    squeue -h -o %A | xargs -r scancel || true
+    for _ in $(seq 30); do [[ -z $(squeue -h 2>/dev/null) ]] && break; sleep 0.5; done
+  fi
   for f in "$DIR"/slurmd-*.pid "$DIR"/slurmctld.pid "$DIR"/munged.pid; do
     alive "$f" && pids+=("$(cat "$f")") && kill "$(cat "$f")"
     rm -f "$f"

@@ -26,8 +26,8 @@ def test_local_zip_is_extracted_next_to_the_data_dir(tmp_path):
 
 def test_decoding_matches_the_tutorial_shapes(tiny_data):
     classes, folders = find_classes(tiny_data)
-    val = load_split(folders["val"], 64, train=False, show_progress=False)
-    train = load_split(folders["train"], 64, train=True, show_progress=False)
+    val = load_split(folders["val"].samples, 64, train=False, show_progress=False)
+    train = load_split(folders["train"].samples, 64, train=True, show_progress=False)
     assert classes == ["blue", "red"] and val.targets == [0] * 6 + [1] * 6
     assert all(x.shape == (3, 64, 64) and x.dtype == torch.uint8 for x in val.images)
     assert all(min(x.shape[1:]) == 80 for x in train.images)  # kept whole: under the 2x cap
@@ -38,8 +38,8 @@ def test_decoding_matches_the_tutorial_shapes(tiny_data):
 
 def test_shards_cover_every_image_once(tiny_data):
     _, folders = find_classes(tiny_data)
-    val = load_split(folders["val"], 32, train=False, show_progress=False)
-    train = load_split(folders["train"], 32, train=True, show_progress=False)
+    val = load_split(folders["val"].samples, 32, train=False, show_progress=False)
+    train = load_split(folders["train"].samples, 32, train=True, show_progress=False)
     seen_val, seen_train = [], []
     for rank in range(5):
         train_loader, sampler, val_loader = make_loaders(train, val, 4, 0, 32, 0, rank, 5)
@@ -57,7 +57,7 @@ def test_unreadable_images_are_skipped_with_a_warning(tmp_path):
     Image.new("L", (50, 40), 128).save(root / "train" / "blue" / "gray.png")
     _, folders = find_classes(root)
     with pytest.warns(UserWarning, match="skipping unreadable image"):
-        train = load_split(folders["train"], 32, train=True, show_progress=False)
+        train = load_split(folders["train"].samples, 32, train=True, show_progress=False)
     assert len(train.images) == 7 and len(train.skipped) == 2
     assert all(x.shape[0] == 3 for x in train.images)  # grayscale converted to RGB
 

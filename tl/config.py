@@ -36,6 +36,9 @@ class Config:
     precision: str = _opt("auto", "mixed precision; auto: the accelerate config's choice, else "
                           "bf16 where the GPU or CPU supports it, else fp32", choices=PRECISIONS)
     output_dir: str | None = _opt(None, "where the run's files go (default runs/<mode>-<time>)")
+    resume: bool = _opt(False, "continue the run in --output-dir from its last completed epoch")
+    overwrite: bool = _opt(False, "start afresh in an --output-dir that holds another run, "
+                           "deleting its files")
     seed: int = _opt(0, "random seed: head init, data order and augmentation")
     num_workers: int = _opt(0, "DataLoader worker processes for train augmentation "
                             "(images are decoded once and kept in memory, so 0 is usually fastest)")
@@ -48,6 +51,10 @@ class Config:
         for name in ("lr", "gamma"):
             if not getattr(self, name) > 0:
                 raise UserError(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.resume and self.overwrite:
+            raise UserError("--resume and --overwrite contradict each other; pass one of them")
+        if self.resume and not self.output_dir:
+            raise UserError("--resume needs --output-dir naming the run to continue")
         if self.num_workers < 0:
             raise UserError(f"--num-workers must be 0 or more, got {self.num_workers}")
         return self

@@ -119,11 +119,11 @@ def decode(path: str, image_size: int, train: bool) -> torch.Tensor:
         return TF.pil_to_tensor(img)
 
 
-def load_split(folder: ImageFolder, image_size: int, train: bool, show_progress: bool) -> Split:
+def load_split(samples: list[tuple[str, int]], image_size: int, train: bool, show_progress: bool) -> Split:
+    """Decode (path, label) pairs, e.g. an ImageFolder's .samples; unreadable files are skipped."""
     split = Split([], [], [])
-    name = "train" if train else "val"
-    for path, target in tqdm(folder.samples, desc=f"decode {name}", disable=not show_progress,
-                             leave=False):
+    for path, target in tqdm(samples, desc=f"decode {'train' if train else 'val'}",
+                             disable=not show_progress, leave=False):
         try:
             split.images.append(decode(path, image_size, train))
         except (OSError, ValueError, Image.DecompressionBombError) as e:
@@ -133,7 +133,8 @@ def load_split(folder: ImageFolder, image_size: int, train: bool, show_progress:
         split.targets.append(target)
         split.paths.append(path)
     if not split.images:
-        raise UserError(f"no readable image in {folder.root}; check the files are images")
+        raise UserError(f"none of the {len(samples)} files is a readable image "
+                        f"({samples[0][0] if samples else 'no files'}, ...); check the files")
     return split
 
 

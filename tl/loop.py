@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -39,23 +40,64 @@ def resolve_precision(precision: str) -> str | None:
     return "bf16" if cpu_has_bf16() else "no"
 
 
-def resolve_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "best.safetensors", "state.safetensors",
+             "predictions.png")
+
+
+def prepare_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
+    """Agree on the output dir; refuse to mix two runs in one unless told to resume or overwrite."""
     out = [cfg.output_dir or f"runs/{cfg.mode}-{time.strftime('%Y%m%d-%H%M%S')}"]
-    broadcast_object_list(out)  # every process agrees on the main process's timestamp
+    broadcast_object_list(out)  # every process takes the main process's timestamp
     out = Path(out[0])
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    if existing and not (cfg.resume or cfg.overwrite):
+        raise UserError(f"{out} already holds a run ({', '.join(existing)}); pass --resume to continue "
+                        "it, --overwrite to replace it, or another --output-dir")
+    if cfg.resume and not (out / "state.safetensors").is_file():
+        raise UserError(f"nothing to resume in {out} (no state.safetensors); run without --resume")
+    accelerator.wait_for_everyone()  # all checked before the main process changes anything
     if accelerator.is_main_process:
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"cannot create output dir {out} ({e.strerror}); pass --output-dir "
                             "with a writable location") from None
+        if cfg.overwrite:
+            for name in existing:
+                (out / name).unlink()
     return out
 
 
-def train_epoch(model, loader, optimizer, accelerator, desc: str) -> tuple[float, float, int]:
+class StopSignal(Exception):
+    """Raised on every process when any of them got SIGINT, SIGTERM or SIGUSR1 (SLURM's warning)."""
+
+
+class StopWatch:
+    """Remembers a stop signal; `requested()` makes all processes agree before anyone stops."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, accelerator: Accelerator):
+        self.accelerator, self.signum = accelerator, 0
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def check(self) -> None:
+        flag = torch.tensor([self.signum], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, "max")
+        if flag.item():
+            raise StopSignal(int(flag.item()))
+
+
+def train_epoch(model, loader, optimizer, accelerator, stop: StopWatch, desc: str):
     """One pass over this process's shard; returns loss, accuracy and images over all processes."""
     totals = torch.zeros(3, device=accelerator.device)  # loss sum, correct, images
     for x, y in tqdm(loader, desc=desc, disable=not accelerator.is_main_process, leave=False):
+        stop.check()
         x, y = to_input(x, accelerator.device), y.to(accelerator.device)
         logits = model(x)
         loss = F.cross_entropy(logits, y)
@@ -69,105 +111,131 @@ def train_epoch(model, loader, optimizer, accelerator, desc: str) -> tuple[float
 
 
 @torch.inference_mode()
-def evaluate(model, loader, accelerator, num_val: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image predicted class and loss for the whole val set, in val order, on every process.
+def evaluate(model, loader, accelerator, num_images: int) -> torch.Tensor:
+    """Class probabilities (float32, CPU) for every image of the set, in order, on every process.
 
     Each process evaluates its own strided shard (no padding); the shards are padded only for
     the gather and the padding dropped again, so each image counts exactly once.
     """
-    rows = []  # (val index, predicted class, loss)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    seen = 0
-    for x, y in loader:
-        x, y = to_input(x, accelerator.device), y.to(accelerator.device)
-        logits = model(x)
-        idx = torch.arange(seen, seen + len(y), device=y.device) * world + rank
-        seen += len(y)
-        rows.append(torch.stack([idx.double(), logits.argmax(1).double(),
-                                 F.cross_entropy(logits.float(), y, reduction="none").double()], 1))
-    local = torch.cat(rows) if rows else torch.zeros(0, 3, device=accelerator.device, dtype=torch.double)
+    rows = []  # index in the set, then class probabilities
+    rank, world, seen = accelerator.process_index, accelerator.num_processes, 0
+    for x, _ in loader:
+        probs = model(to_input(x, accelerator.device)).float().softmax(1)
+        idx = torch.arange(seen, seen + len(x), device=probs.device) * world + rank
+        seen += len(x)
+        rows.append(torch.cat([idx[:, None].float(), probs], 1))
+    local = torch.cat(rows)
     gathered = accelerator.gather(accelerator.pad_across_processes(local, dim=0, pad_index=-1))
     gathered = gathered[gathered[:, 0] >= 0]
     gathered = gathered[gathered[:, 0].argsort()].cpu()
-    assert len(gathered) == num_val, (len(gathered), num_val)
-    return gathered[:, 1].long(), gathered[:, 2].float()
+    assert len(gathered) == num_images, (len(gathered), num_images)
+    return gathered[:, 1:]
 
 
 def train(cfg: Config) -> tuple[dict, torch.nn.Module]:
-    """Run cfg from start to end; returns the summary and the trained model (last epoch)."""
+    """Run cfg from start (or its last saved epoch) to end; returns the summary and the model."""
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               mixed_precision=resolve_precision(cfg.precision))
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    out = resolve_output_dir(cfg, accelerator)
+    stop = StopWatch(accelerator)
+    out = prepare_output_dir(cfg, accelerator)
 
     with accelerator.local_main_process_first():  # one download per node
         root = ensure_data(cfg.data_dir, cfg.data_zip)
     classes, folders = find_classes(root)
-    train_split = load_split(folders["train"], cfg.image_size, train=True, show_progress=main)
-    val_split = load_split(folders["val"], cfg.image_size, train=False, show_progress=main)
+    train_split = load_split(folders["train"].samples, cfg.image_size, train=True, show_progress=main)
+    val_split = load_split(folders["val"].samples, cfg.image_size, train=False, show_progress=main)
     train_loader, sampler, val_loader = make_loaders(
         train_split, val_split, cfg.batch_size, cfg.num_workers, cfg.image_size, cfg.seed, rank, world)
     val_targets = torch.tensor(val_split.targets)
 
-    set_seed(cfg.seed)  # the same new head on every process
+    set_seed(cfg.seed)  # the same new head on every process, and on resume
     with accelerator.local_main_process_first():  # one weights download per node
         model, head_name = build_model(cfg.model, cfg.weights, len(classes), cfg.mode)
-    base = weights_id(cfg.weights, cfg.model)
+    identity = {"model": cfg.model, "mode": cfg.mode, "classes": classes,
+                "base_weights": weights_id(cfg.weights, cfg.model), "head": head_name,
+                "image_size": cfg.image_size, "seed": cfg.seed}
+    frozen = cfg.mode == "feature-extract"
     model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
                                 lr=cfg.lr, momentum=cfg.momentum)
     # Not prepared: Accelerate would step an epoch scheduler once per process.
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+
+    progress = {"epoch": 0, "best_val_acc": -1.0, "best_epoch": 0, "best_preds": [], "seconds": 0.0}
+    state_path = out / "state.safetensors"
+    if cfg.resume:
+        tensors, optimizer_state, scheduler_state, meta = checkpoint.load_state(state_path)
+        checkpoint.check_matches(state_path, meta, identity)
+        model.load_state_dict(tensors, strict=not frozen)  # frozen: the head; the rest is the base
+        scheduler.load_state_dict(scheduler_state)
+        progress = {k: meta[k] for k in progress}
     model, optimizer = accelerator.prepare(model, optimizer)
+    if cfg.resume:
+        optimizer.load_state_dict(optimizer_state)
 
     log = RunLog(out) if main else None
     if main:
-        log.write_json("config.json", dataclasses.asdict(cfg) | {
+        log.write_json("config.json", dataclasses.asdict(cfg) | identity | {
             "output_dir": str(out), "mixed_precision": accelerator.mixed_precision,
-            "num_processes": world, "device": str(accelerator.device), "base_weights": base})
+            "num_processes": world, "device": str(accelerator.device)})
+        log.keep_epochs(progress["epoch"])  # drop rows of an epoch that was cut short
         accelerator.print(f"{cfg.mode} {cfg.model} on {len(train_split.images)} train / "
                           f"{len(val_split.images)} val images, classes {classes}, {world} "
-                          f"process(es) on {accelerator.device}, precision {accelerator.mixed_precision}")
+                          f"process(es) on {accelerator.device}, precision {accelerator.mixed_precision}"
+                          + (f", resuming after epoch {progress['epoch']}" if cfg.resume else ""))
 
-    best_acc, best_epoch, best_preds = -1.0, 0, None
-    started = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
-        t0 = time.perf_counter()
-        set_seed((cfg.seed * 10_000 + epoch) * 1_000 + rank)  # augmentation and dropout per epoch
-        sampler.set_epoch(epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        model.train(cfg.mode == "finetune")  # feature-extract: frozen BatchNorm statistics too
-        train_loss, train_acc, n_train = train_epoch(model, train_loader, optimizer, accelerator,
-                                                     f"epoch {epoch}/{cfg.epochs}")
-        train_seconds = time.perf_counter() - t0
-        scheduler.step()
-        model.eval()
-        preds, losses = evaluate(model, val_loader, accelerator, len(val_split.images))
-        val_acc = (preds == val_targets).float().mean().item()
-        metrics = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
-                   "val_loss": losses.mean().item(), "val_acc": val_acc, "lr": lr,
-                   "train_images_per_s": n_train / train_seconds,
-                   "seconds": time.perf_counter() - t0}
-        improved = val_acc > best_acc
-        if improved:
-            best_acc, best_epoch, best_preds = val_acc, epoch, preds
-        if main:
-            log.log_epoch(metrics)
+    started = time.perf_counter() - progress["seconds"]
+    try:
+        for epoch in range(progress["epoch"] + 1, cfg.epochs + 1):
+            t0 = time.perf_counter()
+            set_seed((cfg.seed * 10_000 + epoch) * 1_000 + rank)  # augmentation and dropout per epoch
+            sampler.set_epoch(epoch)
+            lr = optimizer.param_groups[0]["lr"]
+            model.train(not frozen)  # frozen: BatchNorm statistics stay the base's
+            train_loss, train_acc, n_train = train_epoch(model, train_loader, optimizer, accelerator, stop,
+                                                         f"epoch {epoch}/{cfg.epochs}")
+            train_seconds = time.perf_counter() - t0
+            scheduler.step()
+            model.eval()
+            probs = evaluate(model, val_loader, accelerator, len(val_split.images))
+            preds = probs.argmax(1)
+            val_acc = (preds == val_targets).float().mean().item()
+            val_loss = F.nll_loss(probs.clamp_min(1e-12).log(), val_targets).item()
+            metrics = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
+                       "val_loss": val_loss, "val_acc": val_acc, "lr": lr,
+                       "train_images_per_s": n_train / train_seconds,
+                       "seconds": time.perf_counter() - t0}
+            improved = val_acc > progress["best_val_acc"]
+            progress["epoch"] = epoch
+            progress["seconds"] = time.perf_counter() - started
             if improved:
+                progress |= {"best_val_acc": val_acc, "best_epoch": epoch, "best_preds": preds.tolist()}
+            if main:
+                # Order matters for a kill at any moment: the row, then best, then the state that
+                # says the epoch is done (a resume drops rows and redoes work past the state).
+                log.log_epoch(metrics)
                 net = accelerator.unwrap_model(model)
-                checkpoint.save(out / "best.safetensors",
-                                head_state(net, head_name) if cfg.mode == "feature-extract"
-                                else net.state_dict(),
-                                {"model": cfg.model, "mode": cfg.mode, "classes": classes,
-                                 "base_weights": base, "head": head_name, "epoch": epoch,
-                                 "val_acc": val_acc, "image_size": cfg.image_size})
-            accelerator.print(
-                f"epoch {epoch:>3}/{cfg.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
-                f"val loss {metrics['val_loss']:.4f} acc {val_acc:.4f}  lr {lr:.2g}  "
-                f"{metrics['seconds']:.1f}s{'  *best*' if improved else ''}")
+                trained = head_state(net, head_name) if frozen else net.state_dict()
+                if improved:
+                    checkpoint.save(out / "best.safetensors", trained, identity | {
+                        "epoch": epoch, "val_acc": val_acc, "mixed_precision": accelerator.mixed_precision,
+                        "eval_batch_size": val_loader.batch_size})
+                checkpoint.save_state(state_path, trained, optimizer, scheduler, identity | progress)
+                accelerator.print(
+                    f"epoch {epoch:>3}/{cfg.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
+                    f"val loss {metrics['val_loss']:.4f} acc {val_acc:.4f}  lr {lr:.2g}  "
+                    f"{metrics['seconds']:.1f}s{'  *best*' if improved else ''}")
+            stop.check()
+    except StopSignal as e:
+        accelerator.wait_for_everyone()
+        raise UserError(f"stopped by {signal.Signals(e.args[0]).name} during epoch {progress['epoch'] + 1}; "
+                        f"epochs 1-{progress['epoch']} are saved in {out}, continue with the same "
+                        "command plus --resume") from None
 
-    summary = {"best_val_acc": best_acc, "best_epoch": best_epoch, "epochs": cfg.epochs,
-               "num_train": len(train_split.images), "num_val": len(val_split.images),
+    best_preds = torch.tensor(progress["best_preds"])
+    summary = {"best_val_acc": progress["best_val_acc"], "best_epoch": progress["best_epoch"],
+               "epochs": cfg.epochs, "num_train": len(train_split.images), "num_val": len(val_split.images),
                "classes": classes, "skipped_images": train_split.skipped + val_split.skipped,
                "total_seconds": time.perf_counter() - started, "output_dir": str(out)}
     if main:
@@ -177,7 +245,7 @@ def train(cfg: Config) -> tuple[dict, torch.nn.Module]:
                          [f"predicted: {classes[best_preds[i]]}" for i in shown],
                          [bool(best_preds[i] == val_targets[i]) for i in shown],
                          out / "predictions.png")
-        accelerator.print(f"best val acc {best_acc:.4f} at epoch {best_epoch}; outputs in {out}")
+        accelerator.print(f"best val acc {summary['best_val_acc']:.4f} at epoch {summary['best_epoch']}; "
+                          f"outputs in {out}")
     accelerator.end_training()
     return summary, accelerator.unwrap_model(model)
-

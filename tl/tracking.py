@@ -16,3 +16,10 @@ class RunLog:
     def log_epoch(self, metrics: dict) -> None:
         with open(self.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
+
+    def keep_epochs(self, last: int) -> None:
+        """Drop rows after epoch `last`: a resumed run redoes the epoch a kill cut short."""
+        path = self.dir / "metrics.jsonl"
+        if path.exists():
+            rows = [r for r in path.read_text().splitlines() if json.loads(r)["epoch"] <= last]
+            path.write_text("".join(r + "\n" for r in rows))

@@ -1,0 +1,133 @@
+"""Checkpoints: exact resume after a real SIGKILL, clean stops, bounded files, refused bad files."""
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, make_imagefolder, run_cli
+from safetensors.torch import save_file
+
+from tl import checkpoint
+from tl.errors import UserError
+
+ARGS = ["--epochs", "6", "--step-size", "2", "--image-size", "96", "--batch-size", "8", "--lr", "0.01",
+        "--weights", "none"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_imagefolder(tmp_path_factory.mktemp("ck") / "d", n_train=24, n_val=8, size=120)
+
+
+def metrics_without_timings(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("seconds", "train_images_per_s")} for r in rows]
+
+
+def start(data, out, mode):
+    cmd = [sys.executable, str(ROOT / "train.py"), "--mode", mode, "--data-dir", str(data),
+           "--output-dir", str(out), *ARGS]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_epochs(out, n, proc, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"run ended or stalled before epoch {n}: {proc.stderr.read() if proc.stderr else ''}")
+
+
+@pytest.mark.parametrize("mode", ["finetune", "feature-extract"])
+def test_sigkill_at_a_random_moment_then_resume_matches_an_uninterrupted_run(tmp_path, data, mode):
+    ref = tmp_path / "ref"
+    assert run_cli("train.py", "--mode", mode, "--data-dir", str(data), "--output-dir", str(ref),
+                   *ARGS).returncode == 0
+    out = tmp_path / "killed"
+    proc = start(data, out, mode)
+    wait_for_epochs(out, 1, proc)
+    time.sleep(random.uniform(0, 1.5))  # anywhere in the next epochs, saving included
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert len(metrics_without_timings(out)) < 6, "the run ended before the kill; make epochs longer"
+    checkpoint.load_state(out / "state.safetensors")  # the last complete state is loadable
+
+    resumed = run_cli("train.py", "--mode", mode, "--data-dir", str(data), "--output-dir", str(out),
+                      *ARGS, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming after epoch" in resumed.stdout
+    assert metrics_without_timings(out) == metrics_without_timings(ref)
+    assert (out / "best.safetensors").read_bytes() == (ref / "best.safetensors").read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())
+
+
+def test_ctrl_c_saves_and_exits_cleanly_then_resumes(tmp_path, data):
+    out = tmp_path / "run"
+    proc = start(data, out, "finetune")
+    wait_for_epochs(out, 2, proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 2, stderr
+    assert "stopped by SIGINT" in stderr and "--resume" in stderr and "Traceback" not in stderr
+    done = checkpoint.read_metadata(out / "state.safetensors")["epoch"]
+    assert done >= 2 and len(metrics_without_timings(out)) == done
+    resumed = run_cli("train.py", "--mode", "finetune", "--data-dir", str(data), "--output-dir", str(out),
+                      *ARGS, "--resume")
+    assert resumed.returncode == 0 and [r["epoch"] for r in metrics_without_timings(out)] == list(range(1, 7))
+
+
+def test_state_holds_only_trained_tensors_and_round_trips(tmp_path):
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)
+    model(torch.ones(3, 4)).sum().backward()
+    opt.step()
+    sched.step()
+    checkpoint.save_state(tmp_path / "s.safetensors", model.state_dict(), opt, sched, {"epoch": 1})
+    tensors, opt_state, sched_state, meta = checkpoint.load_state(tmp_path / "s.safetensors")
+    assert set(tensors) == {"weight", "bias"} and meta["epoch"] == 1
+    assert torch.equal(opt_state["state"][0]["momentum_buffer"], opt.state_dict()["state"][0]["momentum_buffer"])
+    assert opt_state["param_groups"] == opt.state_dict()["param_groups"] and sched_state == sched.state_dict()
+    opt.load_state_dict(opt_state)
+
+
+def test_unusable_checkpoints_are_one_line_errors(tmp_path):
+    good = tmp_path / "good.safetensors"
+    checkpoint.save(good, {"fc.weight": torch.ones(2, 3)}, {"model": "resnet18", "mode": "finetune",
+                                                            "classes": ["a", "b"], "base_weights": "none"})
+    (tmp_path / "truncated.safetensors").write_bytes(good.read_bytes()[:-10])
+    save_file({"x": torch.ones(1)}, tmp_path / "foreign.safetensors")
+    save_file({"x": torch.ones(1)}, tmp_path / "newer.safetensors",
+              metadata={"tl": json.dumps({"format": "tl-checkpoint", "format_version": 99})})
+    for name, message in [("truncated", "damaged"), ("foreign", "not a tl checkpoint"),
+                          ("newer", "newer than this tl reads"), ("missing", "does not exist")]:
+        with pytest.raises(UserError, match=message):
+            checkpoint.load(tmp_path / f"{name}.safetensors")
+    meta = checkpoint.read_metadata(good)
+    expected = {"model": "resnet18", "mode": "finetune", "classes": ["a", "b"], "base_weights": "none"}
+    for key, other in [("model", "resnet34"), ("mode", "feature-extract"), ("classes", ["a", "b", "c"]),
+                       ("base_weights", "sha256:00")]:
+        with pytest.raises(UserError, match=f"was made with {key}"):
+            checkpoint.check_matches(good, meta, expected | {key: other})
+
+
+def test_resume_refuses_a_state_from_another_setup(tmp_path, data):
+    out = tmp_path / "run"
+    first = run_cli("train.py", "--data-dir", str(data), "--output-dir", str(out), *ARGS[:2], *ARGS[4:],
+                    "--epochs", "1")
+    assert first.returncode == 0, first.stderr
+    before = (out / "state.safetensors").read_bytes()
+    for extra, message in [(["--mode", "feature-extract"], "was made with mode"),
+                           (["--model", "resnet34"], "was made with model")]:
+        proc = run_cli("train.py", "--data-dir", str(data), "--output-dir", str(out), *ARGS, *extra, "--resume")
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    again = run_cli("train.py", "--data-dir", str(data), "--output-dir", str(out), *ARGS)
+    assert again.returncode == 2 and "already holds a run" in again.stderr
+    assert (out / "state.safetensors").read_bytes() == before  # nothing saved was touched
