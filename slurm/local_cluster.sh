@@ -18,10 +18,10 @@ alive() { [[ -s $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 install_pkgs() {
   command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sinfo >/dev/null \
     && command -v munged >/dev/null && return
-  log "installing slurm + munge with apt-get"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >&2
-  apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >&2
+  log "installing slurm + munge with apt-get (log: $DIR/log/apt.log)"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+      apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge; } \
+    >"$DIR/log/apt.log" 2>&1 || { tail -n 20 "$DIR/log/apt.log" >&2; exit 1; }
 }
 
 start_munge() {
@@ -33,7 +33,7 @@ start_munge() {
 }
 
 write_conf() {
-  mkdir -p "$DIR"/{state,log} "${NODES[@]/#/$DIR/spool/}"
+  mkdir -p "$DIR/state" "${NODES[@]/#/$DIR/spool/}"
   cat >"$SLURM_CONF" <<EOF
 ClusterName=tl-local
 SlurmctldHost=localhost
@@ -85,12 +85,16 @@ wait_idle() {
 }
 
 start() {
+  mkdir -p "$DIR/log"
   install_pkgs
-  mkdir -p "$DIR"
   start_munge
   # Job scripts resolve node names (e.g. first host of SLURM_JOB_NODELIST) -> map them to loopback.
   grep -qE '^127\.0\.0\.1\s.*\bn1\b' /etc/hosts || echo "127.0.0.1 ${NODES[*]}" >>/etc/hosts
   if ! alive "$DIR/slurmctld.pid"; then
+    local p
+    for p in $((CTLD_PORT)) $((CTLD_PORT + 1)) $((CTLD_PORT + 2)); do  # e.g. another cluster still up
+      if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then log "ERROR: port $p in use; set TL_SLURM_PORT"; exit 1; fi
+    done
     write_conf
     slurmctld -c -i  # -c: fresh job state each start; -i: ignore stale node state
   fi

@@ -89,3 +89,8 @@ def test_real_data_from_the_command_line(tmp_path, hymenoptera, mode):
     assert summary["classes"] == ["ants", "bees"] and 0.4 <= summary["best_val_acc"] <= 1
     size = (out / "best.safetensors").stat().st_size
     assert size < 100_000 if mode == "feature-extract" else size > 40_000_000
+    proc = run_cli("-m", "tl.predict", "--checkpoint", str(out / "best.safetensors"), "--weights",
+                   str(PROXY_WEIGHTS), str(hymenoptera / "val"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[-1] == f"accuracy {summary['best_val_acc']:.4f} " \
+        f"({round(summary['best_val_acc'] * 153)}/153)"

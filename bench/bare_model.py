@@ -1,0 +1,92 @@
+"""The bare model's speed: ResNet-18 on random tensors already in memory, no data pipeline.
+
+Three figures in images/s, warm-up iterations excluded:
+- train: forward + backward + SGD step of the whole network (finetune);
+- frozen: backbone frozen and in eval mode, only the new head trains (tl's feature-extract);
+- inference: forward under torch.inference_mode, model in eval mode.
+Precision `fp32`, or `bf16` the way tl runs on a CPU: torch.autocast("cpu", torch.bfloat16) with
+model and input in channels_last. A training loop's images/s divided by these is its pipeline
+efficiency (what the data loading, bookkeeping and logging cost).
+
+    python bench/bare_model.py --batch-size 4 --precision bf16 --json out.json
+"""
+
+import argparse
+import contextlib
+import json
+import time
+
+import torch
+import torchvision
+from torch import nn
+
+
+def images_per_s(step, batch_size: int, warmup: int, min_seconds: float, min_iters: int) -> float:
+    for _ in range(warmup):  # first calls pick kernels and allocate: not steady state
+        step()
+    n, t0 = 0, time.perf_counter()
+    while n < min_iters or time.perf_counter() - t0 < min_seconds:
+        step()
+        n += 1
+    return n * batch_size / (time.perf_counter() - t0)
+
+
+def measure(batch_size: int, precision: str, warmup: int = 3, min_seconds: float = 5.0,
+            min_iters: int = 5, num_classes: int = 2) -> dict:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18()
+    model.fc = nn.Linear(model.fc.in_features, num_classes)
+    x = torch.randn(batch_size, 3, 224, 224)
+    y = torch.randint(num_classes, (batch_size,))
+    if precision == "bf16":
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+
+    def autocast():
+        return torch.autocast("cpu", torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+    def train_step(optimizer):
+        def step():
+            with autocast():
+                loss = nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return step
+
+    def infer_step():
+        with torch.inference_mode(), autocast():
+            model(x)
+
+    kw = dict(batch_size=batch_size, warmup=warmup, min_seconds=min_seconds, min_iters=min_iters)
+    result = {"batch_size": batch_size, "precision": precision, "threads": torch.get_num_threads()}
+    model.train()
+    result["train"] = images_per_s(train_step(torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)), **kw)
+    model.eval()
+    result["inference"] = images_per_s(infer_step, **kw)
+    model.requires_grad_(False)  # frozen backbone as in tl's feature-extract: eval mode, head-only backward
+    model.fc.requires_grad_(True)
+    result["frozen"] = images_per_s(train_step(torch.optim.SGD(model.fc.parameters(), lr=1e-3, momentum=0.9)), **kw)
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[4])
+    parser.add_argument("--precision", choices=("fp32", "bf16"), nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--seconds", type=float, default=5.0, help="minimum timed seconds per figure")
+    parser.add_argument("--json", help="write the results here as a JSON list")
+    args = parser.parse_args()
+    results = []
+    for precision in args.precision:
+        for bs in args.batch_size:
+            r = measure(bs, precision, min_seconds=args.seconds)
+            print(f"{precision:>4} batch {bs:>3}: train {r['train']:6.1f}  frozen {r['frozen']:6.1f}  "
+                  f"inference {r['inference']:6.1f} images/s", flush=True)
+            results.append(r)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
