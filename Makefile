@@ -8,7 +8,8 @@ DATA_ZIP ?= $(wildcard ../shared/data/hymenoptera_data.zip)
 ARGS     ?=
 TRAIN    := train.py --mode $(MODE) --data-dir $(DATA_DIR) $(if $(DATA_ZIP),--data-zip $(DATA_ZIP)) $(ARGS)
 
-.PHONY: install train-cpu test lint clean
+NPROC    ?= 2
+.PHONY: install train-cpu train-gpu train-multi-gpu test test-slurm lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,8 +22,17 @@ install: $(VENV)/.installed
 train-cpu: install  ## train on the CPU (bf16 autocast where supported)
 	$(VENV)/bin/accelerate launch --config_file accelerate_configs/cpu.yaml $(TRAIN)
 
+train-gpu: install  ## one GPU, bf16
+	$(VENV)/bin/accelerate launch --config_file accelerate_configs/gpu.yaml $(TRAIN)
+
+train-multi-gpu: install  ## DDP over NPROC GPUs of this node (NPROC CPU processes without GPUs)
+	$(VENV)/bin/accelerate launch --config_file accelerate_configs/multi_gpu.yaml --num_processes $(NPROC) $(TRAIN)
+
 test: install  ## the whole test suite (CPU, a few minutes)
 	$(PY) -m pytest -q
+
+test-slurm: install  ## only the tests on a real local two-node SLURM cluster (root)
+	$(PY) -m pytest -q tests/test_slurm.py
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, set_seed
 from tqdm import tqdm
 
 from tl import checkpoint
@@ -134,8 +134,11 @@ def evaluate(model, loader, accelerator, num_images: int) -> torch.Tensor:
 
 def train(cfg: Config) -> tuple[dict, torch.nn.Module]:
     """Run cfg from start (or its last saved epoch) to end; returns the summary and the model."""
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              mixed_precision=resolve_precision(cfg.precision))
+    frozen = cfg.mode == "feature-extract"
+    # Frozen BatchNorm buffers are equal everywhere: no need to broadcast them every step.
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=not frozen)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=resolve_precision(cfg.precision),
+                              kwargs_handlers=[ddp])
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     stop = StopWatch(accelerator)
     out = prepare_output_dir(cfg, accelerator)
@@ -155,7 +158,6 @@ def train(cfg: Config) -> tuple[dict, torch.nn.Module]:
     identity = {"model": cfg.model, "mode": cfg.mode, "classes": classes,
                 "base_weights": weights_id(cfg.weights, cfg.model), "head": head_name,
                 "image_size": cfg.image_size, "seed": cfg.seed}
-    frozen = cfg.mode == "feature-extract"
     model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
                                 lr=cfg.lr, momentum=cfg.momentum)
@@ -173,7 +175,6 @@ def train(cfg: Config) -> tuple[dict, torch.nn.Module]:
     model, optimizer = accelerator.prepare(model, optimizer)
     if cfg.resume:
         optimizer.load_state_dict(optimizer_state)
-
     log = RunLog(out) if main else None
     if main:
         log.write_json("config.json", dataclasses.asdict(cfg) | identity | {
@@ -184,7 +185,10 @@ def train(cfg: Config) -> tuple[dict, torch.nn.Module]:
                           f"{len(val_split.images)} val images, classes {classes}, {world} "
                           f"process(es) on {accelerator.device}, precision {accelerator.mixed_precision}"
                           + (f", resuming after epoch {progress['epoch']}" if cfg.resume else ""))
-
+        if hasattr(model, "_get_ddp_logging_data"):  # what DDP itself reports it all-reduces
+            synced = model._get_ddp_logging_data()
+            accelerator.print(f"DDP all-reduces {synced['num_parameter_tensors']} parameter tensors "
+                              f"({synced['total_parameter_size_bytes']:,} bytes) per step")
     started = time.perf_counter() - progress["seconds"]
     try:
         for epoch in range(progress["epoch"] + 1, cfg.epochs + 1):
@@ -204,6 +208,7 @@ def train(cfg: Config) -> tuple[dict, torch.nn.Module]:
             val_loss = F.nll_loss(probs.clamp_min(1e-12).log(), val_targets).item()
             metrics = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
                        "val_loss": val_loss, "val_acc": val_acc, "lr": lr,
+                       "train_images": n_train, "val_images": len(probs),
                        "train_images_per_s": n_train / train_seconds,
                        "seconds": time.perf_counter() - t0}
             improved = val_acc > progress["best_val_acc"]

@@ -1,0 +1,267 @@
+"""tl against the PyTorch transfer-learning tutorial's own loop: same machine, data and weights.
+
+For each mode (finetune, feature-extract) and seed, runs bench/tutorial.py and tl's train.py as
+subprocesses and measures wall time, s/epoch (mean of the epochs after the first), train
+images/s, best val accuracy and peak memory of each process tree. Then measures the bare model
+(bench/bare_model.py) at both sides' batch size and precision, to give each loop's pipeline
+efficiency (its train images/s over the bare model's). Writes results.md and results.json.
+
+Both sides load the same weights file and are seeded with the same seed right before the model is
+built, so their new heads start equal (checked, see `head_init_equal`); data order and
+augmentation use different RNG streams, which is why accuracy is compared over several seeds.
+
+    .venv/bin/python bench/bench.py --quick                  # smoke test: 2 epochs, one seed
+    .venv/bin/python bench/bench.py --epochs 3 --seeds 0     # short real figures
+    .venv/bin/python bench/bench.py                          # the full benchmark (25 epochs, seeds 0 1 2)
+    .venv/bin/python bench/bench.py --tl-args "--batch-size 16 --lr 0.004"
+"""
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import zipfile
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+
+import psutil
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+SHARED = ROOT.parent / "shared"
+MODES = ("finetune", "feature-extract")
+TUTORIAL = {"batch_size": 4, "precision": "fp32"}  # the tutorial's loop is fixed
+
+
+def cpu_busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy since boot (all cores), from /proc/stat."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
+
+
+def run_measured(cmd: list[str], log: Path, interval: float = 0.5) -> dict:
+    """Run cmd to completion; wall time, peak memory and CPU use of its process tree.
+
+    peak_pss_mib: the largest sum of PSS over the process and its children (DataLoader workers),
+    polled; PSS counts pages shared after fork once, where summing RSS would count them per worker.
+    peak_rss_mib: the largest RSS of any single process of the tree (exact, from wait4).
+    other_cpu: CPU (in cores) used by anything else on the machine meanwhile; above ~0.1 on a
+    small machine the timings of that run are disturbed.
+    """
+    busy0, self0, t0 = cpu_busy_seconds(), time.process_time(), time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    root, peak_pss = psutil.Process(proc.pid), 0
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)  # wait4: rusage of the whole tree
+        if pid:
+            break
+        pss = 0
+        for p in [root, *root.children(recursive=True)]:
+            try:
+                pss += p.memory_full_info().pss
+            except psutil.Error:  # a worker that just exited
+                pass
+        peak_pss = max(peak_pss, pss)
+        time.sleep(interval)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    own_cpu = usage.ru_utime + usage.ru_stime  # includes reaped workers
+    other = cpu_busy_seconds() - busy0 - own_cpu - (time.process_time() - self0)  # minus this polling
+    if proc.returncode:
+        sys.exit(f"failed (exit {proc.returncode}): {shlex.join(cmd)}\n{log.read_text()[-3000:]}")
+    return {"wall_s": wall, "peak_pss_mib": peak_pss / 2**20, "peak_rss_mib": usage.ru_maxrss / 1024,
+            "cpu_s": own_cpu, "other_cpu": max(0.0, other / wall)}
+
+
+def epoch_figures(epochs: list[dict]) -> dict:
+    """s/epoch and train images/s over the epochs after the first (start-up, first-call costs)."""
+    steady = epochs[1:] or epochs
+    return {"s_per_epoch": statistics.mean(e["seconds"] for e in steady),
+            "train_images_per_s": statistics.harmonic_mean([e["train_images_per_s"] for e in steady]),
+            "epoch_seconds": [e["seconds"] for e in epochs]}
+
+
+def run_tutorial(mode: str, seed: int, args, work: Path) -> dict:
+    out = work / f"tutorial-{mode}-seed{seed}.json"
+    cmd = [sys.executable, str(BENCH / "tutorial.py"), "--data-dir", args.data_dir, "--mode", mode,
+           "--weights", args.weights, "--epochs", str(args.epochs), "--seed", str(seed), "--json", str(out)]
+    measured = run_measured(cmd, out.with_suffix(".log"))
+    record = json.loads(out.read_text())
+    return {**measured, **epoch_figures(record["epochs"]), "best_val_acc": record["best_val_acc"], **TUTORIAL}
+
+
+def run_tl(mode: str, seed: int, args, work: Path) -> dict:
+    out = work / f"tl-{mode}-seed{seed}"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "train.py", "--mode", mode, "--data-dir", args.data_dir, "--weights", args.weights,
+           "--epochs", str(args.epochs), "--seed", str(seed), "--output-dir", str(out), *shlex.split(args.tl_args)]
+    measured = run_measured(cmd, work / f"tl-{mode}-seed{seed}.log")
+    config = json.loads((out / "config.json").read_text())
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    precision = {"bf16": "bf16"}.get(config["mixed_precision"], "fp32")  # fp16 has no CPU autocast here
+    return {**measured, **epoch_figures(epochs), "best_val_acc": json.loads((out / "summary.json").read_text())[
+        "best_val_acc"], "batch_size": config["batch_size"], "precision": precision, "output_dir": str(out)}
+
+
+HEAD_CHECK = """
+import sys, torch, torchvision
+from accelerate.utils import set_seed
+from tl.model import build_model
+seed, weights = int(sys.argv[1]), sys.argv[2]
+set_seed(seed)
+tl_head = build_model("resnet18", weights, 2, "finetune")[0].fc
+torch.manual_seed(seed)  # bench/tutorial.py's order: seed, build, load, new fc
+m = torchvision.models.resnet18()
+m.load_state_dict(torch.load(weights, weights_only=True))
+head = torch.nn.Linear(m.fc.in_features, 2)
+print(torch.equal(tl_head.weight, head.weight) and torch.equal(tl_head.bias, head.bias))
+"""
+
+
+def head_init_equal(seed: int, weights: str) -> bool | None:
+    """Whether tl and the tutorial copy draw the same initial head for a seed (None: check failed,
+    e.g. tl's build_model changed)."""
+    r = subprocess.run([sys.executable, "-c", HEAD_CHECK, str(seed), weights], cwd=ROOT,
+                       capture_output=True, text=True)
+    return {"True": True, "False": False}.get(r.stdout.strip())
+
+
+def run_bare(configs: set[tuple[int, str]], seconds: float, work: Path) -> dict:
+    """Bare-model figures keyed by (batch size, precision), each in a fresh process."""
+    bare = {}
+    for bs, precision in sorted(configs):
+        out = work / f"bare-{precision}-bs{bs}.json"
+        subprocess.run([sys.executable, str(BENCH / "bare_model.py"), "--batch-size", str(bs), "--precision",
+                        precision, "--seconds", str(seconds), "--json", str(out)], check=True)
+        bare[(bs, precision)] = json.loads(out.read_text())[0]
+    return bare
+
+
+def machine_info() -> dict:
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    field = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "").split())
+    git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True)
+    return {"cpu": field, "cores": os.cpu_count(), "bf16_flags": sorted(flags & {"avx512_bf16", "amx_bf16"}),
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "torch": version("torch"),
+            "torchvision": version("torchvision"), "accelerate": version("accelerate"),
+            "python": sys.version.split()[0], "tl_commit": git.stdout.strip(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def mean_std(values: list[float]) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {std:.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+
+
+def report(res: dict) -> str:
+    m, a = res["machine"], res["args"]
+    seeds, first = a["seeds"], str(a["seeds"][0])
+    lines = ["# tl vs the PyTorch transfer-learning tutorial's loop\n",
+             f"{m['cpu']}, {m['cores']} cores ({', '.join(m['bf16_flags']) or 'no bf16'}), {m['memory_gib']} GiB; "
+             f"torch {m['torch']}, torchvision {m['torchvision']}; tl {m['tl_commit']}; {m['date']}.",
+             f"{a['epochs']} epochs; timings from seed {first}, best val acc over seeds {seeds} (mean ± std); "
+             f"tl args: `{a['tl_args'] or '(defaults)'}`. Speed-up = tutorial ÷ tl for times, tl ÷ tutorial "
+             "for images/s. Other CPU: cores busy with anything else during the run (noise). Initial heads "
+             f"equal on both sides: {res['head_init_equal']}.\n",
+             "| mode | side | batch, precision | wall s | s/epoch | train img/s | best val acc | peak tree PSS MiB "
+             "| peak process RSS MiB | other CPU |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for mode in a["modes"]:
+        runs = {side: res["runs"][mode][side][first] for side in ("tutorial", "tl")}
+        for side, r in runs.items():
+            accs = [res["runs"][mode][side][str(s)]["best_val_acc"] for s in seeds]
+            lines.append(f"| {mode} | {side} | {r['batch_size']}, {r['precision']} | {r['wall_s']:.0f} | "
+                         f"{r['s_per_epoch']:.2f} | {r['train_images_per_s']:.1f} | {mean_std(accs)} | "
+                         f"{r['peak_pss_mib']:.0f} | {r['peak_rss_mib']:.0f} | {r['other_cpu']:.2f} |")
+        t, tl = runs["tutorial"], runs["tl"]
+        lines.append(f"| {mode} | **speed-up** | | **{t['wall_s'] / tl['wall_s']:.2f}x** | "
+                     f"**{t['s_per_epoch'] / tl['s_per_epoch']:.2f}x** | "
+                     f"**{tl['train_images_per_s'] / t['train_images_per_s']:.2f}x** | | | | |")
+    lines += ["\n## Bare ResNet-18 (random tensors in memory, SGD step included, warm-up excluded)\n",
+              "| batch | precision | fwd+bwd img/s | frozen backbone img/s | inference img/s |",
+              "|---:|---|---:|---:|---:|"]
+    for b in res["bare"]:
+        lines.append(f"| {b['batch_size']} | {b['precision']} | {b['train']:.1f} | {b['frozen']:.1f} | "
+                     f"{b['inference']:.1f} |")
+    lines += ["\n## Pipeline efficiency: train img/s ÷ bare img/s at the same batch size and precision\n",
+              "(finetune against bare fwd+bwd, feature-extract against the frozen-backbone figure)\n",
+              "| mode | side | batch, precision | train img/s | bare img/s | efficiency |",
+              "|---|---|---|---:|---:|---:|"]
+    bare = {(b["batch_size"], b["precision"]): b for b in res["bare"]}
+    for mode in a["modes"]:
+        for side in ("tutorial", "tl"):
+            r = res["runs"][mode][side][first]
+            ref = bare[(r["batch_size"], r["precision"])]["train" if mode == "finetune" else "frozen"]
+            lines.append(f"| {mode} | {side} | {r['batch_size']}, {r['precision']} | {r['train_images_per_s']:.1f} | "
+                         f"{ref:.1f} | {r['train_images_per_s'] / ref:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+def default_data_dir(work: Path) -> str:
+    """The tutorial's data set, extracted from ../shared into the scratch dir once."""
+    target, zip_path = work / "hymenoptera_data", SHARED / "data" / "hymenoptera_data.zip"
+    if not target.is_dir():
+        if not zip_path.is_file():
+            sys.exit(f"no --data-dir given and {zip_path} is missing; pass --data-dir")
+        with zipfile.ZipFile(zip_path) as z:
+            z.extractall(work)
+    return str(target)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", help="ImageFolder root (default: ../shared/data/hymenoptera_data.zip "
+                   "extracted into --work-dir)")
+    p.add_argument("--weights", default=str(SHARED / "weights" / "resnet18-catsdogs-proxy.pth"),
+                   help="torchvision-format resnet18 state dict both sides start from")
+    p.add_argument("--epochs", type=int, default=25)
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--tl-args", default="", help='extra train.py flags, e.g. "--batch-size 16 --lr 0.004"')
+    p.add_argument("--bare-seconds", type=float, default=10.0, help="timed seconds per bare-model figure")
+    p.add_argument("--quick", action="store_true", help="smoke test: 2 epochs, first seed, short bare figures, "
+                   "results in --work-dir instead of bench/")
+    p.add_argument("--work-dir", default="/tmp/tl-bench", help="scratch: data, run outputs, logs")
+    p.add_argument("--results-dir", help="where results.md/json go (default: bench/, or --work-dir with --quick)")
+    args = p.parse_args()
+    if args.quick:
+        args.epochs, args.seeds, args.bare_seconds = 2, args.seeds[:1], 2.0
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    args.data_dir = args.data_dir or default_data_dir(work)
+    results_dir = Path(args.results_dir or (work if args.quick else BENCH))
+    if not Path(args.weights).is_file():
+        sys.exit(f"weights file {args.weights} missing; pass --weights")
+
+    res = {"machine": machine_info(), "args": vars(args),
+           "head_init_equal": head_init_equal(args.seeds[0], args.weights),
+           "runs": {mode: {"tutorial": {}, "tl": {}} for mode in args.modes}}
+    for seed in args.seeds:
+        for mode in args.modes:
+            for side, run in (("tutorial", run_tutorial), ("tl", run_tl)):
+                print(f"seed {seed} {mode} {side} ...", end=" ", flush=True)
+                r = res["runs"][mode][side][str(seed)] = run(mode, seed, args, work)
+                print(f"{r['wall_s']:.0f} s, {r['s_per_epoch']:.1f} s/epoch, best val acc {r['best_val_acc']:.3f}, "
+                      f"other CPU {r['other_cpu']:.2f}", flush=True)
+    first = str(args.seeds[0])
+    configs = {(r["batch_size"], r["precision"]) for m in res["runs"].values() for s in m.values() for r in [s[first]]}
+    res["bare"] = list(run_bare(configs, args.bare_seconds, work).values())
+
+    table = report(res)
+    print("\n" + table)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "results.md").write_text(table)
+    (results_dir / "results.json").write_text(json.dumps(res, indent=2) + "\n")
+    print(f"wrote {results_dir / 'results.md'} and results.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Several processes on the CPU (gloo): sharding, exact evaluation counts, frozen-backbone DDP."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import HYMENOPTERA_ZIP, PROXY_WEIGHTS, ROOT, make_imagefolder, run_cli
+
+BIN = Path(sys.executable).parent  # the environment running the tests
+
+
+def launcher(kind):
+    if kind == "torchrun":
+        return [str(BIN / "torchrun"), "--nproc_per_node", "2"]
+    return [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "accelerate_configs/multi_gpu.yaml"),
+            "--num_processes", "2"]
+
+
+@pytest.fixture(scope="module")
+def odd_data(tmp_path_factory):
+    root = make_imagefolder(tmp_path_factory.mktemp("dist") / "d", n_train=12, n_val=7)
+    (root / "val" / "red" / "006.jpg").unlink()  # 13 val images: one shard gets one more
+    return root
+
+
+@pytest.mark.parametrize("kind, mode", [("accelerate", "feature-extract"), ("torchrun", "finetune")])
+def test_two_processes_see_each_image_once(tmp_path, odd_data, kind, mode):
+    out = tmp_path / "run"
+    proc = run_cli(*launcher(kind), str(ROOT / "train.py"), "--mode", mode, "--data-dir", str(odd_data),
+                   "--epochs", "2", "--image-size", "32", "--batch-size", "4", "--weights", "none",
+                   "--output-dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout and proc.stdout.count("best val acc") == 1  # main prints alone
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["train_images"], r["val_images"]) for r in rows] == [(24, 13), (24, 13)]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_val"] == 13
+    if mode == "feature-extract":  # the frozen backbone is not synchronized, and nothing is "unused"
+        assert "DDP all-reduces 2 parameter tensors (4,104 bytes) per step" in proc.stdout
+
+
+@pytest.mark.skipif(not HYMENOPTERA_ZIP.is_file() or not PROXY_WEIGHTS.is_file(), reason="needs ../shared")
+def test_two_processes_on_the_real_data_count_153_val_images(tmp_path, hymenoptera):
+    out = tmp_path / "run"
+    proc = run_cli(*launcher("accelerate"), str(ROOT / "train.py"), "--mode", "feature-extract",
+                   "--data-dir", str(hymenoptera), "--epochs", "1", "--weights", str(PROXY_WEIGHTS),
+                   "--batch-size", "16", "--output-dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads((out / "metrics.jsonl").read_text())
+    assert (row["train_images"], row["val_images"]) == (244, 153)

@@ -1,0 +1,85 @@
+"""The SLURM job scripts on a real two-node cluster (slurmctld + two slurmd on this machine)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, make_imagefolder
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the local SLURM cluster needs root (apt, munge)")
+STATE = Path("/tmp/tl-slurm-test")  # its own state dir and ports: a developer's cluster may be up
+ENV = {**os.environ, "TL_SLURM_DIR": str(STATE), "TL_SLURM_PORT": "7817", "SLURM_CONF": str(STATE / "slurm.conf"),
+       "VENV": str(Path(sys.executable).parent.parent), "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    script = str(ROOT / "slurm" / "local_cluster.sh")
+    start = subprocess.run([script, "start"], env=ENV, capture_output=True, text=True, timeout=600)
+    assert start.returncode == 0, start.stderr[-3000:]
+    yield
+    subprocess.run([script, "stop"], env=ENV, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = make_imagefolder(tmp_path_factory.mktemp("slurm") / "d", n_train=12, n_val=7, size=140)
+    (root / "val" / "red" / "006.jpg").unlink()  # 13 val images, an odd count over 2 processes
+    return root
+
+
+def submit(script, out, data, epochs, *sbatch_args, **env):
+    job_env = ENV | {"DATA_DIR": str(data), "OUTPUT_DIR": str(out), "MODE": "finetune",
+                     "TRAIN_ARGS": f"--epochs {epochs} --image-size 112 --batch-size 4 --weights none"} | env
+    proc = subprocess.run(["sbatch", "--parsable", f"--output={out}.log", *sbatch_args, f"slurm/{script}"],
+                          cwd=ROOT, env=job_env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0]
+
+
+def job_state(job):
+    show = subprocess.run(["scontrol", "show", "job", job], env=ENV, capture_output=True, text=True).stdout
+    return show.split("JobState=")[1].split()[0]
+
+
+def wait_for(condition, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def epochs_of(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("script, nodes, per_node", [("multi_node.sbatch", 2, 1), ("single_node.sbatch", 1, 2)])
+def test_job_completes_with_exact_counts(cluster, data, tmp_path, script, nodes, per_node):
+    out = tmp_path / "run"
+    job = submit(script, out, data, 2, f"--nodes={nodes}", GPUS_PER_NODE=str(per_node))
+    wait_for(lambda: job_state(job) in ("COMPLETED", "FAILED", "CANCELLED"), 300, "the job")
+    log = Path(f"{out}.log").read_text()
+    assert job_state(job) == "COMPLETED", log[-3000:]
+    assert "2 process(es)" in log and json.loads((out / "config.json").read_text())["num_processes"] == 2
+    assert [(r["train_images"], r["val_images"]) for r in epochs_of(out)] == [(24, 13), (24, 13)]
+    assert json.loads((out / "summary.json").read_text())["num_val"] == 13
+
+
+def test_preempted_job_requeues_and_resumes(cluster, data, tmp_path):
+    out = tmp_path / "run"
+    job = submit("multi_node.sbatch", out, data, 6)
+    wait_for(lambda: (out / "metrics.jsonl").exists() and len(epochs_of(out)) >= 2, 300, "epoch 2")
+    # What `#SBATCH --signal=B:USR1@120` does before the time limit, sent now.
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=ENV, check=True)
+    wait_for(lambda: job_state(job) in ("COMPLETED", "FAILED", "CANCELLED"), 300, "the requeued job")
+    log = Path(f"{out}.log").read_text()
+    assert job_state(job) == "COMPLETED", log[-3000:]
+    assert "stopped by SIGTERM" in log and "restart 1" in log and "resuming after epoch" in log
+    assert [r["epoch"] for r in epochs_of(out)] == [1, 2, 3, 4, 5, 6]  # one continuous record
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 6
