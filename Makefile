@@ -36,6 +36,7 @@ test-slurm: install  ## only the tests on a real local two-node SLURM cluster (r
 
 lint: install
 	$(VENV)/bin/ruff check .
+	if command -v shellcheck >/dev/null; then shellcheck slurm/*.sh slurm/*.sbatch .ci/run; fi
 
 clean:
 	rm -rf runs wandb .pytest_cache
