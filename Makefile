@@ -9,7 +9,7 @@ ARGS     ?=
 TRAIN    := train.py --mode $(MODE) --data-dir $(DATA_DIR) $(if $(DATA_ZIP),--data-zip $(DATA_ZIP)) $(ARGS)
 
 NPROC    ?= 2
-.PHONY: install train-cpu train-gpu train-multi-gpu test test-slurm lint clean
+.PHONY: install train-cpu train-gpu train-multi-gpu test test-slurm lint wandb-sync clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -37,6 +37,9 @@ test-slurm: install  ## only the tests on a real local two-node SLURM cluster (r
 lint: install
 	$(VENV)/bin/ruff check .
 	if command -v shellcheck >/dev/null; then shellcheck slurm/*.sh slurm/*.sbatch .ci/run; fi
+
+wandb-sync: install  ## upload every offline W&B run under runs/ (needs `wandb login`)
+	$(VENV)/bin/wandb sync $(wildcard runs/*/wandb/offline-run-*)
 
 clean:
 	rm -rf runs wandb .pytest_cache

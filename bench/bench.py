@@ -45,6 +45,19 @@ def cpu_busy_seconds() -> float:
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
 
 
+def wait_for_quiet(max_wait: float, threshold: float = 0.25) -> float:
+    """On a shared machine, wait (at most max_wait s) until other work uses < threshold cores
+    over 3 s; returns the load last seen. Each run's `other_cpu` still says if it got disturbed."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        busy0 = cpu_busy_seconds()
+        time.sleep(3)
+        load = (cpu_busy_seconds() - busy0) / 3
+        if load < threshold or time.monotonic() > deadline:
+            return load
+        print(f"(machine busy: {load:.1f} cores, waiting)", end=" ", flush=True)
+
+
 def run_measured(cmd: list[str], log: Path, interval: float = 0.5) -> dict:
     """Run cmd to completion; wall time, peak memory and CPU use of its process tree.
 
@@ -229,6 +242,8 @@ def main():
     p.add_argument("--bare-seconds", type=float, default=10.0, help="timed seconds per bare-model figure")
     p.add_argument("--quick", action="store_true", help="smoke test: 2 epochs, first seed, short bare figures, "
                    "results in --work-dir instead of bench/")
+    p.add_argument("--max-wait", type=float, default=600, help="seconds to wait before each run for other "
+                   "work on the machine to stop (0: don't wait)")
     p.add_argument("--work-dir", default="/tmp/tl-bench", help="scratch: data, run outputs, logs")
     p.add_argument("--results-dir", help="where results.md/json go (default: bench/, or --work-dir with --quick)")
     args = p.parse_args()
@@ -248,6 +263,8 @@ def main():
         for mode in args.modes:
             for side, run in (("tutorial", run_tutorial), ("tl", run_tl)):
                 print(f"seed {seed} {mode} {side} ...", end=" ", flush=True)
+                if args.max_wait:
+                    wait_for_quiet(args.max_wait)
                 r = res["runs"][mode][side][str(seed)] = run(mode, seed, args, work)
                 print(f"{r['wall_s']:.0f} s, {r['s_per_epoch']:.1f} s/epoch, best val acc {r['best_val_acc']:.3f}, "
                       f"other CPU {r['other_cpu']:.2f}", flush=True)

@@ -18,6 +18,7 @@ SHARED = ROOT.parent / "shared"
 HYMENOPTERA_ZIP = SHARED / "data" / "hymenoptera_data.zip"
 PROXY_WEIGHTS = SHARED / "weights" / "resnet18-catsdogs-proxy.pth"
 # Small and fast: 64 px crops keep a resnet18 epoch on a few dozen images well under a second.
+os.environ.setdefault("WANDB_MODE", "disabled")  # tests that check W&B turn it on
 FAST = ["--model", "resnet18", "--image-size", "64", "--batch-size", "8"]
 
 

@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from tl.errors import UserError
+from tl.tracking import WANDB_MODES
 
 MODES = ("finetune", "feature-extract")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
@@ -39,6 +40,12 @@ class Config:
     resume: bool = _opt(False, "continue the run in --output-dir from its last completed epoch")
     overwrite: bool = _opt(False, "start afresh in an --output-dir that holds another run, "
                            "deleting its files")
+    wandb: str = _opt("auto", "Weights & Biases: auto is online when W&B is configured (WANDB_API_KEY or "
+                      "`wandb login`), else offline; WANDB_MODE also works", choices=WANDB_MODES)
+    wandb_project: str = _opt("tl", "W&B project")
+    wandb_entity: str | None = _opt(None, "W&B entity (user or team); default: yours")
+    wandb_name: str | None = _opt(None, "W&B run name (default: the output dir's name)")
+    wandb_log_model: bool = _opt(False, "upload best.safetensors to W&B as a model artifact")
     seed: int = _opt(0, "random seed: head init, data order and augmentation")
     num_workers: int = _opt(0, "DataLoader worker processes for train augmentation "
                             "(images are decoded once and kept in memory, so 0 is usually fastest)")

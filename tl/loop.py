@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -17,8 +18,8 @@ from tl.config import Config
 from tl.data import ensure_data, find_classes, load_split, make_loaders, to_input
 from tl.errors import UserError
 from tl.model import build_model, head_state, weights_id
-from tl.pictures import save_predictions
-from tl.tracking import RunLog
+from tl.pictures import save_confusion, save_curves, save_image_grid, save_predictions
+from tl.tracking import Tracker
 
 
 def cpu_has_bf16() -> bool:
@@ -41,7 +42,7 @@ def resolve_precision(precision: str) -> str | None:
 
 
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "best.safetensors", "state.safetensors",
-             "predictions.png")
+             "predictions.png", "curves.png", "confusion.png", "batch.png", "wandb_run_id", "wandb")
 
 
 def prepare_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
@@ -64,7 +65,7 @@ def prepare_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
                             "with a writable location") from None
         if cfg.overwrite:
             for name in existing:
-                (out / name).unlink()
+                shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
     return out
 
 
@@ -139,6 +140,7 @@ def train(cfg: Config) -> tuple[dict, torch.nn.Module]:
     ddp = DistributedDataParallelKwargs(broadcast_buffers=not frozen)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=resolve_precision(cfg.precision),
                               kwargs_handlers=[ddp])
+    started = time.perf_counter()
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     stop = StopWatch(accelerator)
     out = prepare_output_dir(cfg, accelerator)
@@ -175,12 +177,16 @@ def train(cfg: Config) -> tuple[dict, torch.nn.Module]:
     model, optimizer = accelerator.prepare(model, optimizer)
     if cfg.resume:
         optimizer.load_state_dict(optimizer_state)
-    log = RunLog(out) if main else None
+    tracker = None
     if main:
-        log.write_json("config.json", dataclasses.asdict(cfg) | identity | {
+        config = dataclasses.asdict(cfg) | identity | {
             "output_dir": str(out), "mixed_precision": accelerator.mixed_precision,
-            "num_processes": world, "device": str(accelerator.device)})
-        log.keep_epochs(progress["epoch"])  # drop rows of an epoch that was cut short
+            "num_processes": world, "device": str(accelerator.device)}
+        tracker = Tracker(out, config, cfg.wandb, cfg.wandb_project, cfg.wandb_entity, cfg.wandb_name, cfg.resume)
+        tracker.write_json("config.json", config)
+        tracker.keep_epochs(progress["epoch"])  # drop rows of an epoch that was cut short
+        x, y = next(iter(train_loader))  # what the model sees: augmented, before normalization
+        save_image_grid(list(x[:8]), [classes[i] for i in y[:8]], out / "batch.png")
         accelerator.print(f"{cfg.mode} {cfg.model} on {len(train_split.images)} train / "
                           f"{len(val_split.images)} val images, classes {classes}, {world} "
                           f"process(es) on {accelerator.device}, precision {accelerator.mixed_precision}"
@@ -189,7 +195,7 @@ def train(cfg: Config) -> tuple[dict, torch.nn.Module]:
             synced = model._get_ddp_logging_data()
             accelerator.print(f"DDP all-reduces {synced['num_parameter_tensors']} parameter tensors "
                               f"({synced['total_parameter_size_bytes']:,} bytes) per step")
-    started = time.perf_counter() - progress["seconds"]
+    started -= progress["seconds"]  # a resumed run's wall time includes the earlier attempts
     try:
         for epoch in range(progress["epoch"] + 1, cfg.epochs + 1):
             t0 = time.perf_counter()
@@ -219,7 +225,7 @@ def train(cfg: Config) -> tuple[dict, torch.nn.Module]:
             if main:
                 # Order matters for a kill at any moment: the row, then best, then the state that
                 # says the epoch is done (a resume drops rows and redoes work past the state).
-                log.log_epoch(metrics)
+                tracker.log_epoch(metrics)
                 net = accelerator.unwrap_model(model)
                 trained = head_state(net, head_name) if frozen else net.state_dict()
                 if improved:
@@ -239,18 +245,32 @@ def train(cfg: Config) -> tuple[dict, torch.nn.Module]:
                         "command plus --resume") from None
 
     best_preds = torch.tensor(progress["best_preds"])
+    confusion = torch.bincount(val_targets * len(classes) + best_preds, minlength=len(classes) ** 2)
+    confusion = confusion.view(len(classes), len(classes))
+    wall = time.perf_counter() - started
     summary = {"best_val_acc": progress["best_val_acc"], "best_epoch": progress["best_epoch"],
                "epochs": cfg.epochs, "num_train": len(train_split.images), "num_val": len(val_split.images),
-               "classes": classes, "skipped_images": train_split.skipped + val_split.skipped,
-               "total_seconds": time.perf_counter() - started, "output_dir": str(out)}
+               "classes": classes, "per_class_acc": {c: (confusion[i, i] / confusion[i].sum().clamp_min(1)).item()
+                                                     for i, c in enumerate(classes)},
+               "skipped_images": train_split.skipped + val_split.skipped, "total_seconds": wall,
+               "train_images_per_s": None, "output_dir": str(out)}
     if main:
-        log.write_json("summary.json", summary)
+        rows = tracker.epochs()
+        summary["train_images_per_s"] = sum(r["train_images"] for r in rows) / sum(
+            r["train_images"] / r["train_images_per_s"] for r in rows)
         shown = torch.linspace(0, len(val_split.images) - 1, 8).round().long().unique().tolist()
-        save_predictions([val_split.images[i] for i in shown],
-                         [f"predicted: {classes[best_preds[i]]}" for i in shown],
-                         [bool(best_preds[i] == val_targets[i]) for i in shown],
-                         out / "predictions.png")
-        accelerator.print(f"best val acc {summary['best_val_acc']:.4f} at epoch {summary['best_epoch']}; "
-                          f"outputs in {out}")
+        save_predictions([val_split.images[i] for i in shown], [classes[best_preds[i]] for i in shown],
+                         [bool(best_preds[i] == val_targets[i]) for i in shown], out / "predictions.png")
+        save_curves(rows, out / "curves.png")
+        save_confusion(confusion, classes, out / "confusion.png")
+        pictures = {name: out / f"{name}.png" for name in ("predictions", "curves", "confusion", "batch")}
+        per_class = ", ".join(f"{c} {a:.3f}" for c, a in summary["per_class_acc"].items())
+        accelerator.print(
+            f"best val acc {summary['best_val_acc']:.4f} at epoch {summary['best_epoch']} "
+            f"({int(confusion.diag().sum())}/{len(val_split.images)}); per class: {per_class}\n"
+            f"{wall:.1f} s wall, {summary['train_images_per_s']:.1f} train images/s; outputs in {out}/: "
+            "best.safetensors, predictions.png, curves.png, confusion.png, batch.png, metrics.jsonl, summary.json")
+        tracker.finish(summary, pictures, val_split.targets, best_preds.tolist(), classes,
+                       out / "best.safetensors" if cfg.wandb_log_model else None)
     accelerator.end_training()
     return summary, accelerator.unwrap_model(model)

@@ -20,7 +20,7 @@ from tl.data import ImageSet, load_split
 from tl.errors import UserError, run_cli
 from tl.loop import evaluate
 from tl.model import build_model, weights_id
-from tl.pictures import save_predictions
+from tl.pictures import save_image_grid
 
 
 def base_weights_arg(meta: dict, weights: str | None) -> str:
@@ -94,9 +94,9 @@ def predict(checkpoint_path, paths: list[str], weights: str | None = None, png: 
         print(f"accuracy {result['accuracy']:.4f} ({correct}/{len(labels)})")
     if png:
         shown = range(min(16, len(split.images)))
-        save_predictions([split.images[i] for i in shown],
-                         [f"{classes[preds[i]]} ({conf[i]:.2f})" for i in shown],
-                         [bool(labels[i] < 0 or preds[i] == labels[i]) for i in shown], png)
+        save_image_grid([split.images[i] for i in shown], [f"{classes[preds[i]]} ({conf[i]:.2f})" for i in shown],
+                        png, ["black" if labels[i] < 0 else "green" if preds[i] == labels[i] else "red"
+                              for i in shown])
         print(f"wrote {png}")
     return result
 

@@ -1,0 +1,79 @@
+"""What a run leaves for people: W&B records read back from the offline run file, and the pictures."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import FAST, run_cli
+from PIL import Image
+from wandb_records import config, find_run_file, history, read_records, summary
+
+from tl.config import parse_args
+from tl.loop import train
+
+PICTURES = ("predictions", "curves", "confusion", "batch")
+
+
+@pytest.fixture
+def wandb_home(tmp_path, monkeypatch):
+    for name in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):  # keep ~ clean
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+
+
+def test_offline_run_holds_metrics_pictures_confusion_and_checkpoint(tmp_path, tiny_data, wandb_home):
+    out = tmp_path / "run"
+    train(parse_args(["--data-dir", str(tiny_data), "--epochs", "3", "--weights", "none", "--output-dir", str(out),
+                      "--wandb-log-model", *FAST]))  # auto: no W&B login here, so offline
+    run_file = find_run_file(out)
+    rows = history(run_file)
+    epochs = [r for r in rows if "val_acc" in r]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val_acc"] for r in epochs] == pytest.approx([m["val_acc"] for m in metrics])
+    for key in ("train_loss", "train_acc", "val_loss", "lr", "train_images_per_s", "seconds"):
+        assert all(key in r for r in epochs), key
+    logged = {k: v for r in rows for k, v in r.items()}
+    for name in PICTURES:
+        assert logged[name]["_type"] == "image-file"
+        assert (run_file.parent / "files" / logged[name]["path"]).stat().st_size > 1000
+    assert "confusion_matrix_table" in logged
+    assert config(run_file)["mode"] == "finetune" and config(run_file)["epochs"] == 3
+    assert summary(run_file)["best_val_acc"] == json.loads((out / "summary.json").read_text())["best_val_acc"]
+    artifacts = [r.artifact for r in read_records(run_file) if r.WhichOneof("record_type") == "artifact"]
+    assert any(a.type == "model" and "best.safetensors" in str(a.manifest) for a in artifacts)
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_wandb_can_be_disabled(tmp_path, tiny_data, wandb_home, monkeypatch, how):
+    if how == "env":
+        monkeypatch.setenv("WANDB_MODE", "disabled")
+    flag = ["--wandb", "disabled"] if how == "flag" else []
+    out = tmp_path / "run"
+    train(parse_args(["--data-dir", str(tiny_data), "--epochs", "1", "--weights", "none", "--output-dir", str(out),
+                      *flag, *FAST]))
+    assert (out / "summary.json").exists() and not (out / "wandb").exists()
+
+
+def test_no_network_falls_back_to_offline_and_says_how_to_sync(tmp_path, tiny_data, wandb_home):
+    env = {"WANDB_API_KEY": "0" * 40, "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
+    proc = run_cli("train.py", "--wandb", "online", "--data-dir", str(tiny_data), "--epochs", "1", "--weights",
+                   "none", "--output-dir", str(tmp_path / "run"), *FAST, env=env, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "W&B: could not start online" in proc.stdout and "wandb sync" in proc.stdout, proc.stdout[-3000:]
+    assert any("val_acc" in r for r in history(find_run_file(tmp_path / "run")))
+
+
+def test_pictures_have_their_size_and_are_not_blank(tmp_path, tiny_data):
+    out = tmp_path / "run"
+    train(parse_args(["--data-dir", str(tiny_data), "--epochs", "2", "--weights", "none", "--output-dir", str(out),
+                      "--wandb", "disabled", *FAST]))
+    sizes = {"predictions": (960, 512), "batch": (960, 512), "curves": (800, 320), "confusion": (320, 280)}
+    for name in PICTURES:
+        with Image.open(out / f"{name}.png") as img:
+            assert img.size == sizes[name], name
+            pixels = np.asarray(img.convert("L"), dtype=float)
+        assert pixels.std() > 10 and (pixels < 128).mean() > 0.005, f"{name}.png looks blank"
+    with Image.open(out / "batch.png") as img:  # the training photos themselves are there: red and blue
+        rgb = np.asarray(img.convert("RGB"), dtype=float)
+    assert (rgb[..., 0] - rgb[..., 2] > 80).mean() > 0.01 and (rgb[..., 2] - rgb[..., 0] > 80).mean() > 0.01
