@@ -16,11 +16,7 @@ PORT=${MAIN_PROCESS_PORT:-$((29500 + SLURM_JOB_ID % 1000))}
 
 # After a requeue (or a resubmission with the same OUTPUT_DIR) continue the saved run.
 resume=()
-if [[ -f $OUTPUT_DIR/state.safetensors ]]; then
-  resume=(--resume)
-elif [[ -e $OUTPUT_DIR/config.json ]]; then
-  resume=(--overwrite)  # stopped before its first epoch ended: nothing worth keeping
-fi
+[[ -e $OUTPUT_DIR/config.json ]] && resume=(--resume)
 echo "tl: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}, $SLURM_NNODES node(s) x $GPUS_PER_NODE," \
      "rendezvous $HEAD:$PORT, output $OUTPUT_DIR ${resume[*]}"
 

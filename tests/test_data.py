@@ -8,7 +8,7 @@ import torch
 from conftest import make_imagefolder, run_cli
 from PIL import Image
 
-from tl.data import ensure_data, find_classes, load_split, make_loaders
+from tl.data import ImageSet, ensure_data, find_classes, load_split, make_loaders, train_transform
 from tl.errors import UserError
 
 
@@ -31,7 +31,7 @@ def test_decoding_matches_the_tutorial_shapes(tiny_data):
     assert classes == ["blue", "red"] and val.targets == [0] * 6 + [1] * 6
     assert all(x.shape == (3, 64, 64) and x.dtype == torch.uint8 for x in val.images)
     assert all(min(x.shape[1:]) == 80 for x in train.images)  # kept whole: under the 2x cap
-    loader, _, _ = make_loaders(train, val, 5, 0, 64, 0, 0, 1)
+    loader, _, _ = make_loaders(ImageSet(train, train_transform(64)), ImageSet(val), 5, 0, 0, 0, 1)
     x, y = next(iter(loader))
     assert x.shape == (5, 3, 64, 64) and x.dtype == torch.uint8 and y.shape == (5,)
 
@@ -42,7 +42,7 @@ def test_shards_cover_every_image_once(tiny_data):
     train = load_split(folders["train"].samples, 32, train=True, show_progress=False)
     seen_val, seen_train = [], []
     for rank in range(5):
-        train_loader, sampler, val_loader = make_loaders(train, val, 4, 0, 32, 0, rank, 5)
+        train_loader, sampler, val_loader = make_loaders(ImageSet(train), ImageSet(val), 4, 0, 0, rank, 5)
         seen_val += list(val_loader.dataset.indices)
         sampler.set_epoch(3)
         seen_train += list(sampler)

@@ -51,8 +51,10 @@ def test_mode_learns_and_writes_every_output(tmp_path, tiny_data, base_weights, 
     assert meta["base_weights"].startswith("sha256:")
 
 
-def test_feature_extract_freezes_backbone_and_saves_only_the_head(tmp_path, tiny_data, base_weights):
-    out, _, model = run(tmp_path, tiny_data, "feature-extract", "--weights", str(base_weights))
+@pytest.mark.parametrize("cache", ["on", "off"])
+def test_feature_extract_freezes_backbone_and_saves_only_the_head(tmp_path, tiny_data, base_weights, cache):
+    out, _, model = run(tmp_path, tiny_data, "feature-extract", "--weights", str(base_weights),
+                        "--feature-cache", cache)
     base = torch.load(base_weights, weights_only=True)
     trained = model.state_dict()
     backbone = [k for k in base if not k.startswith("fc.")]

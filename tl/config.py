@@ -32,6 +32,10 @@ class Config:
     momentum: float = _opt(0.9, "SGD momentum")
     step_size: int = _opt(7, "StepLR: decay the learning rate every this many epochs")
     gamma: float = _opt(0.1, "StepLR: multiply the learning rate by this at each step")
+    feature_cache: str = _opt("on", "feature-extract only: on computes the frozen backbone's features once "
+                              "(train images in the val view, so without augmentation) and trains the head on "
+                              "them; off runs the backbone on augmented images every epoch, as the tutorial",
+                              choices=("on", "off"))
     image_size: int = _opt(224, "crop size for training and validation (val resizes to "
                            "size*256/224 first, as the tutorial does)")
     precision: str = _opt("auto", "mixed precision; auto: the accelerate config's choice, else "

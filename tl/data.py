@@ -6,8 +6,10 @@ each epoch's RandomResizedCrop+flip is a cheap tensor op. Normalization happens 
 This suits data sets that fit in RAM (hymenoptera: about 60 MB); see the README for larger ones.
 """
 
+import os
 import tempfile
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,31 +109,42 @@ def find_classes(root: Path) -> tuple[list[str], dict[str, ImageFolder]]:
 def decode(path: str, image_size: int, train: bool) -> torch.Tensor:
     """Decode one file to uint8 RGB: val as the tutorial's Resize+CenterCrop, train shrunk to at
     most 2x the crop on its shorter side."""
-    resize = round(image_size * 256 / 224)
     with Image.open(path) as img:
-        img.draft("RGB", (2 * resize, 2 * resize))  # JPEG: decode big photos at reduced scale
+        side = 2 * round(image_size * 256 / 224)  # JPEG: decode big photos at a reduced scale, no smaller
+        img.draft("RGB", (side, side))
         img = img.convert("RGB")
         if train:
-            if min(img.size) > 2 * image_size:
-                img = TF.resize(img, 2 * image_size)
-        else:
-            img = TF.center_crop(TF.resize(img, resize), image_size)
-        return TF.pil_to_tensor(img)
+            return TF.pil_to_tensor(TF.resize(img, 2 * image_size) if min(img.size) > 2 * image_size else img)
+        return TF.pil_to_tensor(center_view(img, image_size))
+
+
+def center_view(img, image_size: int):
+    """The tutorial's deterministic view: Resize(size*256/224) then CenterCrop(size)."""
+    return TF.center_crop(TF.resize(img, round(image_size * 256 / 224)), image_size)
+
+
+def _decode_or_error(args):
+    try:
+        return decode(*args)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        return e
 
 
 def load_split(samples: list[tuple[str, int]], image_size: int, train: bool, show_progress: bool) -> Split:
     """Decode (path, label) pairs, e.g. an ImageFolder's .samples; unreadable files are skipped."""
     split = Split([], [], [])
-    for path, target in tqdm(samples, desc=f"decode {'train' if train else 'val'}",
-                             disable=not show_progress, leave=False):
-        try:
-            split.images.append(decode(path, image_size, train))
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            warnings.warn(f"skipping unreadable image {path}: {e}", stacklevel=1)
-            split.skipped.append(path)
-            continue
-        split.targets.append(target)
-        split.paths.append(path)
+    # Threads: PIL releases the GIL while decoding and resizing.
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        decoded = pool.map(_decode_or_error, [(path, image_size, train) for path, _ in samples])
+        for (path, target), img in tqdm(zip(samples, decoded), total=len(samples), leave=False,
+                                        desc=f"decode {'train' if train else 'val'}", disable=not show_progress):
+            if isinstance(img, Exception):
+                warnings.warn(f"skipping unreadable image {path}: {img}", stacklevel=1)
+                split.skipped.append(path)
+            else:
+                split.images.append(img)
+                split.targets.append(target)
+                split.paths.append(path)
     if not split.images:
         raise UserError(f"none of the {len(samples)} files is a readable image "
                         f"({samples[0][0] if samples else 'no files'}, ...); check the files")
@@ -142,22 +155,22 @@ def train_transform(image_size: int):
     return v2.Compose([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()])
 
 
-def make_loaders(train: Split, val: Split, batch_size: int, num_workers: int, image_size: int,
-                 seed: int, rank: int, world: int):
+def make_loaders(train_set: Dataset, val_set: Dataset, batch_size: int, num_workers: int, seed: int,
+                 rank: int, world: int):
     """Train: shuffled and sharded by DistributedSampler (call set_epoch every epoch). Val: a
     strided shard per process with no padding, so every image is counted exactly once."""
-    train_set = ImageSet(train, train_transform(image_size))
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed)
-    train_loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler,
-                              num_workers=num_workers, persistent_workers=num_workers > 0,
-                              pin_memory=torch.cuda.is_available())
-    val_set = Subset(ImageSet(val), range(rank, len(val.images), world))
-    val_loader = DataLoader(val_set, batch_size=max(batch_size, 32))
+    train_loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                              persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
+    val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world)), batch_size=max(batch_size, 32))
     return train_loader, sampler, val_loader
 
 
 def to_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 NCHW batch -> normalized float on the device, channels_last for faster convolutions."""
+    """A batch -> model input on the device: uint8 NCHW images become normalized float, channels_last
+    for faster convolutions; anything else (cached features) is moved as it is."""
+    if x.dtype != torch.uint8:
+        return x.to(device, non_blocking=True)
     x = x.to(device, non_blocking=True).float().div_(255)
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)

@@ -11,11 +11,21 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, set_seed
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from tqdm import tqdm
 
 from tl import checkpoint
 from tl.config import Config
-from tl.data import ensure_data, find_classes, load_split, make_loaders, to_input
+from tl.data import (
+    ImageSet,
+    center_view,
+    ensure_data,
+    find_classes,
+    load_split,
+    make_loaders,
+    to_input,
+    train_transform,
+)
 from tl.errors import UserError
 from tl.model import build_model, head_state, weights_id
 from tl.pictures import save_confusion, save_curves, save_image_grid, save_predictions
@@ -45,8 +55,11 @@ RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "best.safetensors",
              "predictions.png", "curves.png", "confusion.png", "batch.png", "wandb_run_id", "wandb")
 
 
-def prepare_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
-    """Agree on the output dir; refuse to mix two runs in one unless told to resume or overwrite."""
+def prepare_output_dir(cfg: Config, accelerator: Accelerator) -> tuple[Path, bool]:
+    """Agree on the output dir; refuse to mix two runs in one unless told to resume or overwrite.
+
+    Returns the dir and whether there is a saved state to resume from.
+    """
     out = [cfg.output_dir or f"runs/{cfg.mode}-{time.strftime('%Y%m%d-%H%M%S')}"]
     broadcast_object_list(out)  # every process takes the main process's timestamp
     out = Path(out[0])
@@ -54,8 +67,10 @@ def prepare_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
     if existing and not (cfg.resume or cfg.overwrite):
         raise UserError(f"{out} already holds a run ({', '.join(existing)}); pass --resume to continue "
                         "it, --overwrite to replace it, or another --output-dir")
-    if cfg.resume and not (out / "state.safetensors").is_file():
-        raise UserError(f"nothing to resume in {out} (no state.safetensors); run without --resume")
+    if cfg.resume and not existing:
+        raise UserError(f"nothing to resume in {out}: it holds no run; check --output-dir or drop --resume")
+    # A run stopped before its first epoch ended left nothing worth keeping: --resume starts afresh.
+    fresh = cfg.overwrite or "state.safetensors" not in existing
     accelerator.wait_for_everyone()  # all checked before the main process changes anything
     if accelerator.is_main_process:
         try:
@@ -63,10 +78,10 @@ def prepare_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
         except OSError as e:
             raise UserError(f"cannot create output dir {out} ({e.strerror}); pass --output-dir "
                             "with a writable location") from None
-        if cfg.overwrite:
+        if fresh:
             for name in existing:
                 shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
-    return out
+    return out, not fresh
 
 
 class StopSignal(Exception):
@@ -112,25 +127,43 @@ def train_epoch(model, loader, optimizer, accelerator, stop: StopWatch, desc: st
 
 
 @torch.inference_mode()
-def evaluate(model, loader, accelerator, num_images: int) -> torch.Tensor:
-    """Class probabilities (float32, CPU) for every image of the set, in order, on every process.
+def gather_in_order(fn, loader, accelerator, total: int) -> torch.Tensor:
+    """fn(batch) for every item of a set, as float32 rows in set order on the CPU of every process.
 
-    Each process evaluates its own strided shard (no padding); the shards are padded only for
-    the gather and the padding dropped again, so each image counts exactly once.
+    `loader` holds this process's strided shard of the set (items rank, rank+world, ...), with no
+    padding; the shards are padded only for the gather and the padding dropped again, so each
+    item counts exactly once at any world size.
     """
-    rows = []  # index in the set, then class probabilities
+    rows = []  # index in the set, then fn's outputs
     rank, world, seen = accelerator.process_index, accelerator.num_processes, 0
     for x, _ in loader:
-        probs = model(to_input(x, accelerator.device)).float().softmax(1)
-        idx = torch.arange(seen, seen + len(x), device=probs.device) * world + rank
+        out = fn(to_input(x, accelerator.device)).float()
+        idx = torch.arange(seen, seen + len(x), device=out.device) * world + rank
         seen += len(x)
-        rows.append(torch.cat([idx[:, None].float(), probs], 1))
-    local = torch.cat(rows)
-    gathered = accelerator.gather(accelerator.pad_across_processes(local, dim=0, pad_index=-1))
+        rows.append(torch.cat([idx[:, None].float(), out], 1))
+    gathered = accelerator.gather(accelerator.pad_across_processes(torch.cat(rows), dim=0, pad_index=-1))
     gathered = gathered[gathered[:, 0] >= 0]
     gathered = gathered[gathered[:, 0].argsort()].cpu()
-    assert len(gathered) == num_images, (len(gathered), num_images)
+    assert len(gathered) == total, (len(gathered), total)
     return gathered[:, 1:]
+
+
+def evaluate(model, loader, accelerator, total: int) -> torch.Tensor:
+    """Class probabilities for every image of the set, in order, on every process."""
+    return gather_in_order(lambda x: model(x).float().softmax(1), loader, accelerator, total)
+
+
+def backbone_features(model, head_name: str, images: Dataset, batch_size: int, accelerator) -> torch.Tensor:
+    """What the frozen backbone feeds the head, for every image, computed once (each process a share)."""
+    head = model.get_submodule(head_name)
+    model.set_submodule(head_name, torch.nn.Identity())
+    rank, world = accelerator.process_index, accelerator.num_processes
+    loader = DataLoader(Subset(images, range(rank, len(images), world)), batch_size=batch_size)
+    try:
+        with accelerator.autocast():
+            return gather_in_order(model, loader, accelerator, len(images))
+    finally:
+        model.set_submodule(head_name, head)
 
 
 def train(cfg: Config) -> tuple[dict, torch.nn.Module]:
@@ -143,15 +176,16 @@ def train(cfg: Config) -> tuple[dict, torch.nn.Module]:
     started = time.perf_counter()
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     stop = StopWatch(accelerator)
-    out = prepare_output_dir(cfg, accelerator)
+    out, resuming = prepare_output_dir(cfg, accelerator)
 
     with accelerator.local_main_process_first():  # one download per node
         root = ensure_data(cfg.data_dir, cfg.data_zip)
     classes, folders = find_classes(root)
     train_split = load_split(folders["train"].samples, cfg.image_size, train=True, show_progress=main)
     val_split = load_split(folders["val"].samples, cfg.image_size, train=False, show_progress=main)
-    train_loader, sampler, val_loader = make_loaders(
-        train_split, val_split, cfg.batch_size, cfg.num_workers, cfg.image_size, cfg.seed, rank, world)
+    train_images = ImageSet(train_split, train_transform(cfg.image_size))
+    train_loader, sampler, val_loader = make_loaders(train_images, ImageSet(val_split), cfg.batch_size,
+                                                     cfg.num_workers, cfg.seed, rank, world)
     val_targets = torch.tensor(val_split.targets)
 
     set_seed(cfg.seed)  # the same new head on every process, and on resume
@@ -161,38 +195,50 @@ def train(cfg: Config) -> tuple[dict, torch.nn.Module]:
                 "base_weights": weights_id(cfg.weights, cfg.model), "head": head_name,
                 "image_size": cfg.image_size, "seed": cfg.seed}
     model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
-                                lr=cfg.lr, momentum=cfg.momentum)
+    cached = frozen and cfg.feature_cache == "on"
+    if cached:  # a frozen backbone always gives the same features: compute them once
+        t0 = time.perf_counter()
+        model.to(accelerator.device).eval()
+        train_view = ImageSet(train_split, lambda x: center_view(x, cfg.image_size))
+        features = [backbone_features(model, head_name, images, val_loader.batch_size, accelerator)
+                    for images in (train_view, ImageSet(val_split))]
+        train_loader, sampler, val_loader = make_loaders(
+            TensorDataset(features[0], torch.tensor(train_split.targets)), TensorDataset(features[1], val_targets),
+            cfg.batch_size, 0, cfg.seed, rank, world)
+        accelerator.print(f"feature cache: backbone features of {len(train_view)} train (center view, no "
+                          f"augmentation) and {len(val_split.images)} val images in {time.perf_counter() - t0:.1f}s")
+    net = model.get_submodule(head_name) if cached else model  # what trains, and what DDP wraps
+    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=cfg.lr, momentum=cfg.momentum)
     # Not prepared: Accelerate would step an epoch scheduler once per process.
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
 
     progress = {"epoch": 0, "best_val_acc": -1.0, "best_epoch": 0, "best_preds": [], "seconds": 0.0}
     state_path = out / "state.safetensors"
-    if cfg.resume:
+    if resuming:
         tensors, optimizer_state, scheduler_state, meta = checkpoint.load_state(state_path)
         checkpoint.check_matches(state_path, meta, identity)
         model.load_state_dict(tensors, strict=not frozen)  # frozen: the head; the rest is the base
         scheduler.load_state_dict(scheduler_state)
         progress = {k: meta[k] for k in progress}
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if cfg.resume:
+    net, optimizer = accelerator.prepare(net, optimizer)
+    if resuming:
         optimizer.load_state_dict(optimizer_state)
     tracker = None
     if main:
         config = dataclasses.asdict(cfg) | identity | {
             "output_dir": str(out), "mixed_precision": accelerator.mixed_precision,
             "num_processes": world, "device": str(accelerator.device)}
-        tracker = Tracker(out, config, cfg.wandb, cfg.wandb_project, cfg.wandb_entity, cfg.wandb_name, cfg.resume)
+        tracker = Tracker(out, config, cfg.wandb, cfg.wandb_project, cfg.wandb_entity, cfg.wandb_name, resuming)
         tracker.write_json("config.json", config)
         tracker.keep_epochs(progress["epoch"])  # drop rows of an epoch that was cut short
-        x, y = next(iter(train_loader))  # what the model sees: augmented, before normalization
-        save_image_grid(list(x[:8]), [classes[i] for i in y[:8]], out / "batch.png")
+        shown = [train_images[i] for i in list(sampler)[:8]]  # what the model sees, before normalization
+        save_image_grid([x for x, _ in shown], [classes[y] for _, y in shown], out / "batch.png")
         accelerator.print(f"{cfg.mode} {cfg.model} on {len(train_split.images)} train / "
                           f"{len(val_split.images)} val images, classes {classes}, {world} "
                           f"process(es) on {accelerator.device}, precision {accelerator.mixed_precision}"
-                          + (f", resuming after epoch {progress['epoch']}" if cfg.resume else ""))
-        if hasattr(model, "_get_ddp_logging_data"):  # what DDP itself reports it all-reduces
-            synced = model._get_ddp_logging_data()
+                          + (f", resuming after epoch {progress['epoch']}" if resuming else ""))
+        if hasattr(net, "_get_ddp_logging_data"):  # what DDP itself reports it all-reduces
+            synced = net._get_ddp_logging_data()
             accelerator.print(f"DDP all-reduces {synced['num_parameter_tensors']} parameter tensors "
                               f"({synced['total_parameter_size_bytes']:,} bytes) per step")
     started -= progress["seconds"]  # a resumed run's wall time includes the earlier attempts
@@ -202,13 +248,13 @@ def train(cfg: Config) -> tuple[dict, torch.nn.Module]:
             set_seed((cfg.seed * 10_000 + epoch) * 1_000 + rank)  # augmentation and dropout per epoch
             sampler.set_epoch(epoch)
             lr = optimizer.param_groups[0]["lr"]
-            model.train(not frozen)  # frozen: BatchNorm statistics stay the base's
-            train_loss, train_acc, n_train = train_epoch(model, train_loader, optimizer, accelerator, stop,
+            net.train(not frozen)  # frozen: BatchNorm statistics stay the base's
+            train_loss, train_acc, n_train = train_epoch(net, train_loader, optimizer, accelerator, stop,
                                                          f"epoch {epoch}/{cfg.epochs}")
             train_seconds = time.perf_counter() - t0
             scheduler.step()
-            model.eval()
-            probs = evaluate(model, val_loader, accelerator, len(val_split.images))
+            net.eval()
+            probs = evaluate(net, val_loader, accelerator, len(val_split.images))
             preds = probs.argmax(1)
             val_acc = (preds == val_targets).float().mean().item()
             val_loss = F.nll_loss(probs.clamp_min(1e-12).log(), val_targets).item()
@@ -226,8 +272,7 @@ def train(cfg: Config) -> tuple[dict, torch.nn.Module]:
                 # Order matters for a kill at any moment: the row, then best, then the state that
                 # says the epoch is done (a resume drops rows and redoes work past the state).
                 tracker.log_epoch(metrics)
-                net = accelerator.unwrap_model(model)
-                trained = head_state(net, head_name) if frozen else net.state_dict()
+                trained = head_state(model, head_name) if frozen else model.state_dict()
                 if improved:
                     checkpoint.save(out / "best.safetensors", trained, identity | {
                         "epoch": epoch, "val_acc": val_acc, "mixed_precision": accelerator.mixed_precision,
@@ -273,4 +318,4 @@ def train(cfg: Config) -> tuple[dict, torch.nn.Module]:
         tracker.finish(summary, pictures, val_split.targets, best_preds.tolist(), classes,
                        out / "best.safetensors" if cfg.wandb_log_model else None)
     accelerator.end_training()
-    return summary, accelerator.unwrap_model(model)
+    return summary, model
