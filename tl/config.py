@@ -36,6 +36,7 @@ class Config:
                               "(train images in the val view, so without augmentation) and trains the head on "
                               "them; off runs the backbone on augmented images every epoch, as the tutorial",
                               choices=("on", "off"))
+    strict_images: bool = _opt(False, "stop at the first unreadable image instead of skipping it with a warning")
     image_size: int = _opt(224, "crop size for training and validation (val resizes to "
                            "size*256/224 first, as the tutorial does)")
     precision: str = _opt("auto", "mixed precision; auto: the accelerate config's choice, else "

@@ -9,6 +9,7 @@ This suits data sets that fit in RAM (hymenoptera: about 60 MB); see the README 
 import os
 import tempfile
 import warnings
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS
-from torchvision.datasets.utils import download_and_extract_archive, extract_archive
+from torchvision.datasets.utils import download_url, extract_archive
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
@@ -42,20 +42,25 @@ def ensure_data(data_dir: str, data_zip: str | None = None) -> Path:
     if data_zip is not None and not Path(data_zip).is_file():
         raise UserError(f"data zip {data_zip} does not exist; pass --data-zip with the path of a "
                         "zip file, e.g. hymenoptera_data.zip")
-    root.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {root.parent} for the data set ({e.strerror}); pass a --data-dir in a "
+                        "writable location") from None
     # Unpack into a temporary folder and rename at the end: an interrupted download or a second
     # process doing the same never leaves a half-written data dir behind.
     with tempfile.TemporaryDirectory(dir=root.parent, prefix=".tl-download-") as tmp:
-        if data_zip is not None:
-            extract_archive(data_zip, tmp)
-        else:
+        if data_zip is None:
             try:
-                download_and_extract_archive(HYMENOPTERA_URL, download_root=tmp)
+                download_url(HYMENOPTERA_URL, tmp)
             except OSError as e:  # URLError, timeouts, refused connections are all OSErrors
                 raise UserError(f"could not download {HYMENOPTERA_URL} ({e}); on a machine without "
                                 "internet pass --data-zip /path/to/hymenoptera_data.zip "
                                 "(make train-cpu DATA_ZIP=...) or --data-dir with an extracted copy"
                                 ) from None
+            data_zip = str(Path(tmp) / Path(HYMENOPTERA_URL).name)
+        check_zip(data_zip)
+        extract_archive(data_zip, tmp)
         extracted = Path(tmp) / root.name
         if not extracted.is_dir():
             raise UserError(f"the zip holds no top-level folder {root.name}/; pass --data-dir with "
@@ -63,6 +68,22 @@ def ensure_data(data_dir: str, data_zip: str | None = None) -> Path:
         if not root.exists():
             extracted.rename(root)
     return root
+
+
+def check_zip(path: str) -> None:
+    """Refuse a damaged zip (CRC of every member) or one whose entries would land outside the target."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            unsafe = [n for n in z.namelist() if n.startswith(("/", "\\")) or ".." in Path(n).parts]
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise UserError(f"{path} is not a readable zip ({e}); download it again or pass --data-dir with an "
+                        "extracted copy") from None
+    if unsafe:
+        raise UserError(f"{path} has entries that point outside the folder it is extracted to ({unsafe[0]}); "
+                        "refusing to extract it; use a zip from a trusted source")
+    if bad:
+        raise UserError(f"{path} is damaged: {bad} fails its checksum; download it again")
 
 
 @dataclass
@@ -96,9 +117,8 @@ def find_classes(root: Path) -> tuple[list[str], dict[str, ImageFolder]]:
         try:
             folders[split] = ImageFolder(root / split)
         except FileNotFoundError as e:  # ImageFolder's message for no class dirs or an empty one
-            raise UserError(f"{root / split}: {e}; put at least one image "
-                            f"({', '.join(IMG_EXTENSIONS)}) in every class folder or remove the "
-                            "empty ones") from None
+            raise UserError(f"{root / split}: {e}; put at least one image in every class folder or remove "
+                            "the empty ones") from None
     train, val = folders["train"].classes, folders["val"].classes
     if train != val:
         raise UserError(f"train/ and val/ hold different class folders (train: {train}, "
@@ -130,14 +150,19 @@ def _decode_or_error(args):
         return e
 
 
-def load_split(samples: list[tuple[str, int]], image_size: int, train: bool, show_progress: bool) -> Split:
-    """Decode (path, label) pairs, e.g. an ImageFolder's .samples; unreadable files are skipped."""
+def load_split(samples: list[tuple[str, int]], image_size: int, train: bool, show_progress: bool,
+               strict: bool = False) -> Split:
+    """Decode (path, label) pairs, e.g. an ImageFolder's .samples; unreadable files are skipped
+    with a warning, or with strict, end the run."""
     split = Split([], [], [])
     # Threads: PIL releases the GIL while decoding and resizing.
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
         decoded = pool.map(_decode_or_error, [(path, image_size, train) for path, _ in samples])
         for (path, target), img in tqdm(zip(samples, decoded), total=len(samples), leave=False,
                                         desc=f"decode {'train' if train else 'val'}", disable=not show_progress):
+            if isinstance(img, Exception) and strict:
+                raise UserError(f"unreadable image {path} ({img}); remove or replace it, or drop "
+                                "--strict-images to skip such files")
             if isinstance(img, Exception):
                 warnings.warn(f"skipping unreadable image {path}: {img}", stacklevel=1)
                 split.skipped.append(path)
@@ -156,12 +181,15 @@ def train_transform(image_size: int):
 
 
 def make_loaders(train_set: Dataset, val_set: Dataset, batch_size: int, num_workers: int, seed: int,
-                 rank: int, world: int):
+                 rank: int, world: int, batchnorm_training: bool = False):
     """Train: shuffled and sharded by DistributedSampler (call set_epoch every epoch). Val: a
     strided shard per process with no padding, so every image is counted exactly once."""
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    # BatchNorm cannot train on a batch of one image: then leave out the odd one (a different one each epoch).
+    drop_last = batchnorm_training and len(sampler) % batch_size == 1 and len(sampler) > 1
     train_loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                              persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
+                              drop_last=drop_last, persistent_workers=num_workers > 0,
+                              pin_memory=torch.cuda.is_available())
     val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world)), batch_size=max(batch_size, 32))
     return train_loader, sampler, val_loader
 

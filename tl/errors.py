@@ -1,13 +1,20 @@
 """User mistakes end a run with one line on stderr and exit status 2, never a traceback."""
 
 import sys
+import warnings
 
 
 class UserError(Exception):
     """A problem the user can fix; the message names the problem and the fix."""
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=file or sys.stderr)
+
+
 def run_cli(fn):
+    """Run a command line's work: warnings as single lines, a UserError as `error: ...` and exit 2."""
+    warnings.showwarning = _one_line_warning
     try:
         return fn()
     except UserError as e:

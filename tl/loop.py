@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, gather_object, set_seed
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from tqdm import tqdm
 
@@ -109,14 +109,18 @@ class StopWatch:
             raise StopSignal(int(flag.item()))
 
 
-def train_epoch(model, loader, optimizer, accelerator, stop: StopWatch, desc: str):
+def train_epoch(model, loader, optimizer, accelerator, stop: StopWatch, epoch: int, epochs: int):
     """One pass over this process's shard; returns loss, accuracy and images over all processes."""
     totals = torch.zeros(3, device=accelerator.device)  # loss sum, correct, images
-    for x, y in tqdm(loader, desc=desc, disable=not accelerator.is_main_process, leave=False):
+    bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", disable=not accelerator.is_main_process, leave=False)
+    for step, (x, y) in enumerate(bar, 1):
         stop.check()
         x, y = to_input(x, accelerator.device), y.to(accelerator.device)
         logits = model(x)
         loss = F.cross_entropy(logits, y)
+        if not torch.isfinite(loss):  # stop before the optimizer spreads it into every weight
+            raise UserError(f"the loss became {loss.item()} at epoch {epoch}, step {step}; lower --lr, or look "
+                            "for broken images or labels; epochs before this one are saved (--resume)")
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         optimizer.step()
@@ -130,22 +134,17 @@ def train_epoch(model, loader, optimizer, accelerator, stop: StopWatch, desc: st
 def gather_in_order(fn, loader, accelerator, total: int) -> torch.Tensor:
     """fn(batch) for every item of a set, as float32 rows in set order on the CPU of every process.
 
-    `loader` holds this process's strided shard of the set (items rank, rank+world, ...), with no
-    padding; the shards are padded only for the gather and the padding dropped again, so each
-    item counts exactly once at any world size.
+    `loader` holds this process's strided shard of the set (items rank, rank+world, ...) with no
+    padding, possibly none at all, so each item counts exactly once at any world size.
     """
-    rows = []  # index in the set, then fn's outputs
-    rank, world, seen = accelerator.process_index, accelerator.num_processes, 0
-    for x, _ in loader:
-        out = fn(to_input(x, accelerator.device)).float()
-        idx = torch.arange(seen, seen + len(x), device=out.device) * world + rank
-        seen += len(x)
-        rows.append(torch.cat([idx[:, None].float(), out], 1))
-    gathered = accelerator.gather(accelerator.pad_across_processes(torch.cat(rows), dim=0, pad_index=-1))
-    gathered = gathered[gathered[:, 0] >= 0]
-    gathered = gathered[gathered[:, 0].argsort()].cpu()
-    assert len(gathered) == total, (len(gathered), total)
-    return gathered[:, 1:]
+    rows = [fn(to_input(x, accelerator.device)).float().cpu() for x, _ in loader]
+    shards = gather_object([torch.cat(rows) if rows else None])  # one entry per process, in rank order
+    world = len(shards)
+    order = [i for rank, shard in enumerate(shards) if shard is not None
+             for i in range(rank, total, world)]
+    out = torch.cat([shard for shard in shards if shard is not None])
+    assert len(out) == total == len(order), (len(out), total)
+    return out[torch.tensor(order).argsort()]
 
 
 def evaluate(model, loader, accelerator, total: int) -> torch.Tensor:
@@ -181,11 +180,11 @@ def train(cfg: Config) -> tuple[dict, torch.nn.Module]:
     with accelerator.local_main_process_first():  # one download per node
         root = ensure_data(cfg.data_dir, cfg.data_zip)
     classes, folders = find_classes(root)
-    train_split = load_split(folders["train"].samples, cfg.image_size, train=True, show_progress=main)
-    val_split = load_split(folders["val"].samples, cfg.image_size, train=False, show_progress=main)
+    train_split = load_split(folders["train"].samples, cfg.image_size, True, main, cfg.strict_images)
+    val_split = load_split(folders["val"].samples, cfg.image_size, False, main, cfg.strict_images)
     train_images = ImageSet(train_split, train_transform(cfg.image_size))
     train_loader, sampler, val_loader = make_loaders(train_images, ImageSet(val_split), cfg.batch_size,
-                                                     cfg.num_workers, cfg.seed, rank, world)
+                                                     cfg.num_workers, cfg.seed, rank, world, not frozen)
     val_targets = torch.tensor(val_split.targets)
 
     set_seed(cfg.seed)  # the same new head on every process, and on resume
@@ -250,11 +249,13 @@ def train(cfg: Config) -> tuple[dict, torch.nn.Module]:
             lr = optimizer.param_groups[0]["lr"]
             net.train(not frozen)  # frozen: BatchNorm statistics stay the base's
             train_loss, train_acc, n_train = train_epoch(net, train_loader, optimizer, accelerator, stop,
-                                                         f"epoch {epoch}/{cfg.epochs}")
+                                                         epoch, cfg.epochs)
             train_seconds = time.perf_counter() - t0
             scheduler.step()
             net.eval()
-            probs = evaluate(net, val_loader, accelerator, len(val_split.images))
+            # Without the DDP wrapper: its forward may talk to the other processes, and shards of
+            # different lengths make different numbers of forward calls.
+            probs = evaluate(accelerator.unwrap_model(net), val_loader, accelerator, len(val_split.images))
             preds = probs.argmax(1)
             val_acc = (preds == val_targets).float().mean().item()
             val_loss = F.nll_loss(probs.clamp_min(1e-12).log(), val_targets).item()
