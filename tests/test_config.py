@@ -28,6 +28,9 @@ def test_every_option_is_documented_in_help():
     (["--mode", "fine"], "invalid choice: 'fine'"),
     (["--epochs", "two"], "invalid int value"),
     (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--resume"], "--resume needs --output-dir"),
+    (["--resume", "--overwrite", "--output-dir", "x"], "contradict each other"),
+    (["--feature-cache", "maybe"], "invalid choice: 'maybe'"),
 ])
 def test_bad_flags_are_user_errors(argv, message):
     with pytest.raises(UserError, match=message):
