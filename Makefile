@@ -9,7 +9,7 @@ ARGS     ?=
 TRAIN    := train.py --mode $(MODE) --data-dir $(DATA_DIR) $(if $(DATA_ZIP),--data-zip $(DATA_ZIP)) $(ARGS)
 
 NPROC    ?= 2
-.PHONY: install train-cpu train-gpu train-multi-gpu test test-slurm lint wandb-sync clean
+.PHONY: install train-cpu train-gpu train-multi-gpu test test-slurm lint bench bench-quick wandb-sync clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -37,6 +37,12 @@ test-slurm: install  ## only the tests on a real local two-node SLURM cluster (r
 lint: install
 	$(VENV)/bin/ruff check .
 	if command -v shellcheck >/dev/null; then shellcheck slurm/*.sh slurm/*.sbatch .ci/run; fi
+
+bench: install  ## tl against the tutorial's loop, 25 epochs x 3 seeds (hours on 2 cores); writes bench/results.md
+	$(PY) bench/bench.py --epochs 25 --seeds 0 1 2 --tl-args "--wandb disabled"
+
+bench-quick: install  ## the same in a few minutes (2 epochs, one seed): a smoke test, not figures to quote
+	$(PY) bench/bench.py --quick --tl-args "--wandb disabled"
 
 wandb-sync: install  ## upload every offline W&B run under runs/ (needs `wandb login`)
 	$(VENV)/bin/wandb sync $(wildcard runs/*/wandb/offline-run-*)
