@@ -241,9 +241,11 @@ def report(res: dict) -> str:
              "for images/s. Peak RSS: the largest single process (exact); tree: the sum over the process "
              "and its children (DataLoader workers, W&B), polled, shared pages counted per process. Other "
              "CPU: cores busy with anything else during the run (noise). Initial heads equal on both "
-             f"sides: {res['head_init_equal']}. *tl (feature cache)*: the frozen backbone runs once on "
-             "un-augmented images, the epochs train the head on stored features (`--feature-cache off` "
-             "for the tutorial's algorithm).\n",
+             f"sides: {res['head_init_equal']}."
+             + (" *tl (feature cache)*: the frozen backbone runs once on un-augmented images, the epochs "
+                "train the head on stored features (`--feature-cache off` for the tutorial's algorithm)."
+                if any(r.get("feature_cache") for m in res["runs"].values() for r in m["tl"].values()) else "")
+             + "\n",
              "| mode | side | batch, precision | wall s | s/epoch | train img/s | best val acc | peak RSS MiB "
              "| peak tree RSS MiB | other CPU |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
