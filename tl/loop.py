@@ -230,7 +230,8 @@ def train(cfg: Config) -> tuple[dict, torch.nn.Module]:
         tracker = Tracker(out, config, cfg.wandb, cfg.wandb_project, cfg.wandb_entity, cfg.wandb_name, resuming)
         tracker.write_json("config.json", config)
         tracker.keep_epochs(progress["epoch"])  # drop rows of an epoch that was cut short
-        shown = [train_images[i] for i in list(sampler)[:8]]  # what the model sees, before normalization
+        seen = train_view if cached else train_images  # what the model sees, before normalization
+        shown = [seen[i] for i in list(sampler)[:8]]
         save_image_grid([x for x, _ in shown], [classes[y] for _, y in shown], out / "batch.png")
         accelerator.print(f"{cfg.mode} {cfg.model} on {len(train_split.images)} train / "
                           f"{len(val_split.images)} val images, classes {classes}, {world} "
