@@ -13,6 +13,7 @@ efficiency (what the data loading, bookkeeping and logging cost).
 
 import argparse
 import contextlib
+import itertools
 import json
 import time
 
@@ -24,7 +25,7 @@ from torch import nn
 def images_per_s(step, batch_size: int, warmup: int, seconds: float, repeats: int = 5) -> float:
     """Best of `repeats` timed stretches of seconds/repeats each (at least 2 steps): what the model
     can do here, robust to short bursts of other work on a shared machine."""
-    for _ in range(warmup):  # first calls pick kernels and allocate: not steady state
+    for _ in range(warmup):  # the first ~10 steps pick kernels and allocate: not steady state
         step()
     best = 0.0
     for _ in range(repeats):
@@ -36,20 +37,24 @@ def images_per_s(step, batch_size: int, warmup: int, seconds: float, repeats: in
     return best
 
 
-def measure(batch_size: int, precision: str, warmup: int = 3, seconds: float = 10.0, num_classes: int = 2) -> dict:
+def measure(batch_size: int, precision: str, warmup: int = 10, seconds: float = 10.0, num_classes: int = 2) -> dict:
     torch.manual_seed(0)
     model = torchvision.models.resnet18()
     model.fc = nn.Linear(model.fc.in_features, num_classes)
-    x = torch.randn(batch_size, 3, 224, 224)
-    y = torch.randint(num_classes, (batch_size,))
-    if precision == "bf16":
-        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    # A few different batches in turn: one batch over and over is soon fitted, and the near-zero
+    # gradients that follow (denormals) make steps slower than in real training.
+    memory_format = torch.channels_last if precision == "bf16" else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    batches = [(torch.randn(batch_size, 3, 224, 224).contiguous(memory_format=memory_format),
+                torch.randint(num_classes, (batch_size,))) for _ in range(8)]
+    batch = itertools.cycle(batches).__next__
 
     def autocast():
         return torch.autocast("cpu", torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
     def train_step(optimizer):
         def step():
+            x, y = batch()
             with autocast():
                 loss = nn.functional.cross_entropy(model(x), y)
             optimizer.zero_grad(set_to_none=True)
@@ -59,7 +64,7 @@ def measure(batch_size: int, precision: str, warmup: int = 3, seconds: float = 1
 
     def infer_step():
         with torch.inference_mode(), autocast():
-            model(x)
+            model(batch()[0])
 
     kw = dict(batch_size=batch_size, warmup=warmup, seconds=seconds)
     result = {"batch_size": batch_size, "precision": precision, "threads": torch.get_num_threads()}
