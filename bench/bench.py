@@ -13,7 +13,7 @@ augmentation use different RNG streams, which is why accuracy is compared over s
     .venv/bin/python bench/bench.py --quick                  # smoke test: 2 epochs, one seed
     .venv/bin/python bench/bench.py --epochs 3 --seeds 0     # short real figures
     .venv/bin/python bench/bench.py                          # the full benchmark (25 epochs, seeds 0 1 2)
-    .venv/bin/python bench/bench.py --tl-args "--batch-size 16 --lr 0.004"
+    .venv/bin/python bench/bench.py --variant "--batch-size 16 --lr 0.004"   # extra finetune rows
 """
 
 import argparse
@@ -38,7 +38,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 SHARED = ROOT.parent / "shared"
 MODES = ("finetune", "feature-extract")
-TUTORIAL = {"batch_size": 4, "precision": "fp32"}  # the tutorial's loop is fixed
+TUTORIAL = {"batch_size": 4, "precision": "fp32", "crop": 224}  # the tutorial's loop is fixed
 
 
 def cpu_busy_seconds() -> float:
@@ -141,13 +141,16 @@ def run_tutorial(mode: str, seed: int, args, work: Path) -> dict:
     return {**measured, **epoch_figures(measured, record["epochs"]), "best_val_acc": record["best_val_acc"], **TUTORIAL}
 
 
-def run_tl(mode: str, seed: int, args, work: Path) -> dict:
-    out = work / f"tl-{mode}-seed{seed}"
+def run_tl(mode: str, seed: int, args, work: Path, variant: int = 0) -> dict:
+    """tl with --tl-args, plus the flags of --variant number `variant` (0: none)."""
+    name = f"tl-{mode}-seed{seed}" + (f"-variant{variant}" if variant else "")
+    out = work / name
     shutil.rmtree(out, ignore_errors=True)
+    extra = shlex.split(args.tl_args) + (shlex.split(args.variant[variant - 1]) if variant else [])
     cmd = [sys.executable, "train.py", "--mode", mode, "--data-dir", args.data_dir, "--weights", args.weights,
-           "--epochs", str(args.epochs), "--seed", str(seed), "--output-dir", str(out), *shlex.split(args.tl_args)]
+           "--epochs", str(args.epochs), "--seed", str(seed), "--output-dir", str(out), *extra]
     # tl prints "epoch  N/M  train loss ..." once the epoch's checkpoints are written.
-    measured = run_measured(cmd, work / f"tl-{mode}-seed{seed}.log", r"epoch +\d+/\d+ ", cwd=args.tl_root)
+    measured = run_measured(cmd, work / f"{name}.log", r"epoch +\d+/\d+ ", cwd=args.tl_root)
     config = json.loads((out / "config.json").read_text())
     epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     precision = {"bf16": "bf16"}.get(config["mixed_precision"], "fp32")  # fp16 has no CPU autocast here
@@ -157,7 +160,7 @@ def run_tl(mode: str, seed: int, args, work: Path) -> dict:
     cached = mode == "feature-extract" and config.get("feature_cache", "off") == "on"
     return {**measured, **epoch_figures(measured, epochs), "best_val_acc": summary["best_val_acc"],
             "batch_size": config["batch_size"], "precision": precision, "feature_cache": cached,
-            "output_dir": str(out)}
+            "crop": config.get("train_size") or config["image_size"], "output_dir": str(out)}
 
 
 HEAD_CHECK = """
@@ -183,17 +186,27 @@ def head_init_equal(seed: int, weights: str, tl_root: str) -> bool | None:
     return {"True": True, "False": False}.get(r.stdout.strip())
 
 
-def run_bare(bs: int, precision: str, args, work: Path) -> dict:
-    """Bare-model figures at one batch size and precision: the best of --bare-repeats fresh processes
-    (the same steps run ~10% faster or slower from one process to the next on this kind of VM)."""
-    out, best = work / f"bare-{precision}-bs{bs}.json", {}
+def sides(mode: str, args) -> dict:
+    """What runs in a mode: the tutorial, tl, and for finetune each --variant (named by its flags)."""
+    runs = {"tutorial": run_tutorial, "tl": run_tl}
+    if mode == "finetune":
+        for i, flags in enumerate(args.variant, 1):
+            runs[f"tl {flags}"] = lambda mode, seed, args, work, i=i: run_tl(mode, seed, args, work, i)
+    return runs
+
+
+def run_bare(bs: int, precision: str, crop: int, args, work: Path) -> dict:
+    """Bare-model figures at one batch size, precision and input size: the median of --bare-repeats
+    fresh processes (the same steps run ~10% faster or slower from one process to the next on this
+    kind of VM), so that they compare with a loop's typical speed, not with a lucky process."""
+    out, runs = work / f"bare-{precision}-bs{bs}-{crop}px.json", []
     cmd = [sys.executable, str(BENCH / "bare_model.py"), "--batch-size", str(bs), "--precision", precision,
-           "--seconds", str(args.bare_seconds), "--json", str(out)]
+           "--image-size", str(crop), "--seconds", str(args.bare_seconds), "--json", str(out)]
     for _ in range(args.bare_repeats):
         other = run_measured(cmd, out.with_suffix(".log"), epoch_end=None)["other_cpu"]
-        r = json.loads(out.read_text())[0] | {"other_cpu": other}
-        best = r | {k: max(r[k], best.get(k, 0)) for k in ("train", "frozen", "inference", "other_cpu")}
-    return best
+        runs.append(json.loads(out.read_text())[0] | {"other_cpu": other})
+    return runs[0] | {k: statistics.median(r[k] for r in runs) for k in ("train", "frozen", "inference")} | {
+        "other_cpu": max(r["other_cpu"] for r in runs), "processes": runs}
 
 
 def least_disturbed(run, args) -> dict:
@@ -237,66 +250,78 @@ def mean_std(values: list[float]) -> str:
 def report(res: dict) -> str:
     m, a = res["machine"], res["args"]
     seeds, first = a["seeds"], str(a["seeds"][0])
+
+    def label(side: str, r: dict) -> str:
+        return "tl (feature cache)" if r.get("feature_cache") else f"`{side}`" if side.startswith("tl ") else side
+
+    def setup(r: dict) -> str:
+        return f"{r['batch_size']}, {r['precision']}, {r.get('crop', 224)} px"
+
     lines = ["# tl vs the PyTorch transfer-learning tutorial's loop\n",
              f"{m['cpu']}, {m['cores']} cores ({', '.join(m['bf16_flags']) or 'no bf16'}), {m['memory_gib']} GiB; "
              f"torch {m['torch']}, torchvision {m['torchvision']}; tl {m['tl_commit']} ({m['tl_root']}); {m['date']}.",
              f"{a['epochs']} epochs; timings from seed {first}, best val acc over seeds {seeds} (mean ± std); "
-             f"tl args: `{a['tl_args'] or '(defaults)'}`. Speed-up = tutorial ÷ tl for times, tl ÷ tutorial "
-             "for images/s. Peak RSS: the largest single process (exact); tree: the sum over the process "
-             "and its children (DataLoader workers, W&B), polled, shared pages counted per process. Other "
-             "CPU: cores busy with anything else during the run (noise). Initial heads equal on both "
-             f"sides: {res['head_init_equal']}."
+             f"tl args: `{a['tl_args'] or '(defaults)'}`; rows named by flags are finetune variants on top of them. "
+             "Speed-up = tutorial ÷ tl for times, tl ÷ tutorial for images/s. Setup: batch, precision, train "
+             "crop (validation is at 224 px everywhere). Peak RSS: the largest single process (exact); tree: the sum "
+             "over the process and its children (DataLoader workers, W&B), polled, shared pages counted per "
+             "process. Other CPU: cores busy with anything else during the run (noise). Initial heads equal on "
+             f"both sides: {res['head_init_equal']}."
              + (" *tl (feature cache)*: the frozen backbone runs once on un-augmented images, the epochs "
                 "train the head on stored features (`--feature-cache off` for the tutorial's algorithm)."
                 if any(r.get("feature_cache") for m in res["runs"].values() for r in m["tl"].values()) else "")
              + "\n",
-             "| mode | side | batch, precision | wall s | s/epoch | train img/s | best val acc | peak RSS MiB "
+             "| mode | side | setup | wall s | s/epoch | train img/s | best val acc | peak RSS MiB "
              "| peak tree RSS MiB | other CPU |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for mode in a["modes"]:
-        runs = {side: res["runs"][mode][side][first] for side in ("tutorial", "tl")}
+        runs = {side: by_seed[first] for side, by_seed in res["runs"][mode].items()}
+        t = runs["tutorial"]
         for side, r in runs.items():
             accs = [res["runs"][mode][side][str(s)]["best_val_acc"] for s in seeds]
-            label = "tl (feature cache)" if r.get("feature_cache") else side
-            lines.append(f"| {mode} | {label} | {r['batch_size']}, {r['precision']} | {r['wall_s']:.0f} | "
+            lines.append(f"| {mode} | {label(side, r)} | {setup(r)} | {r['wall_s']:.0f} | "
                          f"{r['s_per_epoch']:.2f} | {r['train_images_per_s']:.1f} | {mean_std(accs)} | "
                          f"{r['peak_rss_mib']:.0f} | {r['peak_tree_rss_mib']:.0f} | {r['other_cpu']:.2f} |")
-        t, tl = runs["tutorial"], runs["tl"]
-        lines.append(f"| {mode} | **speed-up** | | **{t['wall_s'] / tl['wall_s']:.2f}x** | "
-                     f"**{t['s_per_epoch'] / tl['s_per_epoch']:.2f}x** | "
-                     f"**{tl['train_images_per_s'] / t['train_images_per_s']:.2f}x** | | | | |")
-    lines += ["\n## Bare ResNet-18 (random tensors in memory, SGD step included, warm-up excluded, best of "
+        for side, r in runs.items():
+            if side != "tutorial":
+                lines.append(f"| {mode} | **speed-up** {label(side, r)} | | **{t['wall_s'] / r['wall_s']:.2f}x** | "
+                             f"**{t['s_per_epoch'] / r['s_per_epoch']:.2f}x** | "
+                             f"**{r['train_images_per_s'] / t['train_images_per_s']:.2f}x** | | | | |")
+    lines += ["\n## Bare ResNet-18 (random tensors in memory, SGD step included, warm-up excluded, median of "
               f"{a['bare_repeats']} processes)\n",
-              "| batch | precision | fwd+bwd img/s | frozen backbone img/s | inference img/s | other CPU |",
-              "|---:|---|---:|---:|---:|---:|"]
+              "| batch | precision | input px | fwd+bwd img/s | frozen backbone img/s | inference img/s | other CPU |",
+              "|---:|---|---:|---:|---:|---:|---:|"]
     for b in res["bare"]:
-        lines.append(f"| {b['batch_size']} | {b['precision']} | {b['train']:.1f} | {b['frozen']:.1f} | "
-                     f"{b['inference']:.1f} | {b['other_cpu']:.2f} |")
-    lines += ["\n## Pipeline efficiency: train img/s ÷ bare img/s at the same batch size and precision\n",
+        lines.append(f"| {b['batch_size']} | {b['precision']} | {b.get('image_size', 224)} | {b['train']:.1f} | "
+                     f"{b['frozen']:.1f} | {b['inference']:.1f} | {b['other_cpu']:.2f} |")
+    lines += ["\n## Pipeline efficiency: train img/s ÷ bare img/s at the same batch size, precision and crop\n",
               "Finetune against bare fwd+bwd, feature-extract against the frozen-backbone figure (backbone in "
               "eval mode, as tl runs it; the tutorial's runs in train mode, which costs a little more). "
-              "The train img/s speed-up is the product of the model's speed at each side's batch size and "
-              "precision and of the pipeline efficiencies' ratio.\n",
-              "| mode | side | batch, precision | train img/s | bare img/s | efficiency |",
+              "The train img/s speed-up is the product of the model's speed at each side's setup and of the "
+              "pipeline efficiencies' ratio.\n",
+              "| mode | side | setup | train img/s | bare img/s | efficiency |",
               "|---|---|---|---:|---:|---:|"]
-    bare = {(b["batch_size"], b["precision"]): b for b in res["bare"]}
+    bare = {(b["batch_size"], b["precision"], b.get("image_size", 224)): b for b in res["bare"]}
     for mode in a["modes"]:
         refs = {}
-        for side in ("tutorial", "tl"):
-            r = res["runs"][mode][side][first]
-            ref = bare[(r["batch_size"], r["precision"])]["train" if mode == "finetune" else "frozen"]
+        for side, by_seed in res["runs"][mode].items():
+            r = by_seed[first]
+            ref = bare[(r["batch_size"], r["precision"], r.get("crop", 224))]
+            ref = ref["train" if mode == "finetune" else "frozen"]
             if r.get("feature_cache"):  # epochs never run the backbone: nothing to compare with
-                lines.append(f"| {mode} | tl (feature cache) | {r['batch_size']}, {r['precision']} | "
-                             f"{r['train_images_per_s']:.0f} | {ref:.1f} | n/a |")
+                lines.append(f"| {mode} | {label(side, r)} | {setup(r)} | {r['train_images_per_s']:.0f} | "
+                             f"{ref:.1f} | n/a |")
                 continue
-            lines.append(f"| {mode} | {side} | {r['batch_size']}, {r['precision']} | {r['train_images_per_s']:.1f} | "
+            lines.append(f"| {mode} | {label(side, r)} | {setup(r)} | {r['train_images_per_s']:.1f} | "
                          f"{ref:.1f} | {r['train_images_per_s'] / ref:.0%} |")
-            refs[side] = (r["train_images_per_s"], ref)
-        if len(refs) < 2:
+            refs[side] = (r["train_images_per_s"], ref, r)
+        if "tutorial" not in refs:
             continue
-        (t_ips, t_ref), (tl_ips, tl_ref) = refs["tutorial"], refs["tl"]
-        lines.append(f"| {mode} | **tl ÷ tutorial** | | **{tl_ips / t_ips:.2f}x** | {tl_ref / t_ref:.2f}x model | "
-                     f"{(tl_ips / tl_ref) / (t_ips / t_ref):.2f}x pipeline |")
+        t_ips, t_ref, _ = refs["tutorial"]
+        for side, (ips, ref, r) in refs.items():
+            if side != "tutorial":
+                lines.append(f"| {mode} | **{label(side, r)} ÷ tutorial** | | **{ips / t_ips:.2f}x** | "
+                             f"{ref / t_ref:.2f}x model | {(ips / ref) / (t_ips / t_ref):.2f}x pipeline |")
     return "\n".join(lines) + "\n"
 
 
@@ -320,9 +345,12 @@ def main():
     p.add_argument("--epochs", type=int, default=25)
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--tl-args", default="", help='extra train.py flags, e.g. "--batch-size 16 --lr 0.004"')
+    p.add_argument("--tl-args", default="", help='extra train.py flags for every tl run, e.g. "--wandb disabled"')
+    p.add_argument("--variant", action="append", default=[], help='another tl configuration for finetune, as '
+                   'train.py flags on top of --tl-args, e.g. "--batch-size 16 --lr 0.004"; its own rows in the '
+                   "tables (repeatable)")
     p.add_argument("--bare-seconds", type=float, default=10.0, help="timed seconds per bare-model figure")
-    p.add_argument("--bare-repeats", type=int, default=3, help="bare-model processes per configuration (best kept)")
+    p.add_argument("--bare-repeats", type=int, default=3, help="bare-model processes per configuration (median kept)")
     p.add_argument("--quick", action="store_true", help="smoke test: 2 epochs, first seed, short bare figures, "
                    "no retries, results in --work-dir instead of bench/")
     p.add_argument("--retries", type=int, default=2, help="runs again (keeping the least disturbed) "
@@ -347,21 +375,23 @@ def main():
 
     res = {"machine": machine_info(args.tl_root), "args": vars(args),
            "head_init_equal": head_init_equal(args.seeds[0], args.weights, args.tl_root),
-           "runs": {mode: {"tutorial": {}, "tl": {}} for mode in args.modes}}
+           "runs": {mode: {side: {} for side in sides(mode, args)} for mode in args.modes}}
     for seed in args.seeds:
         for mode in args.modes:
-            for side, run in (("tutorial", run_tutorial), ("tl", run_tl)):
+            for side, run in sides(mode, args).items():
                 print(f"seed {seed} {mode} {side} ...", end=" ", flush=True)
                 r = least_disturbed(lambda run=run, mode=mode, seed=seed: run(mode, seed, args, work), args)
                 res["runs"][mode][side][str(seed)] = r
                 print(f"{r['wall_s']:.0f} s, {r['s_per_epoch']:.1f} s/epoch, best val acc {r['best_val_acc']:.3f}, "
                       f"other CPU {r['other_cpu']:.2f}", flush=True)
     first = str(args.seeds[0])
-    configs = {(r["batch_size"], r["precision"]) for m in res["runs"].values() for s in m.values() for r in [s[first]]}
+    configs = {(r["batch_size"], r["precision"], r.get("crop", 224))
+               for m in res["runs"].values() for s in m.values() for r in [s[first]]}
     res["bare"] = []
-    for bs, precision in sorted(configs):
-        print(f"bare model, batch {bs}, {precision} ...", end=" ", flush=True)
-        b = least_disturbed(lambda bs=bs, precision=precision: run_bare(bs, precision, args, work), args)
+    for bs, precision, crop in sorted(configs):
+        print(f"bare model, batch {bs}, {precision}, {crop} px ...", end=" ", flush=True)
+        b = least_disturbed(lambda bs=bs, precision=precision, crop=crop: run_bare(bs, precision, crop, args, work),
+                            args)
         res["bare"].append(b)
         print(f"fwd+bwd {b['train']:.1f}, frozen {b['frozen']:.1f}, inference {b['inference']:.1f} img/s, "
               f"other CPU {b['other_cpu']:.2f}", flush=True)

@@ -31,6 +31,7 @@ def test_every_option_is_documented_in_help():
     (["--resume"], "--resume needs --output-dir"),
     (["--resume", "--overwrite", "--output-dir", "x"], "contradict each other"),
     (["--feature-cache", "maybe"], "invalid choice: 'maybe'"),
+    (["--train-size", "-1"], "--train-size must be positive, or 0"),
 ])
 def test_bad_flags_are_user_errors(argv, message):
     with pytest.raises(UserError, match=message):

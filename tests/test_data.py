@@ -34,6 +34,7 @@ def test_decoding_matches_the_tutorial_shapes(tiny_data):
     loader, _, _ = make_loaders(ImageSet(train, train_transform(64)), ImageSet(val), 5, 0, 0, 0, 1)
     x, y = next(iter(loader))
     assert x.shape == (5, 3, 64, 64) and x.dtype == torch.uint8 and y.shape == (5,)
+    assert ImageSet(train, train_transform(40))[0][0].shape == (3, 40, 40)  # --train-size
 
 
 def test_shards_cover_every_image_once(tiny_data):

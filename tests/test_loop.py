@@ -77,6 +77,18 @@ def test_finetune_checkpoint_reloads_to_the_same_val_accuracy(tmp_path, tiny_dat
     assert result["accuracy"] == summary["best_val_acc"] == meta["val_acc"]
 
 
+def test_smaller_train_crops_still_validate_at_image_size(tmp_path, tiny_data, base_weights):
+    proc = run_cli("train.py", "--mode", "finetune", "--data-dir", str(tiny_data), "--epochs", "8", "--lr", "0.01",
+                   "--weights", str(base_weights), "--output-dir", str(tmp_path / "out"), *FAST, "--train-size", "48")
+    assert proc.returncode == 0, proc.stderr
+    assert "(48 px train crops, 64 px val)" in proc.stdout
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["best_val_acc"] >= 0.9
+    meta = checkpoint.read_metadata(tmp_path / "out" / "best.safetensors")
+    assert meta["image_size"] == 64  # what predict evaluates at, as the loop did
+    assert predict(tmp_path / "out" / "best.safetensors", [str(tiny_data / "val")])["accuracy"] == meta["val_acc"]
+
+
 @pytest.mark.skipif(not HYMENOPTERA_ZIP.is_file() or not PROXY_WEIGHTS.is_file(), reason="needs ../shared")
 @pytest.mark.parametrize("mode", ["feature-extract", "finetune"])
 def test_real_data_from_the_command_line(tmp_path, hymenoptera, mode):

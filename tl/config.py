@@ -39,6 +39,9 @@ class Config:
     strict_images: bool = _opt(False, "stop at the first unreadable image instead of skipping it with a warning")
     image_size: int = _opt(224, "crop size for training and validation (val resizes to "
                            "size*256/224 first, as the tutorial does)")
+    train_size: int = _opt(0, "crop size for training only (RandomResizedCrop); 0: --image-size. Smaller "
+                           "trains faster, about (train-size/image-size)^2 of the compute, and validation "
+                           "stays at --image-size; check the accuracy (see the README's Speed section)")
     precision: str = _opt("auto", "mixed precision; auto: the accelerate config's choice, else "
                           "bf16 where the GPU or CPU supports it, else fp32", choices=PRECISIONS)
     output_dir: str | None = _opt(None, "where the run's files go (default runs/<mode>-<time>)")
@@ -67,6 +70,8 @@ class Config:
             raise UserError("--resume and --overwrite contradict each other; pass one of them")
         if self.resume and not self.output_dir:
             raise UserError("--resume needs --output-dir naming the run to continue")
+        if self.train_size < 0:
+            raise UserError(f"--train-size must be positive, or 0 for --image-size, got {self.train_size}")
         if self.num_workers < 0:
             raise UserError(f"--num-workers must be 0 or more, got {self.num_workers}")
         return self

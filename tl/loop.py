@@ -180,9 +180,12 @@ def train(cfg: Config) -> tuple[dict, torch.nn.Module]:
     with accelerator.local_main_process_first():  # one download per node
         root = ensure_data(cfg.data_dir, cfg.data_zip)
     classes, folders = find_classes(root)
-    train_split = load_split(folders["train"].samples, cfg.image_size, True, main, cfg.strict_images)
+    train_size = cfg.train_size or cfg.image_size
+    # Train images are kept big enough for both the train crop and the feature cache's center view.
+    train_split = load_split(folders["train"].samples, max(cfg.image_size, train_size), True, main,
+                             cfg.strict_images)
     val_split = load_split(folders["val"].samples, cfg.image_size, False, main, cfg.strict_images)
-    train_images = ImageSet(train_split, train_transform(cfg.image_size))
+    train_images = ImageSet(train_split, train_transform(train_size))
     train_loader, sampler, val_loader = make_loaders(train_images, ImageSet(val_split), cfg.batch_size,
                                                      cfg.num_workers, cfg.seed, rank, world, not frozen)
     val_targets = torch.tensor(val_split.targets)
@@ -234,7 +237,8 @@ def train(cfg: Config) -> tuple[dict, torch.nn.Module]:
         shown = [seen[i] for i in list(sampler)[:8]]
         save_image_grid([x for x, _ in shown], [classes[y] for _, y in shown], out / "batch.png")
         accelerator.print(f"{cfg.mode} {cfg.model} on {len(train_split.images)} train / "
-                          f"{len(val_split.images)} val images, classes {classes}, {world} "
+                          f"{len(val_split.images)} val images ({cfg.image_size if cached else train_size} px "
+                          f"train crops, {cfg.image_size} px val), classes {classes}, {world} "
                           f"process(es) on {accelerator.device}, precision {accelerator.mixed_precision}"
                           + (f", resuming after epoch {progress['epoch']}" if resuming else ""))
         if hasattr(net, "_get_ddp_logging_data"):  # what DDP itself reports it all-reduces
