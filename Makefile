@@ -41,7 +41,7 @@ lint: install
 # Finetune variants measured besides the defaults: a larger batch (linear lr scaling), and that plus smaller train crops.
 BENCH_VARIANTS = --variant "--batch-size 16 --lr 0.004" --variant "--batch-size 16 --lr 0.004 --train-size 160"
 
-bench: install  ## tl against the tutorial's loop, 25 epochs x 3 seeds (hours on 2 cores); writes bench/results.md
+bench: install  ## tl against the tutorial's loop, 25 epochs x 3 seeds, plus finetune variants (about 95 min on 2 cores); writes bench/results.md
 	$(PY) bench/bench.py --epochs 25 --seeds 0 1 2 --tl-args "--wandb disabled" $(BENCH_VARIANTS)
 
 bench-quick: install  ## the same in a few minutes (2 epochs, one seed): a smoke test, not figures to quote
