@@ -63,6 +63,9 @@ def test_sigkill_at_a_random_moment_then_resume_matches_an_uninterrupted_run(tmp
     assert (out / "config.json").exists() and not (out / "summary.json").exists(), "ended before the kill"
     if (out / "state.safetensors").exists():  # absent if killed before the first state was written
         checkpoint.load_state(out / "state.safetensors")  # the last complete state is loadable
+    # What a kill inside an atomic write leaves (tl's and safetensors' temporary files): cleaned up.
+    (out / ".state.safetensors.tmp").write_bytes(b"partial")
+    (out / ".tmpAb12Cd").write_bytes(b"partial")
 
     resumed = run_cli("train.py", "--mode", mode, "--data-dir", str(data), "--output-dir", str(out),
                       *ARGS, *extra, "--resume")

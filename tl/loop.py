@@ -78,6 +78,11 @@ def prepare_output_dir(cfg: Config, accelerator: Accelerator) -> tuple[Path, boo
         except OSError as e:
             raise UserError(f"cannot create output dir {out} ({e.strerror}); pass --output-dir "
                             "with a writable location") from None
+        # A kill during an atomic write leaves its temporary file behind (ours: .NAME.tmp;
+        # safetensors' own: .tmpXXXXXX); the file it was replacing is intact.
+        for leftover in [*out.glob(".*.tmp"), *out.glob(".tmp*")]:
+            if leftover.is_file():
+                leftover.unlink()
         if fresh:
             for name in existing:
                 shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
