@@ -255,7 +255,7 @@ def report(res: dict) -> str:
         return "tl (feature cache)" if r.get("feature_cache") else f"`{side}`" if side.startswith("tl ") else side
 
     def setup(r: dict) -> str:
-        return f"{r['batch_size']}, {r['precision']}, {r.get('crop', 224)} px"
+        return f"{r['batch_size']}, {r['precision']}, {r['crop']} px"
 
     lines = ["# tl vs the PyTorch transfer-learning tutorial's loop\n",
              f"{m['cpu']}, {m['cores']} cores ({', '.join(m['bf16_flags']) or 'no bf16'}), {m['memory_gib']} GiB; "
@@ -292,7 +292,7 @@ def report(res: dict) -> str:
               "| batch | precision | input px | fwd+bwd img/s | frozen backbone img/s | inference img/s | other CPU |",
               "|---:|---|---:|---:|---:|---:|---:|"]
     for b in res["bare"]:
-        lines.append(f"| {b['batch_size']} | {b['precision']} | {b.get('image_size', 224)} | {b['train']:.1f} | "
+        lines.append(f"| {b['batch_size']} | {b['precision']} | {b['image_size']} | {b['train']:.1f} | "
                      f"{b['frozen']:.1f} | {b['inference']:.1f} | {b['other_cpu']:.2f} |")
     lines += ["\n## Pipeline efficiency: train img/s ÷ bare img/s at the same batch size, precision and crop\n",
               "Finetune against bare fwd+bwd, feature-extract against the frozen-backbone figure (backbone in "
@@ -301,12 +301,12 @@ def report(res: dict) -> str:
               "pipeline efficiencies' ratio.\n",
               "| mode | side | setup | train img/s | bare img/s | efficiency |",
               "|---|---|---|---:|---:|---:|"]
-    bare = {(b["batch_size"], b["precision"], b.get("image_size", 224)): b for b in res["bare"]}
+    bare = {(b["batch_size"], b["precision"], b["image_size"]): b for b in res["bare"]}
     for mode in a["modes"]:
         refs = {}
         for side, by_seed in res["runs"][mode].items():
             r = by_seed[first]
-            ref = bare[(r["batch_size"], r["precision"], r.get("crop", 224))]
+            ref = bare[(r["batch_size"], r["precision"], r["crop"])]
             ref = ref["train" if mode == "finetune" else "frozen"]
             if r.get("feature_cache"):  # epochs never run the backbone: nothing to compare with
                 lines.append(f"| {mode} | {label(side, r)} | {setup(r)} | {r['train_images_per_s']:.0f} | "
@@ -385,7 +385,7 @@ def main():
                 print(f"{r['wall_s']:.0f} s, {r['s_per_epoch']:.1f} s/epoch, best val acc {r['best_val_acc']:.3f}, "
                       f"other CPU {r['other_cpu']:.2f}", flush=True)
     first = str(args.seeds[0])
-    configs = {(r["batch_size"], r["precision"], r.get("crop", 224))
+    configs = {(r["batch_size"], r["precision"], r["crop"])
                for m in res["runs"].values() for s in m.values() for r in [s[first]]}
     res["bare"] = []
     for bs, precision, crop in sorted(configs):
