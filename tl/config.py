@@ -8,6 +8,14 @@ from tl.errors import UserError
 from tl.tracking import WANDB_MODES
 
 MODES = ("finetune", "feature-extract")
+# On --resume every option is honoured exactly or refused. These go into the run's Identity and
+# must equal the saved run's (with the data's fingerprint, the classes and the resolved precision
+# and process count); the others may change: the data may move, more epochs may follow, W&B and
+# the worker count do not change the numbers.
+IDENTITY = ("model", "mode", "weights", "image_size", "seed")
+RECIPE = ("batch_size", "lr", "momentum", "step_size", "gamma", "train_size", "feature_cache")
+RESUME_FREE = ("data_dir", "data_zip", "epochs", "strict_images", "precision", "output_dir", "resume", "overwrite",
+               "wandb", "wandb_project", "wandb_entity", "wandb_name", "wandb_log_model", "num_workers")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 
 
@@ -44,19 +52,23 @@ class Config:
                            "stays at --image-size; check the accuracy (see the README's Speed section)")
     precision: str = _opt("auto", "mixed precision; auto: the accelerate config's choice, else "
                           "bf16 where the GPU or CPU supports it, else fp32", choices=PRECISIONS)
-    output_dir: str | None = _opt(None, "where the run's files go (default runs/<mode>-<time>)")
+    output_dir: str | None = _opt(None, "where the run's files go; default: runs/<mode>-<time>")
     resume: bool = _opt(False, "continue the run in --output-dir from its last completed epoch")
-    overwrite: bool = _opt(False, "start afresh in an --output-dir that holds another run, "
-                           "deleting its files")
+    overwrite: bool = _opt(False, "start afresh in an --output-dir that holds another run; its files "
+                           "are deleted once the new run has saved its first epoch")
     wandb: str = _opt("auto", "Weights & Biases: auto is online when W&B is configured (WANDB_API_KEY or "
                       "`wandb login`), else offline; WANDB_MODE also works", choices=WANDB_MODES)
     wandb_project: str = _opt("tl", "W&B project")
-    wandb_entity: str | None = _opt(None, "W&B entity (user or team); default: yours")
+    wandb_entity: str | None = _opt(None, "W&B entity (user or team); default: your default entity")
     wandb_name: str | None = _opt(None, "W&B run name (default: the output dir's name)")
     wandb_log_model: bool = _opt(False, "upload best.safetensors to W&B as a model artifact")
     seed: int = _opt(0, "random seed: head init, data order and augmentation")
-    num_workers: int = _opt(0, "DataLoader worker processes for train augmentation "
-                            "(images are decoded once and kept in memory, so 0 is usually fastest)")
+    num_workers: int = _opt(0, "DataLoader worker processes for train augmentation (images are decoded "
+                            "once and kept in memory, so 0 is usually fastest); results do not depend on it")
+
+    def recipe(self) -> dict:
+        """The options besides the run's identity that change its numbers: a resume must keep them."""
+        return {name: getattr(self, name) for name in RECIPE}
 
     def validate(self) -> "Config":
         for name in ("epochs", "batch_size", "step_size", "image_size"):
@@ -77,6 +89,13 @@ class Config:
         return self
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # a default only where it says something
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit 2, like every other user mistake
         raise UserError(f"{message} (see --help)")
@@ -84,7 +103,7 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv=None) -> Config:
     parser = _Parser(description="Transfer learning for a torchvision classifier on an "
-                     "ImageFolder data set.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                     "ImageFolder data set.", formatter_class=_Formatter)
     for f in dataclasses.fields(Config):
         flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
         if f.type is bool:

@@ -1,12 +1,24 @@
-"""User mistakes end a run with one line on stderr and exit status 2, never a traceback."""
+"""User mistakes end a run with one line on stderr and exit status 2, never a traceback.
+
+TL_DEBUG=1 prints the traceback behind the line as well.
+"""
 
 import gc
+import os
 import sys
+import traceback
 import warnings
+
+from tl.stop import Stopper, StopRequested
 
 
 class UserError(Exception):
     """A problem the user can fix; the message names the problem and the fix."""
+
+
+def is_main_rank() -> bool:
+    """The job's first process; in a multi-process job the others keep quiet (one message per job)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
@@ -21,6 +33,11 @@ def run_cli(fn):
     gc.freeze()
     try:
         return fn()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UserError, StopRequested) as e:
+        if os.environ.get("TL_DEBUG") == "1":
+            traceback.print_exc()
+        if isinstance(e, StopRequested):  # before the run began: nothing was written
+            e = f"stopped by {Stopper.name(e.args[0])} during start-up; nothing was saved: run the command again"
+        if is_main_rank():
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -16,23 +16,26 @@ from torch.utils.data import DataLoader
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from tl import checkpoint
+from tl.checkpoint import Identity
 from tl.data import ImageSet, load_split
 from tl.errors import UserError, run_cli
-from tl.loop import evaluate
+from tl.eval import evaluate
 from tl.model import build_model, weights_id
-from tl.pictures import save_image_grid
+from tl.pictures import pick_examples, save_predictions
 
 
-def base_weights_arg(meta: dict, weights: str | None) -> str:
+def base_weights_arg(identity: Identity, weights: str | None) -> str:
     """The --weights value that rebuilds the checkpoint's base, checked against its identity."""
-    base = meta["base_weights"]
+    base = identity.base_weights
     if weights is None:
         if base.startswith("sha256:"):
-            raise UserError("this feature-extract checkpoint was trained on a local weights file; pass "
+            used = f" ({identity.weights})" if identity.weights else ""
+            raise UserError(f"this feature-extract checkpoint was trained on a local weights file{used}; pass "
                             "that file with --weights (its sha256 is checked)")
         return "none" if base == "none" else base.rsplit(".", 1)[1]
-    if weights_id(weights, meta["model"]) != base:
-        raise UserError(f"--weights {weights} is not the base this checkpoint was trained on ({base}); "
+    if weights_id(weights, identity.model) != base:
+        used = f", the file {identity.weights}" if base.startswith("sha256:") and identity.weights else ""
+        raise UserError(f"--weights {weights} is not the base this checkpoint was trained on ({base}{used}); "
                         "pass the same weights the run used")
     return weights
 
@@ -40,11 +43,14 @@ def base_weights_arg(meta: dict, weights: str | None) -> str:
 def load_model(path, weights: str | None = None) -> tuple[torch.nn.Module, dict]:
     """The trained classifier a checkpoint describes, in eval mode, on the CPU."""
     tensors, meta = checkpoint.load(path)
-    classes = meta["classes"]
-    frozen = meta["mode"] == "feature-extract"
-    set_seed(meta["seed"])  # a random-init base is rebuilt from the run's seed
-    base = base_weights_arg(meta, weights) if frozen else "none"
-    model, head = build_model(meta["model"], base, len(classes), meta["mode"])
+    identity = checkpoint.identity_of(path, meta)
+    classes = identity.classes
+    frozen = identity.mode == "feature-extract"
+    set_seed(identity.seed)  # a random-init base is rebuilt from the run's seed
+    base = base_weights_arg(identity, weights) if frozen else "none"
+    if weights is not None and not frozen:
+        weights_id(weights, identity.model)  # checked to exist, though a finetune checkpoint holds every weight
+    model, head = build_model(identity.model, base, len(classes), identity.mode)
     try:
         missing, unexpected = model.load_state_dict(tensors, strict=not frozen)
     except RuntimeError as e:
@@ -79,7 +85,7 @@ def predict(checkpoint_path, paths: list[str], weights: str | None = None, png: 
     files = image_files(paths)
     # The parent folder names the true class when it is one of the checkpoint's (a val/ folder).
     split = load_split([(str(f), classes.index(f.parent.name) if f.parent.name in classes else -1)
-                        for f in files], meta["image_size"], train=False, show_progress=False)
+                        for f in files], meta["image_size"], False, False)
     loader = DataLoader(ImageSet(split), batch_size=batch_size or meta.get("eval_batch_size", 32))
     model = accelerator.prepare(model.to(memory_format=torch.channels_last))
     probs = evaluate(model, loader, accelerator, len(split.images))
@@ -92,11 +98,14 @@ def predict(checkpoint_path, paths: list[str], weights: str | None = None, png: 
         correct = int((preds == labels).sum())
         result["accuracy"] = correct / len(labels)
         print(f"accuracy {result['accuracy']:.4f} ({correct}/{len(labels)})")
-    if png:
-        shown = range(min(16, len(split.images)))
-        save_image_grid([split.images[i] for i in shown], [f"{classes[preds[i]]} ({conf[i]:.2f})" for i in shown],
-                        png, ["black" if labels[i] < 0 else "green" if preds[i] == labels[i] else "red"
-                              for i in shown])
+    if png:  # a sample across the classes, mistakes included, not the first files in sorted order
+        truth, predicted = labels.tolist(), preds.tolist()
+        shown = pick_examples(truth, predicted, 16)
+        title = (f"accuracy {result['accuracy']:.4f} ({correct}/{len(labels)}); " if "accuracy" in result else "") + \
+            f"{len(shown)} of {len(truth)} images"
+        save_predictions([split.images[i] for i in shown],
+                         [classes[truth[i]] if truth[i] >= 0 else None for i in shown],
+                         [classes[predicted[i]] for i in shown], [conf[i].item() for i in shown], png, title)
         print(f"wrote {png}")
     return result
 
@@ -106,8 +115,8 @@ def main(argv=None):
     parser.add_argument("--checkpoint", required=True, help="a run's best.safetensors")
     parser.add_argument("--weights", help="the base weights file a feature-extract run used, when it "
                         "was a local file (torchvision weights are found by name)")
-    parser.add_argument("--png", help="also write a picture of the first 16 images titled with their "
-                        "predictions")
+    parser.add_argument("--png", help="also write a picture of 16 of the images (across the classes, "
+                        "mistakes included) titled with their predictions")
     parser.add_argument("--batch-size", type=int, help="default: the run's evaluation batch size")
     parser.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     args = parser.parse_args(argv)

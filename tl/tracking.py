@@ -1,15 +1,19 @@
-"""Run records: config.json, metrics.jsonl (a line per epoch), summary.json, mirrored to W&B.
+"""Weights & Biases: the run's config, each epoch's metrics, the pictures, the summary.
 
 Only the main process makes a Tracker. W&B runs online when it is configured (WANDB_API_KEY or a
-`wandb login`), offline otherwise; an online start that fails (no network) falls back to offline,
-so a run never hangs or fails because of W&B.
+`wandb login`), offline otherwise; an online start that fails (no network) falls back to offline.
+W&B never changes the outcome of training: any W&B error becomes one warning and logging stops.
 """
 
-import json
 import netrc
 import os
+import re
 import secrets
+import sys
+import warnings
 from pathlib import Path
+
+from tl import run as rundir
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
@@ -26,76 +30,92 @@ def wandb_mode(requested: str) -> str:
     return "online" if os.environ.get("WANDB_API_KEY") or logged_in else "offline"
 
 
+def wandb_command() -> str:
+    """`wandb` as the user can type it: the environment's own, which need not be on PATH."""
+    exe = Path(sys.executable).parent / "wandb"
+    return str(exe) if exe.exists() else "wandb"
+
+
 class Tracker:
-    def __init__(self, output_dir: Path, config: dict, mode: str, project: str, entity: str | None,
+    def __init__(self, run: rundir.RunDir, config: dict, mode: str, project: str, entity: str | None,
                  name: str | None, resume: bool):
-        self.dir, self.run = output_dir, None
+        self.dir, self.run = run.path, None
         mode = wandb_mode(mode)
         if mode == "disabled":
             return
-        import wandb  # only when used: it takes a second to import
-
-        kwargs = dict(project=project, entity=entity, name=name or output_dir.name, config=config,
-                      dir=str(output_dir), id=self._run_id(resume), resume="allow",
-                      settings=wandb.Settings(console="off", x_disable_stats=True, save_code=False,
-                                              init_timeout=20, silent=True))
         try:
-            self.run = wandb.init(mode=mode, **kwargs)
-        except Exception as e:  # network down, bad key, service error: keep training, log offline
-            if mode != "online":
-                raise
-            print(f"W&B: could not start online ({type(e).__name__}: {e}); logging offline instead")
-            # A failed start can keep its run id reserved in the W&B service: use a fresh one.
-            self.run = wandb.init(mode="offline", **kwargs | {"id": self._run_id(resume=False)})
+            import wandb  # only when used: it takes a second to import
+
+            kwargs = dict(project=project, entity=entity, name=name or self.dir.name, config=config,
+                          dir=str(self.dir), id=self._run_id(resume), resume="allow",
+                          settings=wandb.Settings(console="off", x_disable_stats=True, save_code=False,
+                                                  init_timeout=20, silent=True))
+            try:
+                self.run = wandb.init(mode=mode, **kwargs)
+            except Exception as e:  # network down, bad key, service error: log offline
+                if mode != "online":
+                    raise
+                print(f"W&B: could not start online ({type(e).__name__}: {e}); logging offline instead")
+                # A failed start can keep its run id reserved in the W&B service: use a fresh one.
+                self.run = wandb.init(mode="offline", **kwargs | {"id": self._run_id(resume=False)})
+        except Exception as e:
+            self._give_up("start", e)
+
+    def _give_up(self, what: str, e: Exception) -> None:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        warnings.warn(f"W&B: could not {what} ({type(e).__name__}: {first}); training goes on without W&B",
+                      stacklevel=2)
+        self.run = None
 
     def _run_id(self, resume: bool) -> str:
         """One W&B run per output dir, so a resumed run continues its history."""
-        path = self.dir / "wandb_run_id"
+        path = self.dir / rundir.WANDB_ID
         if resume and path.exists():
-            return path.read_text().strip()
+            saved = path.read_text().strip()
+            if re.fullmatch(r"[a-z0-9]{1,64}", saved):
+                return saved
         run_id = secrets.token_hex(4)
-        path.write_text(run_id + "\n")
+        rundir.write_atomic(path, (run_id + "\n").encode())
         return run_id
 
-    def write_json(self, name: str, obj: dict) -> None:
-        tmp = self.dir / f".{name}.tmp"
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
-        tmp.replace(self.dir / name)
-
     def log_epoch(self, metrics: dict) -> None:
-        with open(self.dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
         if self.run:
-            self.run.log(metrics, step=metrics["epoch"])
-
-    def epochs(self) -> list[dict]:
-        path = self.dir / "metrics.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-    def keep_epochs(self, last: int) -> None:
-        """Drop rows after epoch `last`: a resumed run redoes the epoch a kill cut short."""
-        rows = [r for r in self.epochs() if r["epoch"] <= last]
-        (self.dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            try:
+                self.run.log(metrics, step=metrics["epoch"])
+            except Exception as e:
+                self._give_up("log an epoch", e)
 
     def finish(self, summary: dict, pictures: dict[str, Path], targets: list[int], preds: list[int],
                classes: list[str], checkpoint: Path | None) -> None:
-        """summary.json, and to W&B: the summary, the pictures, the confusion matrix, the checkpoint."""
-        self.write_json("summary.json", summary)
+        """To W&B: the summary, the pictures, the confusion matrix, the checkpoint."""
         if not self.run:
             return
-        import wandb
+        try:
+            import wandb
 
-        self.run.summary.update({k: v for k, v in summary.items() if k != "skipped_images"})
-        step = summary["epochs"]
-        self.run.log({name: wandb.Image(str(path)) for name, path in pictures.items()}, step=step)
-        self.run.log({"confusion_matrix": wandb.plot.confusion_matrix(y_true=targets, preds=preds,
-                                                                      class_names=classes)}, step=step)
-        if checkpoint:
-            artifact = wandb.Artifact(f"{self.run.id}-best", type="model", metadata=summary)
-            artifact.add_file(str(checkpoint), name=checkpoint.name, policy="immutable")
-            self.run.log_artifact(artifact, aliases=["best"])
-        offline = self.run.settings.mode == "offline"
-        run_dir = Path(self.run.dir).parent
-        self.run.finish()
-        if offline:
-            print(f"W&B: offline run in {run_dir}; upload it with `wandb sync {run_dir}` (or make wandb-sync)")
+            self.run.summary.update({k: v for k, v in summary.items() if k != "skipped_images"})
+            step = summary["epochs"]
+            self.run.log({name: wandb.Image(str(path)) for name, path in pictures.items()}, step=step)
+            self.run.log({"confusion_matrix": wandb.plot.confusion_matrix(y_true=targets, preds=preds,
+                                                                          class_names=classes)}, step=step)
+            if checkpoint:
+                artifact = wandb.Artifact(f"{self.run.id}-best", type="model", metadata=summary)
+                artifact.add_file(str(checkpoint), name=checkpoint.name, policy="immutable")
+                self.run.log_artifact(artifact, aliases=["best"])
+            offline = self.run.settings.mode == "offline"
+            run_dir = Path(self.run.dir).parent
+            self.close()
+            if offline:
+                print(f"W&B: offline run in {run_dir}; upload it with `{wandb_command()} sync {run_dir}` "
+                      "(or make wandb-sync)")
+        except Exception as e:
+            self._give_up("finish", e)
+
+    def close(self, exit_code: int = 0) -> None:
+        """End the W&B run (every exit path calls this; it is a no-op once finished)."""
+        run, self.run = self.run, None
+        if run:
+            try:
+                run.finish(exit_code=exit_code)
+            except Exception as e:
+                warnings.warn(f"W&B: could not finish the run ({type(e).__name__}: {e})", stacklevel=2)

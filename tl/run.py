@@ -1,0 +1,325 @@
+"""The run directory: its file names, one writer at a time, atomic writes, and the rule that an
+earlier run's files are touched only after the new run has checked every input.
+
+Only the main process opens a RunDir. The lock is a file created with O_EXCL (atomic on local
+disks, NFS and Lustre alike) naming its holder; a heartbeat thread keeps its mtime fresh. A lock
+is stale when its holder's process is gone (same machine) or its heartbeat is older than
+TL_LOCK_STALE_S (another node, e.g. one that died). Taking over renames the stale file away and
+checks it was the one judged stale; a holder that finds the lock no longer its own stops writing.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+from tl.errors import UserError
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+BEST = "best.safetensors"
+STATE = "state.safetensors"
+WANDB_ID = "wandb_run_id"
+WANDB_DIR = "wandb"
+PICTURES = {name: f"{name}.png" for name in ("predictions", "curves", "confusion", "batch")}
+RUN_FILES = (CONFIG, METRICS, SUMMARY, BEST, STATE, *PICTURES.values(), WANDB_ID, WANDB_DIR)
+RESULTS = (METRICS, SUMMARY, BEST)  # what makes a run worth keeping even without its state
+LOCK = ".tl-lock"
+ASIDE = ".tl-overwritten"  # an --overwrite'n run waits here until the new run saves its first epoch
+
+HEARTBEAT_S = 30.0
+
+
+def stale_after_s() -> float:
+    return float(os.environ.get("TL_LOCK_STALE_S", "120"))
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a file so that a kill, a full disk or a crash leaves either the old or the new bytes."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise UserError(f"cannot write {path} ({e.strerror or e}); free disk space or make "
+                        f"{path.parent} writable, then continue with --resume") from None
+
+
+def read_summary(path: Path) -> dict | None:
+    """A finished run's summary.json; None when it is missing or damaged (the run finishes again)."""
+    try:
+        return json.loads((path / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a directory; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+def _machine() -> str:
+    """Who can check a pid: the same host, boot and pid namespace."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        ns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        boot, ns = "", 0
+    return f"{socket.gethostname()}/{boot}/{ns}"
+
+
+def _start_time(pid: int) -> str:
+    """A process's start time in clock ticks: tells a live holder from a reused pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+class DirLock:
+    def __init__(self, directory: Path):
+        self.path = directory / LOCK
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "machine": _machine(),
+                   "start": _start_time(os.getpid()), "job": os.environ.get("SLURM_JOB_ID"),
+                   "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.token = json.dumps(self.me, sort_keys=True)
+        self.lost: dict | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self) -> None:
+        for _ in range(5):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._take_over_if_stale()
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(self.token)
+                f.flush()
+                os.fsync(f.fileno())
+            self._thread = threading.Thread(target=self._beat, name="tl-lock-heartbeat", daemon=True)
+            self._thread.start()
+            return
+        raise UserError(f"could not lock {self.path.parent}: other processes keep taking it; make sure "
+                        "only one run uses this --output-dir")
+
+    def _read(self, path: Path) -> tuple[str, float]:
+        try:
+            return path.read_text(), path.stat().st_mtime
+        except FileNotFoundError:
+            return "", -1.0
+
+    def _take_over_if_stale(self) -> None:
+        text, mtime = self._read(self.path)
+        if mtime < 0:
+            return  # released meanwhile: try again
+        try:
+            holder = json.loads(text)
+        except ValueError:
+            holder = None  # being written right now, or damaged
+        age = time.time() - mtime
+        if self._alive(holder, age):
+            raise UserError(f"{self.path.parent} is in use by {describe(holder)}; wait for it to end or pass "
+                            f"another --output-dir (a holder that is gone is detected by itself: a dead "
+                            f"process at once, another node {stale_after_s():.0f} s after its last heartbeat)")
+        aside = self.path.with_name(f"{LOCK}.stale.{os.getpid()}")
+        try:
+            os.replace(self.path, aside)
+        except FileNotFoundError:
+            return
+        if self._read(aside)[0] == text:  # the one judged stale: gone for good
+            aside.unlink()
+            return
+        with contextlib.suppress(OSError):  # a fresh lock moved by mistake: give it back
+            os.link(aside, self.path)
+        aside.unlink()
+
+    def _alive(self, holder: dict | None, age: float) -> bool:
+        if holder is None:
+            return age < 10  # a holder writes its name right after creating the file
+        if holder.get("machine") == self.me["machine"]:
+            return _start_time(holder["pid"]) == holder.get("start") and holder["pid"] != os.getpid()
+        return age < stale_after_s()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            if not self.held():
+                return
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
+
+    def held(self) -> bool:
+        text = self._read(self.path)[0]
+        if text != self.token and self.lost is None:
+            try:
+                self.lost = json.loads(text)
+            except ValueError:
+                self.lost = {}
+        return self.lost is None
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+        if self.held():
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+
+
+def describe(holder: dict | None) -> str:
+    if not holder:
+        return "a run that is starting (its lock file names no holder yet)"
+    job = f", SLURM job {holder['job']}" if holder.get("job") else ""
+    return f"pid {holder['pid']} on {holder['host']}{job} (since {holder['since']})"
+
+
+class RunDir:
+    """One run's output directory, locked for the life of the run (main process only)."""
+
+    def __init__(self, path: Path, created: bool, lock: DirLock, resume: bool, overwrite: bool):
+        self.path, self.created, self.lock = path, created, lock
+        present = {name for name in RUN_FILES if (path / name).exists()}
+        aside = (path / ASIDE).exists()
+        self.saved = STATE in present  # an epoch of the run in here is saved
+        if aside and self.saved:
+            self._drop_aside()  # a kill came between the first saved epoch and this cleanup
+            aside = False
+        if present and not (resume or overwrite):
+            raise UserError(f"{path} already holds a run ({', '.join(sorted(present))}); pass --resume to "
+                            "continue it, --overwrite to replace it, or another --output-dir")
+        if resume and not self.saved and present & set(RESULTS):
+            raise UserError(f"{path} holds a run's results ({', '.join(sorted(present & set(RESULTS)))}) but no "
+                            f"{STATE} to continue from; pass --overwrite to train again (the old files are kept "
+                            "until the new run saves its first epoch) or another --output-dir")
+        self.resuming = resume and self.saved
+        # What begin() clears: a real earlier run (--overwrite moves it aside until the new run saves
+        # its first epoch), or the leftovers of a start cut short before its first epoch (deleted).
+        self.replace = sorted(present) if not self.resuming else []
+        self.keep_aside = overwrite and not aside
+        self.moved_aside = False
+
+    @classmethod
+    def open(cls, output_dir: str | None, mode: str, resume: bool, overwrite: bool) -> "RunDir":
+        if output_dir is None:
+            path = Path("runs") / f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}"
+            for n in range(2, 1000):  # two runs started in the same second get their own dirs
+                if not path.exists():
+                    break
+                path = path.with_name(f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+        else:
+            path = Path(output_dir)
+        if resume and not path.is_dir():
+            raise UserError(f"nothing to resume: {path} does not exist; check --output-dir or drop --resume")
+        created = not path.exists()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create output dir {path} ({e.strerror}); pass --output-dir "
+                            "with a writable location") from None
+        lock = DirLock(path)
+        try:
+            lock.acquire()
+        except OSError as e:  # read-only file system, permissions, full disk
+            raise UserError(f"cannot write in output dir {path} ({e.strerror}); pass --output-dir "
+                            "with a writable location") from None
+        try:
+            return cls(path, created, lock, resume, overwrite)
+        except BaseException:
+            lock.release()
+            raise
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def begin(self) -> None:
+        """Every input is checked: from here on the directory is this run's."""
+        try:
+            self._begin()
+        except OSError as e:
+            raise UserError(f"cannot prepare output dir {self.path} ({e.strerror}: {e.filename}); make it "
+                            "writable or pass another --output-dir") from None
+
+    def _begin(self) -> None:
+        for leftover in [*self.path.glob(".*.tmp"), *self.path.glob(".tmp*")]:  # of writes a kill cut short
+            if leftover.is_file():
+                leftover.unlink()
+        if not self.replace:
+            return
+        aside = self.path / ASIDE
+        if self.keep_aside and not aside.exists():
+            aside.mkdir()
+            for name in self.replace:
+                os.replace(self.path / name, aside / name)
+            self.moved_aside = True
+        else:  # leftovers of a start cut short (an older run may wait in ASIDE)
+            for name in self.replace:
+                target = self.path / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+        fsync_dir(self.path)
+
+    def check_lock(self) -> None:
+        if not self.lock.held():
+            raise UserError(f"lost the lock on {self.path} to {describe(self.lock.lost)}; stopping without "
+                            "writing: only one run may use an output dir")
+
+    def epoch_saved(self) -> None:
+        """The first saved epoch makes this the dir's run: the one it replaced can go."""
+        if not self.saved:
+            self.saved = True
+            self._drop_aside()
+
+    def _drop_aside(self) -> None:
+        if (self.path / ASIDE).exists():
+            shutil.rmtree(self.path / ASIDE)
+
+    def write_json(self, name: str, obj) -> None:
+        write_atomic(self.file(name), (json.dumps(obj, indent=2) + "\n").encode())
+
+    def write_rows(self, rows: list[dict]) -> None:
+        write_atomic(self.file(METRICS), "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+    def append_row(self, row: dict) -> None:
+        try:
+            with open(self.file(METRICS), "a") as f:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise UserError(f"cannot write {self.file(METRICS)} ({e.strerror}); free disk space or make "
+                            f"{self.path} writable, then continue with --resume") from None
+
+    def close(self, failed: bool) -> None:
+        """Release the lock. A run that failed before saving an epoch leaves the dir as it found it."""
+        try:
+            if failed and not self.saved and self.moved_aside:  # put the replaced run back
+                for name in RUN_FILES:
+                    target = self.path / name
+                    if target.is_dir():
+                        shutil.rmtree(target)
+                    elif target.exists():
+                        target.unlink()
+                for item in (self.path / ASIDE).iterdir():
+                    os.replace(item, self.path / item.name)
+                (self.path / ASIDE).rmdir()
+        finally:
+            self.lock.release()
+        if failed and not self.saved and self.created:
+            shutil.rmtree(self.path, ignore_errors=True)  # everything in it is this start's

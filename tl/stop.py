@@ -1,0 +1,47 @@
+"""Stop signals from the first second of a run: Ctrl-C, SIGTERM, SIGUSR1 (SLURM's warning), SIGHUP.
+
+During start-up (listing, decoding, loading weights) a signal stops the process at once. While
+training, it is remembered and every process agrees at its next step, so all stop together
+after a consistent state; a second signal stops at once (saves are atomic, so nothing breaks).
+"""
+
+import signal
+
+
+class StopRequested(Exception):
+    """A stop signal arrived; args[0] is its number."""
+
+
+class Stopper:
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
+
+    def __init__(self):
+        self.signum, self.deferred, self.accelerator = 0, False, None
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def _handle(self, signum, frame):
+        again = bool(self.signum)
+        self.signum = signum
+        if again or not self.deferred:
+            raise StopRequested(signum)
+
+    def defer(self, accelerator) -> None:
+        """From now on a signal waits for `check`, where all processes agree."""
+        self.deferred, self.accelerator = True, accelerator
+
+    def check(self) -> None:
+        import torch  # not at the top: the entry point installs the handlers before torch loads
+
+        flag = torch.tensor([self.signum], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, "max")
+        if flag.item():
+            raise StopRequested(int(flag.item()))
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    @staticmethod
+    def name(signum: int) -> str:
+        return signal.Signals(signum).name
