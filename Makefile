@@ -9,7 +9,7 @@ ARGS     ?=
 TRAIN    := train.py --mode $(MODE) --data-dir $(DATA_DIR) $(if $(DATA_ZIP),--data-zip $(DATA_ZIP)) $(ARGS)
 
 NPROC    ?= 2
-.PHONY: install train-cpu train-gpu train-multi-gpu test test-slurm lint bench bench-quick wandb-sync clean
+.PHONY: install train-cpu train-gpu train-multi-gpu test test-fast test-slurm lint bench bench-quick wandb-sync clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,19 +20,22 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 train-cpu: install  ## train on the CPU (bf16 autocast where supported)
-	$(VENV)/bin/accelerate launch --config_file accelerate_configs/cpu.yaml $(TRAIN)
+	$(VENV)/bin/accelerate launch --quiet --config_file accelerate_configs/cpu.yaml $(TRAIN)
 
 train-gpu: install  ## one GPU, bf16
-	$(VENV)/bin/accelerate launch --config_file accelerate_configs/gpu.yaml $(TRAIN)
+	$(VENV)/bin/accelerate launch --quiet --config_file accelerate_configs/gpu.yaml $(TRAIN)
 
 train-multi-gpu: install  ## DDP over NPROC GPUs of this node (NPROC CPU processes without GPUs)
-	$(VENV)/bin/accelerate launch --config_file accelerate_configs/multi_gpu.yaml --num_processes $(NPROC) $(TRAIN)
+	$(VENV)/bin/accelerate launch --quiet --config_file accelerate_configs/multi_gpu.yaml --num_processes $(NPROC) $(TRAIN)
 
-test: install  ## the whole test suite (CPU, a few minutes)
-	$(PY) -m pytest -q
+test: install  ## the test suite on the CPU, without the SLURM tests (a few minutes; never apt-get or daemons)
+	$(PY) -m pytest -q -m "not slurm"
 
-test-slurm: install  ## only the tests on a real local two-node SLURM cluster (root)
-	$(PY) -m pytest -q tests/test_slurm.py
+test-fast: install  ## the same without the tests marked slow
+	$(PY) -m pytest -q -m "not slurm and not slow"
+
+test-slurm: install  ## only the tests on a real local two-node SLURM cluster (root: installs slurm with apt-get)
+	$(PY) -m pytest -q -m slurm
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -2,6 +2,17 @@
 # Body of the sbatch scripts: one `accelerate launch` per node through srun, rendezvous on the
 # allocation's first node; SLURM's preemption warning becomes a clean stop plus a requeue, and a
 # requeued job resumes from the saved state by itself.
+#
+# A step that dies otherwise (a rank killed or crashing, OOM, a node lost) requeues the job too,
+# when OUTPUT_DIR holds a saved state (state.safetensors) and the job has been requeued fewer than
+# MAX_RESTARTS times (env, default 3; SLURM_RESTART_COUNT counts every requeue, preemptions
+# included). A run that ended with tl's one-line user error (exit status 2) is not requeued: it
+# would fail the same way again.
+#
+# Resubmitting: the default OUTPUT_DIR is runs/slurm-<jobid>, and a new submission gets a new job
+# id. To continue a run in a new job, submit with the same variables plus OUTPUT_DIR=runs/slurm-<old
+# id> (e.g. sbatch --export ALL,OUTPUT_DIR=runs/slurm-1234 slurm/multi_node.sbatch): launch.sh adds
+# --resume itself when OUTPUT_DIR exists, and tl continues after its last saved epoch.
 set -euo pipefail
 cd "${TL_DIR:-$SLURM_SUBMIT_DIR}"
 
@@ -11,15 +22,27 @@ OUTPUT_DIR=${OUTPUT_DIR:-runs/slurm-$SLURM_JOB_ID}          # the job id survive
 DATA_DIR=${DATA_DIR:-data/hymenoptera_data}
 MODE=${MODE:-finetune}
 VENV=${VENV:-.venv}
+MAX_RESTARTS=${MAX_RESTARTS:-3}
+RESTART=${SLURM_RESTART_COUNT:-0}
 HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 PORT=${MAIN_PROCESS_PORT:-$((29500 + SLURM_JOB_ID % 1000))}
 
-# After a requeue (or a resubmission with the same OUTPUT_DIR) continue the saved run.
+# After a requeue (or a resubmission with the same OUTPUT_DIR) continue the run. Any existing dir
+# gets --resume: tl continues after the last saved epoch, or starts afresh when none was saved.
 resume=()
-[[ -e $OUTPUT_DIR/config.json ]] && resume=(--resume)
-echo "tl: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}, $SLURM_NNODES node(s) x $GPUS_PER_NODE," \
-     "rendezvous $HEAD:$PORT, output $OUTPUT_DIR ${resume[*]}"
+[[ -d $OUTPUT_DIR ]] && resume=(--resume)
+echo "tl: job $SLURM_JOB_ID restart $RESTART, $SLURM_NNODES node(s) x $GPUS_PER_NODE," \
+     "rendezvous $HEAD:$PORT, output $OUTPUT_DIR${resume:+ ${resume[*]}}" \
+     "(to continue this run in a new job, submit it with OUTPUT_DIR=$OUTPUT_DIR)"
 
+# A rank that ends with tl's user error (not a stop by a signal) touches this file: accelerate's
+# launcher reports every failure as 1, and srun as 143 once --kill-on-bad-exit stops the other tasks.
+TL_USER_ERROR_MARK=$(dirname "$OUTPUT_DIR")/.tl-user-error-$SLURM_JOB_ID
+export TL_USER_ERROR_MARK
+rm -f "$TL_USER_ERROR_MARK"
+trap 'rm -f "$TL_USER_ERROR_MARK"' EXIT
+
+# shellcheck disable=SC2317  # run by the trap below
 on_preempt() {
   echo "tl: preemption signal; stopping every process at its next step, then requeueing"
   scancel --signal=TERM "$SLURM_JOB_ID"  # all processes of the running step: tl stops cleanly
@@ -31,10 +54,30 @@ trap on_preempt USR1 TERM
 
 # The inner bash expands SLURM_NODEID per node; TRAIN_ARGS is split into words on purpose.
 # shellcheck disable=SC2016,SC2086
-srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c 'exec "$0" launch --config_file "$1" \
+srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c 'exec "$0" launch --quiet --config_file "$1" \
     --num_machines "$SLURM_NNODES" --num_processes $((SLURM_NNODES * $2)) --machine_rank "$SLURM_NODEID" \
     --main_process_ip "$3" --main_process_port "$4" "${@:5}"' \
   "$VENV/bin/accelerate" "$ACCELERATE_CONFIG" "$GPUS_PER_NODE" "$HEAD" "$PORT" \
-  train.py --mode "$MODE" --data-dir "$DATA_DIR" --output-dir "$OUTPUT_DIR" "${resume[@]}" ${TRAIN_ARGS:-} &
+  train.py --mode "$MODE" --data-dir "$DATA_DIR" --output-dir "$OUTPUT_DIR" "${resume[@]}" \
+  ${TRAIN_ARGS:-} &
 srun_pid=$!
-wait "$srun_pid"  # in the background so the trap runs as soon as the signal comes
+status=0
+wait "$srun_pid" || status=$?  # in the background so the trap runs as soon as the signal comes
+((status == 0)) && exit 0
+
+# The step failed without the preemption signal: requeue a crash that left a saved state.
+why="tl: step failed (srun exit status $status); not requeueing:"
+if ((status == 2)) || [[ -e $TL_USER_ERROR_MARK ]]; then
+  echo "$why tl stopped with a user error (its message is above), which a requeue would repeat"
+  exit 2
+elif [[ ! -e $OUTPUT_DIR/state.safetensors ]]; then
+  echo "$why no saved state in $OUTPUT_DIR to resume from"
+elif ((RESTART >= MAX_RESTARTS)); then
+  echo "$why restart bound reached ($RESTART requeues, MAX_RESTARTS=$MAX_RESTARTS)"
+else
+  echo "tl: step failed (srun exit status $status) with a saved state in $OUTPUT_DIR;" \
+       "requeueing (restart $((RESTART + 1)) of at most $MAX_RESTARTS)"
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+fi
+exit "$status"

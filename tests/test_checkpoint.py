@@ -57,7 +57,7 @@ def test_sigkill_at_a_random_moment_then_resume_matches_an_uninterrupted_run(tmp
     out = tmp_path / "killed"
     proc = start(data, out, mode, *extra)
     wait_for_epochs(out, 1, proc)
-    time.sleep(random.uniform(0, 1.5))  # anywhere in the next epochs, saving included
+    time.sleep(random.Random(len(extra)).uniform(0, 1.5))  # anywhere in the next epochs, saving included
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     assert (out / "config.json").exists() and not (out / "summary.json").exists(), "ended before the kill"
@@ -73,6 +73,22 @@ def test_sigkill_at_a_random_moment_then_resume_matches_an_uninterrupted_run(tmp
     assert metrics_without_timings(out) == metrics_without_timings(ref)
     assert (out / "best.safetensors").read_bytes() == (ref / "best.safetensors").read_bytes()
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())
+
+
+def test_results_do_not_depend_on_workers_and_resume_exactly_with_them(tmp_path, data):
+    """--num-workers 2, killed and resumed, ends like an uninterrupted run with no workers."""
+    ref = tmp_path / "ref"
+    assert run_cli("train.py", "--data-dir", str(data), "--output-dir", str(ref), *ARGS).returncode == 0
+    out = tmp_path / "killed"
+    proc = start(data, out, "finetune", "--num-workers", "2")
+    wait_for_epochs(out, 2, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = run_cli("train.py", "--data-dir", str(data), "--output-dir", str(out), *ARGS, "--num-workers", "2",
+                      "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert metrics_without_timings(out) == metrics_without_timings(ref)
+    assert (out / "best.safetensors").read_bytes() == (ref / "best.safetensors").read_bytes()
 
 
 def test_ctrl_c_saves_and_exits_cleanly_then_resumes(tmp_path, data):
@@ -117,12 +133,18 @@ def test_unusable_checkpoints_are_one_line_errors(tmp_path):
                           ("newer", "newer than this tl reads"), ("missing", "does not exist")]:
         with pytest.raises(UserError, match=message):
             checkpoint.load(tmp_path / f"{name}.safetensors")
-    meta = checkpoint.read_metadata(good)
-    expected = {"model": "resnet18", "mode": "finetune", "classes": ["a", "b"], "base_weights": "none"}
-    for key, other in [("model", "resnet34"), ("mode", "feature-extract"), ("classes", ["a", "b", "c"]),
-                       ("base_weights", "sha256:00")]:
-        with pytest.raises(UserError, match=f"was made with {key}"):
-            checkpoint.check_matches(good, meta, expected | {key: other})
+    with pytest.raises(UserError, match="lacks part of its identity"):
+        checkpoint.identity_of(good, checkpoint.read_metadata(good))
+    saved = checkpoint.Identity("resnet18", "finetune", ["a", "b"], "none", "none", "fc", 224, 0, "sha256:1",
+                                {"lr": 0.001, "processes": 1})
+    for key, other, named in [("model", "resnet34", "--model"), ("mode", "feature-extract", "--mode"),
+                              ("classes", ["a", "b", "c"], "class folders"), ("base_weights", "sha256:00", "--weights"),
+                              ("data", "sha256:2", "the files of --data-dir"),
+                              ("recipe", {"lr": 0.01, "processes": 1}, "--lr"),
+                              ("recipe", {"lr": 0.001, "processes": 2}, "number of processes")]:
+        changed = checkpoint.Identity(**saved.meta() | {key: other})
+        assert [named in d for d in saved.differences(changed)] == [True], (key, saved.differences(changed))
+    assert saved.differences(checkpoint.Identity(**saved.meta() | {"weights": "/elsewhere/same.pth"})) == []
 
 
 def test_resume_refuses_a_state_from_another_setup(tmp_path, data):
@@ -131,8 +153,8 @@ def test_resume_refuses_a_state_from_another_setup(tmp_path, data):
                     "--epochs", "1")
     assert first.returncode == 0, first.stderr
     before = (out / "state.safetensors").read_bytes()
-    for extra, message in [(["--mode", "feature-extract"], "was made with mode"),
-                           (["--model", "resnet34"], "was made with model")]:
+    for extra, message in [(["--mode", "feature-extract"], "this command changes --mode"),
+                           (["--model", "resnet34"], "this command changes --model")]:
         proc = run_cli("train.py", "--data-dir", str(data), "--output-dir", str(out), *ARGS, *extra, "--resume")
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
     again = run_cli("train.py", "--data-dir", str(data), "--output-dir", str(out), *ARGS)

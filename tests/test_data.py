@@ -1,14 +1,21 @@
 """Data: fetching, scanning, decoding and sharding, and the one-line errors for bad data dirs."""
 
+import os
+import re
 import shutil
+import signal
+import time
+import warnings
 import zipfile
 
 import pytest
 import torch
 from conftest import make_imagefolder, run_cli
 from PIL import Image
+from torchvision.datasets import ImageFolder
 
-from tl.data import ImageSet, ensure_data, find_classes, load_split, make_loaders, train_transform
+import tl.data
+from tl.data import ImageSet, Split, ensure_data, list_images, load_split, make_loaders, to_input, train_transform
 from tl.errors import UserError
 
 
@@ -25,10 +32,10 @@ def test_local_zip_is_extracted_next_to_the_data_dir(tmp_path):
 
 
 def test_decoding_matches_the_tutorial_shapes(tiny_data):
-    classes, folders = find_classes(tiny_data)
-    val = load_split(folders["val"].samples, 64, train=False, show_progress=False)
-    train = load_split(folders["train"].samples, 64, train=True, show_progress=False)
-    assert classes == ["blue", "red"] and val.targets == [0] * 6 + [1] * 6
+    listing = list_images(tiny_data)
+    val = load_split(listing.val, 64, False, False)
+    train = load_split(listing.train, 64, True, False)
+    assert listing.classes == ["blue", "red"] and val.targets == [0] * 6 + [1] * 6
     assert all(x.shape == (3, 64, 64) and x.dtype == torch.uint8 for x in val.images)
     assert all(min(x.shape[1:]) == 80 for x in train.images)  # kept whole: under the 2x cap
     loader, _, _ = make_loaders(ImageSet(train, train_transform(64)), ImageSet(val), 5, 0, 0, 0, 1)
@@ -38,9 +45,9 @@ def test_decoding_matches_the_tutorial_shapes(tiny_data):
 
 
 def test_shards_cover_every_image_once(tiny_data):
-    _, folders = find_classes(tiny_data)
-    val = load_split(folders["val"].samples, 32, train=False, show_progress=False)
-    train = load_split(folders["train"].samples, 32, train=True, show_progress=False)
+    listing = list_images(tiny_data)
+    val = load_split(listing.val, 32, False, False)
+    train = load_split(listing.train, 32, True, False)
     seen_val, seen_train = [], []
     for rank in range(5):
         train_loader, sampler, val_loader = make_loaders(ImageSet(train), ImageSet(val), 4, 0, 0, rank, 5)
@@ -56,17 +63,22 @@ def test_unreadable_images_are_skipped_with_a_warning(tmp_path):
     (root / "train" / "red" / "broken.jpg").write_bytes(b"not a jpeg")
     (root / "train" / "red" / "gray.png").write_bytes(b"")
     Image.new("L", (50, 40), 128).save(root / "train" / "blue" / "gray.png")
-    _, folders = find_classes(root)
+    listing = list_images(root)
     with pytest.warns(UserWarning, match="skipping unreadable image"):
-        train = load_split(folders["train"].samples, 32, train=True, show_progress=False)
+        train = load_split(listing.train, 32, True, True)
     assert len(train.images) == 7 and len(train.skipped) == 2
     assert all(x.shape[0] == 3 for x in train.images)  # grayscale converted to RGB
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # other processes than the main one stay quiet
+        assert load_split(listing.train, 32, True, False).skipped == train.skipped
 
 
 @pytest.mark.parametrize("breakage, message", [
     ("no-val", "has no val/ folder"),
     ("class-mismatch", "different class folders"),
-    ("empty-class", "Found no valid file for the classes red"),
+    ("empty-class", r"class folder\(s\) with no images in .*: train/red \(images end in .jpg"),
+    ("one-class", r"holds only one class folder \(red\); a classifier needs at least 2"),
+    ("no-class", "holds no class folders"),
 ])
 def test_bad_data_dirs_are_one_line_errors(tmp_path, breakage, message):
     root = make_imagefolder(tmp_path / "d", n_train=2, n_val=1)
@@ -74,11 +86,221 @@ def test_bad_data_dirs_are_one_line_errors(tmp_path, breakage, message):
         shutil.rmtree(root / "val")
     elif breakage == "class-mismatch":
         (root / "val" / "red").rename(root / "val" / "green")
-    else:
+    elif breakage == "empty-class":
         for f in (root / "train" / "red").iterdir():
             f.unlink()
+        (root / "train" / "red" / "notes.txt").write_text("not an image")
+    else:
+        for split in ("train", "val"):
+            shutil.rmtree(root / split / "blue")
+            if breakage == "no-class":
+                shutil.rmtree(root / split / "red")
     with pytest.raises(UserError, match=message):
-        find_classes(root)
+        list_images(root)
+
+
+def quiet_listing(root):
+    """list_images with warnings as a list of their messages."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        listing = list_images(root)
+    return listing, [str(w.message) for w in caught]
+
+
+def test_listing_is_imagefolders_on_a_clean_set(tiny_data):
+    listing, warned = quiet_listing(tiny_data)
+    for split in ("train", "val"):
+        folder = ImageFolder(tiny_data / split)
+        assert getattr(listing, split) == folder.samples and listing.classes == folder.classes
+    assert warned == [] and re.fullmatch("sha256:[0-9a-f]{64}", listing.fingerprint)
+
+
+def test_hidden_folders_and_files_are_ignored(tmp_path):
+    root = make_imagefolder(tmp_path / "d", n_train=3, n_val=2)
+    for split in ("train", "val"):  # what Jupyter leaves behind; ImageFolder makes it a class
+        (root / split / ".ipynb_checkpoints").mkdir()
+        shutil.copy(root / split / "red" / "000.jpg", root / split / ".ipynb_checkpoints")
+    shutil.copy(root / "train" / "red" / "000.jpg", root / "train" / "red" / "._000.jpg")  # macOS metadata
+    (root / "train" / "blue" / ".thumbs").mkdir()
+    shutil.copy(root / "train" / "blue" / "000.jpg", root / "train" / "blue" / ".thumbs")
+    listing, warned = quiet_listing(root)
+    assert listing.classes == ["blue", "red"] and warned == []
+    assert len(listing.train) == 6 and len(listing.val) == 4
+
+
+def test_linked_folders_inside_a_class_are_not_followed(tmp_path):
+    root = make_imagefolder(tmp_path / "d", n_train=3, n_val=2)
+    (root / "train" / "red").rename(tmp_path / "other-disk")  # a class folder may be a link, though
+    (root / "train" / "red").symlink_to(tmp_path / "other-disk", target_is_directory=True)
+    (root / "train" / "red" / "more").symlink_to(root / "train" / "blue")  # would label blue images red
+    (root / "train" / "blue" / "loop").symlink_to("..")  # would add every train image again, as blue
+    listing, warned = quiet_listing(root)
+    assert [c for _, c in listing.train] == [0] * 3 + [1] * 3
+    assert all("more" not in p and "loop" not in p for p, _ in listing.train)
+    assert len(warned) == 1 and warned[0].startswith("skipping 2 linked folder(s) inside class folders (e.g. ")
+
+
+def test_only_regular_files_are_images(tmp_path):
+    root = make_imagefolder(tmp_path / "d", n_train=3, n_val=2)
+    os.mkfifo(root / "train" / "red" / "x.jpg")  # open() on it would wait for a writer forever
+    (root / "train" / "blue" / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")
+    (root / "val" / "red" / "linked.jpg").symlink_to(root / "val" / "blue" / "000.jpg")  # a good image
+    listing, warned = quiet_listing(root)
+    paths = [p for p, _ in listing.train + listing.val]
+    assert len(listing.train) == 6 and len(listing.val) == 5 and str(root / "val" / "red" / "linked.jpg") in paths
+    assert warned == [f"skipping 2 image name(s) that are not regular files (e.g. {root}/train/blue/gone.jpg: "
+                      "a broken link); replace them with the image files"]
+    assert len(load_split(listing.train, 32, True, False).images) == 6  # and start-up does not block
+
+
+def test_val_images_that_are_train_images_are_reported(tmp_path):
+    root = make_imagefolder(tmp_path / "d", n_train=3, n_val=2)
+    (root / "val" / "red" / "dup.jpg").symlink_to(root / "train" / "red" / "001.jpg")
+    os.link(root / "train" / "blue" / "002.jpg", root / "val" / "blue" / "hard.jpg")
+    listing, warned = quiet_listing(root)
+    assert len(listing.val) == 6
+    assert warned == [f"2 val images are also train images (e.g. {root}/val/blue/hard.jpg is "
+                      f"{root}/train/blue/002.jpg); val accuracy will be optimistic"]
+
+
+def test_only_the_main_process_warns_about_the_listing(tmp_path):
+    root = make_imagefolder(tmp_path / "d", n_train=3, n_val=2)
+    os.mkfifo(root / "train" / "red" / "x.jpg")
+    (root / "train" / "red" / "more").symlink_to(root / "train" / "blue")
+    (root / "val" / "red" / "dup.jpg").symlink_to(root / "train" / "red" / "001.jpg")
+    assert len(quiet_listing(root)[1]) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(list_images(root, warn=False).train) == 6
+
+
+def test_fingerprint_follows_names_sizes_and_classes_only(tmp_path, monkeypatch):
+    a = make_imagefolder(tmp_path / "a" / "set", n_train=3, n_val=2)
+    b = make_imagefolder(tmp_path / "b" / "copy", n_train=3, n_val=2)  # the same set elsewhere
+    fingerprint = list_images(a).fingerprint
+    assert list_images(b).fingerprint == fingerprint
+    os.utime(a / "train" / "red" / "000.jpg", (0, 0))  # times are not part of it
+    monkeypatch.setattr("builtins.open", None)  # and nothing is read
+    assert list_images(a).fingerprint == fingerprint
+    monkeypatch.undo()
+    seen = {fingerprint}
+    red, blue = a / "train" / "red", a / "train" / "blue"
+    for change in (lambda: shutil.copy(red / "000.jpg", red / "new.jpg"),  # added
+                   lambda: (red / "new.jpg").rename(red / "renamed.jpg"),
+                   lambda: (red / "renamed.jpg").rename(blue / "renamed.jpg"),  # moved to another class
+                   lambda: (blue / "renamed.jpg").open("ab").write(b"\0"),  # resized
+                   lambda: (blue / "renamed.jpg").unlink()):  # removed: back to the start
+        change()
+        seen.add(list_images(a).fingerprint)
+    assert len(seen) == 5 and list_images(a).fingerprint == fingerprint
+
+
+class Stop(Exception):
+    pass
+
+
+def slow_decodes(monkeypatch) -> list[str]:
+    """Decoding takes 50 ms an image on two threads; returns the paths decoded so far."""
+    decoded = []
+
+    def slow_decode(path, image_size, train):
+        time.sleep(0.05)
+        decoded.append(path)
+        if path == "bad.jpg":
+            raise OSError("cannot identify image file")
+        return torch.zeros(3, 8, 8, dtype=torch.uint8)
+
+    monkeypatch.setattr(tl.data, "decode", slow_decode)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    return decoded
+
+
+def test_a_stop_signal_while_decoding_returns_at_once(monkeypatch):
+    decoded = slow_decodes(monkeypatch)
+
+    def bar(items, **kwargs):  # the progress bar; the signal comes while the loop handles image 3
+        for i, item in enumerate(items):
+            if i == 3:
+                signal.raise_signal(signal.SIGALRM)
+            yield item
+
+    def handler(signum, frame):  # as the loop's stop handler may do during start-up
+        raise Stop
+
+    monkeypatch.setattr(tl.data, "tqdm", bar)
+    previous = signal.signal(signal.SIGALRM, handler)
+    started = time.perf_counter()
+    try:
+        with pytest.raises(Stop):
+            load_split([(f"{i}.jpg", 0) for i in range(200)], 8, True, False)  # 5 s of decoding
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    assert time.perf_counter() - started < 1.5
+    time.sleep(0.2)  # the two decodes under way when the signal came finish; no others start
+    assert len(decoded) < 20
+
+
+def test_a_strict_error_does_not_wait_for_the_rest(monkeypatch):
+    decoded = slow_decodes(monkeypatch)
+    started = time.perf_counter()
+    with pytest.raises(UserError, match="unreadable image bad.jpg"):
+        load_split([("bad.jpg", 0)] + [(f"{i}.jpg", 0) for i in range(200)], 8, True, False, strict=True)
+    assert time.perf_counter() - started < 1.5
+    time.sleep(0.2)
+    assert len(decoded) < 20
+
+
+def random_split(n=12):
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, 48, 56), dtype=torch.uint8, generator=g) for _ in range(n)]
+    return Split(images, [i % 2 for i in range(n)], [f"{i}.jpg" for i in range(n)])
+
+
+def test_augmentation_is_the_same_with_any_worker_count():
+    def epochs(workers):
+        images = ImageSet(random_split(), train_transform(32), seed=3)
+        loader, sampler, _ = make_loaders(images, ImageSet(random_split()), 4, workers, 0, 0, 1)
+        assert not loader.persistent_workers  # fresh workers see each epoch's set_epoch
+        out = []
+        for epoch in (1, 2):
+            sampler.set_epoch(epoch)
+            images.set_epoch(epoch)
+            out.append(torch.cat([x for x, _ in loader]))
+        return out
+
+    serial, parallel = epochs(0), epochs(2)
+    assert all(torch.equal(s, p) for s, p in zip(serial, parallel))
+    assert not torch.equal(serial[0], serial[1])
+
+
+def test_augmentation_depends_on_seed_epoch_and_index_only(monkeypatch):
+    images = ImageSet(random_split(), train_transform(32), seed=3)
+    state = torch.get_rng_state()
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", None)  # a GPU's RNG is not touched either
+    images.set_epoch(1)
+    first = images[0][0]
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is left as it was
+    torch.default_generator.manual_seed(1234)  # whatever the global RNG holds (a resumed run, a worker)
+    assert torch.equal(images[0][0], first)
+    images.set_epoch(2)
+    assert not torch.equal(images[0][0], first)
+    images.set_epoch(1)
+    assert torch.equal(images[0][0], first)
+    assert not torch.equal(ImageSet(random_split(), train_transform(32), seed=4).__getitem__(0)[0], first)
+
+
+def test_normalization_constants_are_built_once_per_device(monkeypatch):
+    x = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    first = to_input(x, torch.device("cpu"))
+    calls = []
+    real = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: calls.append(a) or real(*a, **k))
+    again = [to_input(x, torch.device("cpu")) for _ in range(3)]
+    assert calls == [] and all(torch.equal(first, y) for y in again)
+    mean = real(tl.data.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = real(tl.data.IMAGENET_STD).view(1, 3, 1, 1)
+    assert torch.allclose(first, (x.float() / 255 - mean) / std)
+    assert first.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_missing_data_dir_from_the_command_line(tmp_path):

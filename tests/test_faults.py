@@ -147,6 +147,7 @@ def test_a_diverging_loss_stops_the_run_naming_epoch_and_step(tmp_path, tiny_dat
     assert not (out / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_ten_sigkills_at_random_moments_each_resumed_end_like_an_uninterrupted_run(tmp_path, tiny_data):
     # Enough epochs (~8 ms each) that ten attempts of 2-5 s each cannot finish the run.
     args = ["--mode", "feature-extract", "--data-dir", str(tiny_data), "--epochs", "1000", "--image-size", "48",

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, make_imagefolder
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the local SLURM cluster needs root (apt, munge)")
+pytestmark = [pytest.mark.slurm,  # `make test-slurm`; `make test` leaves these out (they apt-get and start daemons)
+              pytest.mark.skipif(os.geteuid() != 0, reason="the local SLURM cluster needs root (apt, munge)")]
 STATE = Path("/tmp/tl-slurm-test")  # its own state dir and ports: a developer's cluster may be up
 ENV = {**os.environ, "TL_SLURM_DIR": str(STATE), "TL_SLURM_PORT": "7817", "SLURM_CONF": str(STATE / "slurm.conf"),
        "VENV": str(Path(sys.executable).parent.parent), "PYTHONUNBUFFERED": "1"}
@@ -41,9 +42,17 @@ def submit(script, out, data, epochs, *sbatch_args, **env):
     return proc.stdout.strip().split(";")[0]
 
 
-def job_state(job):
+def job_field(job, name):
     show = subprocess.run(["scontrol", "show", "job", job], env=ENV, capture_output=True, text=True).stdout
-    return show.split("JobState=")[1].split()[0]
+    return show.split(f" {name}=")[1].split()[0]
+
+
+def job_state(job):
+    return job_field(job, "JobState")
+
+
+def finished(job):
+    return job_state(job) in ("COMPLETED", "FAILED", "CANCELLED")
 
 
 def wait_for(condition, timeout, what):
@@ -83,3 +92,59 @@ def test_preempted_job_requeues_and_resumes(cluster, data, tmp_path):
     assert "stopped by SIGTERM" in log and "restart 1" in log and "resuming after epoch" in log
     assert [r["epoch"] for r in epochs_of(out)] == [1, 2, 3, 4, 5, 6]  # one continuous record
     assert json.loads((out / "summary.json").read_text())["epochs"] == 6
+
+
+def rank_pids(out):
+    """The python processes that run train.py for this run: the ranks, not their launchers."""
+    found = subprocess.run(["pgrep", "-f", "--", f"--output-dir {out}"], capture_output=True, text=True).stdout.split()
+    pids = []
+    for pid in found:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile
+            continue
+        if argv[1:3] == [b"-u", b"train.py"]:  # torchrun's worker command
+            pids.append(int(pid))
+    return pids
+
+
+def test_killed_rank_requeues_and_resumes(cluster, data, tmp_path):
+    out = tmp_path / "run"
+    job = submit("multi_node.sbatch", out, data, 6)
+    wait_for(lambda: (out / "state.safetensors").exists() and (out / "metrics.jsonl").exists()
+             and len(epochs_of(out)) >= 2, 300, "a saved state and epoch 2")
+    pids = rank_pids(out)
+    assert len(pids) == 2, pids  # one rank per node
+    os.kill(pids[-1], 9)  # a rank dies hard: OOM killer, segfault, a lost node
+    wait_for(lambda: finished(job), 300, "the requeued job")
+    log = Path(f"{out}.log").read_text()
+    assert job_state(job) == "COMPLETED", log[-3000:]
+    assert job_field(job, "Restarts") == "1", log[-3000:]
+    assert "requeueing (restart 1 of at most 3)" in log and "restart 1" in log and "resuming after epoch" in log
+    assert [r["epoch"] for r in epochs_of(out)] == [1, 2, 3, 4, 5, 6]  # one continuous record
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 6
+
+
+def test_killed_rank_past_restart_bound_fails(cluster, data, tmp_path):
+    out = tmp_path / "run"
+    job = submit("multi_node.sbatch", out, data, 6, MAX_RESTARTS="0")
+    wait_for(lambda: (out / "state.safetensors").exists() and (out / "metrics.jsonl").exists()
+             and len(epochs_of(out)) >= 2, 300, "a saved state and epoch 2")
+    pids = rank_pids(out)
+    assert len(pids) == 2, pids
+    os.kill(pids[0], 9)
+    wait_for(lambda: finished(job), 300, "the job")
+    log = Path(f"{out}.log").read_text()
+    assert job_state(job) == "FAILED" and job_field(job, "Restarts") == "0", log[-3000:]
+    assert "not requeueing: restart bound reached (0 requeues, MAX_RESTARTS=0)" in log
+
+
+def test_user_error_fails_without_requeue(cluster, tmp_path):
+    out = tmp_path / "run"
+    job = submit("multi_node.sbatch", out, tmp_path / "no-such-data", 2)
+    wait_for(lambda: finished(job), 300, "the job")
+    log = Path(f"{out}.log").read_text()
+    assert job_state(job) == "FAILED", log[-3000:]
+    assert job_field(job, "Restarts") == "0" and job_field(job, "ExitCode") == "2:0", log[-3000:]
+    assert "does not exist" in log and "not requeueing: tl stopped with a user error" in log
+    assert not list(tmp_path.glob(".tl-user-error-*"))  # launch.sh cleans up its mark

@@ -68,7 +68,7 @@ def test_pictures_have_their_size_and_are_not_blank(tmp_path, tiny_data):
     out = tmp_path / "run"
     train(parse_args(["--data-dir", str(tiny_data), "--epochs", "2", "--weights", "none", "--output-dir", str(out),
                       "--wandb", "disabled", *FAST]))
-    sizes = {"predictions": (960, 512), "batch": (960, 512), "curves": (800, 320), "confusion": (320, 280)}
+    sizes = {"predictions": (924, 840), "batch": (924, 507), "curves": (800, 352), "confusion": (346, 277)}
     for name in PICTURES:
         with Image.open(out / f"{name}.png") as img:
             assert img.size == sizes[name], name

@@ -226,8 +226,6 @@ class Checkpointer:
         if self.progress.best_epoch and read_metadata(best).get("epoch") != self.progress.best_epoch:
             raise UserError(f"{best} is not the best epoch ({self.progress.best_epoch}) the state records; restore "
                             "it, or start the run again with --overwrite")
-        if self.run:  # rows of an epoch a kill cut short go; a damaged or deleted file comes back whole
-            self.run.write_rows(self.progress.history)
         return self.progress
 
     def end_epoch(self, row: dict, preds: list[int], confidence: list[float], correct: int,

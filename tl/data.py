@@ -6,8 +6,12 @@ each epoch's RandomResizedCrop+flip is a cheap tensor op. Normalization happens 
 This suits data sets that fit in RAM (hymenoptera: about 60 MB); see the README for larger ones.
 """
 
+import hashlib
+import json
 import os
+import stat
 import tempfile
+import unicodedata
 import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
-from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.datasets.utils import download_url, extract_archive
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
@@ -96,34 +100,127 @@ class Split:
 
 
 class ImageSet(Dataset):
-    def __init__(self, split: Split, transform=None):
-        self.split, self.transform = split, transform
+    """A decoded split as a Dataset. The transform's randomness comes from (seed, epoch, index) alone,
+    so image i's crop and flip at epoch e are the same with 0 or N workers, in any worker order, and
+    after a resume; call set_epoch before each epoch's pass."""
+
+    def __init__(self, split: Split, transform=None, seed: int = 0):
+        self.split, self.transform, self.seed, self.epoch = split, transform, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self):
         return len(self.split.images)
 
     def __getitem__(self, i):
         x = self.split.images[i]
-        return (self.transform(x) if self.transform else x), self.split.targets[i]
+        if self.transform is not None:
+            with torch.random.fork_rng(devices=[]):  # the caller's RNG stays as it was
+                # The CPU generator only: torch.manual_seed would also reseed (and leave reseeded) the GPUs'.
+                torch.default_generator.manual_seed(item_seed(self.seed, self.epoch, int(i)))
+                x = self.transform(x)
+        return x, self.split.targets[i]
 
 
-def find_classes(root: Path) -> tuple[list[str], dict[str, ImageFolder]]:
-    """Scan train/ and val/ and check they hold the same, non-empty class folders."""
-    folders = {}
+def item_seed(seed: int, epoch: int, i: int) -> int:
+    """A 64-bit seed for one image at one epoch; hashed, so nearby (seed, epoch, i) never share streams."""
+    return int.from_bytes(hashlib.sha256(f"{seed} {epoch} {i}".encode()).digest()[:8], "little")
+
+
+@dataclass
+class Listing:
+    """The images of train/ and val/ and a cheap identity of the set."""
+    classes: list[str]
+    train: list[tuple[str, int]]  # (path, class index), sorted like ImageFolder's samples
+    val: list[tuple[str, int]]
+    fingerprint: str  # "sha256:<hex>" over (split, class, relative path, byte size) of every image
+
+
+def class_folders(split_dir: Path) -> list[str]:
+    # Hidden folders are tools' leftovers (Jupyter's .ipynb_checkpoints), never classes; a class
+    # folder may be a link to a folder elsewhere (data on another disk).
+    return sorted(e.name for e in os.scandir(split_dir) if not e.name.startswith(".") and e.is_dir())
+
+
+def list_images(root: Path, warn: bool = True) -> Listing:
+    """Scan train/ and val/: the same class folders (at least 2), each holding at least one image.
+
+    Inside a class folder, links to folders are not followed and only regular files count; both
+    are skipped with a warning (with warn, which only the main process passes). Reads no file.
+    """
+    names = {}
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise UserError(f"{root} has no {split}/ folder; an ImageFolder root needs train/ and "
                             "val/, each with one sub-folder per class")
-        try:
-            folders[split] = ImageFolder(root / split)
-        except FileNotFoundError as e:  # ImageFolder's message for no class dirs or an empty one
-            raise UserError(f"{root / split}: {e}; put at least one image in every class folder or remove "
-                            "the empty ones") from None
-    train, val = folders["train"].classes, folders["val"].classes
-    if train != val:
-        raise UserError(f"train/ and val/ hold different class folders (train: {train}, "
-                        f"val: {val}); give both the same class folders")
-    return train, folders
+        names[split] = class_folders(root / split)
+    classes = names["train"]
+    if len(classes) < 2:
+        held = f"only one class folder ({classes[0]})" if classes else "no class folders"
+        raise UserError(f"{root / 'train'} holds {held}; a classifier needs at least 2, one sub-folder "
+                        "per class in both train/ and val/")
+    if classes != names["val"]:
+        raise UserError(f"train/ and val/ hold different class folders (train: {classes}, "
+                        f"val: {names['val']}); give both the same class folders")
+    found = {"train": [], "val": []}
+    rows, links, odd, empty = [], [], [], []  # fingerprint rows, skipped folder links and files
+    for split in ("train", "val"):
+        for c, name in enumerate(classes):
+            class_dir = os.path.join(root, split, name)
+            files = []
+            for dirpath, dirnames, fnames in os.walk(class_dir, followlinks=False):
+                # Not followed: a link to a sibling class mislabels its images, one to .. repeats them.
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                links += [os.path.join(dirpath, d) for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+                for fname in fnames:
+                    if fname.startswith(".") or not has_file_allowed_extension(fname, IMG_EXTENSIONS):
+                        continue
+                    path = os.path.join(dirpath, fname)
+                    try:
+                        st = os.stat(path)
+                    except OSError:  # a broken link
+                        st = None
+                    # A FIFO, socket or device named x.jpg would block start-up forever on open().
+                    if st is None or not stat.S_ISREG(st.st_mode):
+                        odd.append(path)
+                        continue
+                    files.append((dirpath, fname, st))
+            if not files:
+                empty.append(f"{split}/{name}")
+            for dirpath, fname, st in sorted(files, key=lambda f: (f[0], f[1])):  # ImageFolder's order
+                path = os.path.join(dirpath, fname)
+                found[split].append((path, c, (st.st_dev, st.st_ino)))
+                rel = unicodedata.normalize("NFC", Path(os.path.relpath(path, class_dir)).as_posix())
+                rows.append((split, name, rel, st.st_size))
+    if warn and links:
+        warnings.warn(f"skipping {len(links)} linked folder(s) inside class folders (e.g. {links[0]}): "
+                      "links to folders are not followed there; copy the folder in instead", stacklevel=2)
+    if warn and odd:
+        warnings.warn(f"skipping {len(odd)} image name(s) that are not regular files (e.g. {odd[0]}: "
+                      f"{file_kind(odd[0])}); replace them with the image files", stacklevel=2)
+    if empty:
+        raise UserError(f"class folder(s) with no images in {root}: {', '.join(empty)} (images end in "
+                        f"{', '.join(IMG_EXTENSIONS)}); put at least one image in every class folder or "
+                        "remove the empty ones")
+    # The same file in both splits, by identity: a link or a hard link to a train image counts.
+    train_files = {key: path for path, _, key in found["train"]}
+    shared = [(path, train_files[key]) for path, _, key in found["val"] if key in train_files]
+    if warn and shared:
+        warnings.warn(f"{len(shared)} val images are also train images (e.g. {shared[0][0]} is "
+                      f"{shared[0][1]}); val accuracy will be optimistic", stacklevel=2)
+    digest = hashlib.sha256(json.dumps(sorted(rows)).encode()).hexdigest()
+    return Listing(classes, *([(path, c) for path, c, _ in found[s]] for s in ("train", "val")),
+                   fingerprint=f"sha256:{digest}")
+
+
+def file_kind(path: str) -> str:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        return "a broken link" if os.path.islink(path) else e.strerror
+    return ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISBLK(mode) or stat.S_ISCHR(mode) else "not a regular file")
 
 
 def decode(path: str, image_size: int, train: bool) -> torch.Tensor:
@@ -150,30 +247,45 @@ def _decode_or_error(args):
         return e
 
 
-def load_split(samples: list[tuple[str, int]], image_size: int, train: bool, show_progress: bool,
+def load_split(samples: list[tuple[str, int]], image_size: int, train: bool, main: bool,
                strict: bool = False) -> Split:
-    """Decode (path, label) pairs, e.g. an ImageFolder's .samples; unreadable files are skipped
-    with a warning, or with strict, end the run."""
+    """Decode (path, label) pairs, e.g. a Listing's train; unreadable files are skipped with a
+    warning, or with strict, end the run. Only the main process shows progress and warnings."""
     split = Split([], [], [])
     # Threads: PIL releases the GIL while decoding and resizing.
-    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+    pool = ThreadPoolExecutor(max_workers=usable_cpus())
+    try:
         decoded = pool.map(_decode_or_error, [(path, image_size, train) for path, _ in samples])
         for (path, target), img in tqdm(zip(samples, decoded), total=len(samples), leave=False,
-                                        desc=f"decode {'train' if train else 'val'}", disable=not show_progress):
+                                        desc=f"decode {'train' if train else 'val'}", disable=not main):
             if isinstance(img, Exception) and strict:
                 raise UserError(f"unreadable image {path} ({img}); remove or replace it, or drop "
                                 "--strict-images to skip such files")
             if isinstance(img, Exception):
-                warnings.warn(f"skipping unreadable image {path}: {img}", stacklevel=1)
+                if main:
+                    warnings.warn(f"skipping unreadable image {path}: {img}", stacklevel=1)
                 split.skipped.append(path)
             else:
                 split.images.append(img)
                 split.targets.append(target)
                 split.paths.append(path)
+    except BaseException:
+        # A stop signal (its handler raises here) or an error: drop the queued decodes at once
+        # instead of waiting for the whole set.
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     if not split.images:
         raise UserError(f"none of the {len(samples)} files is a readable image "
                         f"({samples[0][0] if samples else 'no files'}, ...); check the files")
     return split
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # what SLURM or taskset lets this process use
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 def train_transform(image_size: int):
@@ -182,14 +294,14 @@ def train_transform(image_size: int):
 
 def make_loaders(train_set: Dataset, val_set: Dataset, batch_size: int, num_workers: int, seed: int,
                  rank: int, world: int, batchnorm_training: bool = False):
-    """Train: shuffled and sharded by DistributedSampler (call set_epoch every epoch). Val: a
-    strided shard per process with no padding, so every image is counted exactly once."""
+    """Train: shuffled and sharded by DistributedSampler (call set_epoch on it and on an ImageSet
+    every epoch). Val: a strided shard per process with no padding, so every image counts once."""
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed)
     # BatchNorm cannot train on a batch of one image: then leave out the odd one (a different one each epoch).
     drop_last = batchnorm_training and len(sampler) % batch_size == 1 and len(sampler) > 1
+    # No persistent workers: fresh ones each epoch get the dataset's new epoch (set_epoch).
     train_loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                              drop_last=drop_last, persistent_workers=num_workers > 0,
-                              pin_memory=torch.cuda.is_available())
+                              drop_last=drop_last, pin_memory=torch.cuda.is_available())
     val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world)), batch_size=max(batch_size, 32))
     return train_loader, sampler, val_loader
 
@@ -199,7 +311,13 @@ def to_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     for faster convolutions; anything else (cached features) is moved as it is."""
     if x.dtype != torch.uint8:
         return x.to(device, non_blocking=True)
+    device = torch.device(device)
+    if device not in _NORMALIZE:  # once per device: two host-to-device copies per batch add up
+        _NORMALIZE[device] = tuple(torch.tensor(v, device=device).view(1, 3, 1, 1)
+                                   for v in (IMAGENET_MEAN, IMAGENET_STD))
+    mean, std = _NORMALIZE[device]
     x = x.to(device, non_blocking=True).float().div_(255)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+_NORMALIZE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}

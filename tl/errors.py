@@ -1,6 +1,8 @@
 """User mistakes end a run with one line on stderr and exit status 2, never a traceback.
 
-TL_DEBUG=1 prints the traceback behind the line as well.
+TL_DEBUG=1 prints the traceback behind the line as well. Under SLURM, launch.sh sets TL_USER_ERROR_MARK:
+a user error (not a stop by a signal) touches that file, since accelerate's launcher and srun turn
+every failing rank's status into 1 or 143.
 """
 
 import gc
@@ -9,6 +11,7 @@ import sys
 import traceback
 import warnings
 
+from tl import stop
 from tl.stop import Stopper, StopRequested
 
 
@@ -40,4 +43,10 @@ def run_cli(fn):
             e = f"stopped by {Stopper.name(e.args[0])} during start-up; nothing was saved: run the command again"
         if is_main_rank():
             print(f"error: {e}", file=sys.stderr)
+        mark = os.environ.get("TL_USER_ERROR_MARK")
+        if mark and not stop.received:  # for slurm/launch.sh: do not requeue what would fail the same way
+            try:
+                open(mark, "a").close()
+            except OSError:
+                pass
         sys.exit(2)

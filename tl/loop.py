@@ -274,6 +274,8 @@ def train(cfg: Config, stopper: Stopper | None = None) -> tuple[dict, torch.nn.M
         net, optimizer = accelerator.prepare(s.net, s.optimizer)
         if main:
             run.begin()  # every input is checked: only now is an earlier run's dir touched
+            if resuming:  # rows of an epoch a kill cut short go; a damaged or deleted file comes back whole
+                run.write_rows(p.history)
             config = dataclasses.asdict(cfg) | s.identity.meta() | {
                 "output_dir": str(out), "mixed_precision": accelerator.mixed_precision,
                 "num_processes": accelerator.num_processes, "device": str(accelerator.device)}

@@ -198,18 +198,18 @@ class RunDir:
         self.path, self.created, self.lock = path, created, lock
         present = {name for name in RUN_FILES if (path / name).exists()}
         aside = (path / ASIDE).exists()
-        self.saved = STATE in present  # an epoch of the run in here is saved
-        if aside and self.saved:
+        has_state = STATE in present
+        if aside and has_state:
             self._drop_aside()  # a kill came between the first saved epoch and this cleanup
             aside = False
         if present and not (resume or overwrite):
             raise UserError(f"{path} already holds a run ({', '.join(sorted(present))}); pass --resume to "
                             "continue it, --overwrite to replace it, or another --output-dir")
-        if resume and not self.saved and present & set(RESULTS):
+        if resume and not has_state and present & set(RESULTS):
             raise UserError(f"{path} holds a run's results ({', '.join(sorted(present & set(RESULTS)))}) but no "
                             f"{STATE} to continue from; pass --overwrite to train again (the old files are kept "
                             "until the new run saves its first epoch) or another --output-dir")
-        self.resuming = resume and self.saved
+        self.resuming = self.saved = resume and has_state  # saved: an epoch of this dir's run is on disk
         # What begin() clears: a real earlier run (--overwrite moves it aside until the new run saves
         # its first epoch), or the leftovers of a start cut short before its first epoch (deleted).
         self.replace = sorted(present) if not self.resuming else []
@@ -294,12 +294,12 @@ class RunDir:
         write_atomic(self.file(name), (json.dumps(obj, indent=2) + "\n").encode())
 
     def write_rows(self, rows: list[dict]) -> None:
-        write_atomic(self.file(METRICS), "".join(json.dumps(r) + "\n" for r in rows).encode())
+        write_atomic(self.file(METRICS), "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
 
     def append_row(self, row: dict) -> None:
         try:
             with open(self.file(METRICS), "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(json.dumps(row, sort_keys=True) + "\n")  # as the state's copy, so rebuilt rows match
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as e:

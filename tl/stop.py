@@ -8,8 +8,12 @@ after a consistent state; a second signal stops at once (saves are atomic, so no
 import signal
 
 
-class StopRequested(Exception):
-    """A stop signal arrived; args[0] is its number."""
+class StopRequested(BaseException):
+    """A stop signal arrived; args[0] is its number. A BaseException, like KeyboardInterrupt, so that
+    no library's `except Exception` swallows it."""
+
+
+received: list[int] = []  # every stop signal this process got (tl.errors tells a stop from a user error)
 
 
 class Stopper:
@@ -20,6 +24,7 @@ class Stopper:
         self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame):
+        received.append(signum)
         again = bool(self.signum)
         self.signum = signum
         if again or not self.deferred:
