@@ -1,5 +1,7 @@
 """Options: defaults from the tutorial, --help for each, one-line errors for bad values."""
 
+import dataclasses
+
 import pytest
 from conftest import run_cli
 
@@ -42,3 +44,18 @@ def test_bad_flag_from_the_command_line_is_one_line():
     proc = run_cli("train.py", "--mode", "fine")
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: argument --mode")
+
+
+def test_help_shows_each_default_once():
+    out = run_cli("train.py", "--help").stdout
+    blocks = {}
+    for line in out.split("options:")[1].splitlines():
+        if line.startswith("  -"):
+            name = line.split()[0].rstrip(",")
+            blocks[name] = ""
+        if blocks:
+            blocks[name] += " " + line.strip()
+    for f in dataclasses.fields(Config):
+        text = blocks["--" + f.name.replace("_", "-")]
+        assert text.count("default") == (0 if f.default in (None, False) and "default" not in f.metadata["help"]
+                                         else 1), text

@@ -49,3 +49,21 @@ def test_two_processes_on_the_real_data_count_153_val_images(tmp_path, hymenopte
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = json.loads((out / "metrics.jsonl").read_text())
     assert (row["train_images"], row["val_images"]) == (244, 153)
+
+
+def test_each_message_once_per_job_not_once_per_process(tmp_path, odd_data):
+    import shutil
+
+    data = tmp_path / "d"
+    shutil.copytree(odd_data, data)
+    (data / "train" / "red" / "broken.jpg").write_bytes(b"not an image")
+    (data / "train" / ".ipynb_checkpoints").mkdir()
+    args = ["--data-dir", str(data), "--epochs", "1", "--image-size", "32", "--batch-size", "4", "--weights", "none"]
+    proc = run_cli(*launcher("torchrun"), str(ROOT / "train.py"), *args, "--output-dir", str(tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("skipping unreadable image") == 1
+    assert proc.stdout.count("best val acc") == 1
+    proc = run_cli(*launcher("torchrun"), str(ROOT / "train.py"), *args, "--output-dir", str(tmp_path / "run"))
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "already holds a run" in errors[0], proc.stderr[-3000:]

@@ -174,3 +174,26 @@ def test_ten_sigkills_at_random_moments_each_resumed_end_like_an_uninterrupted_r
     assert rows(out) == rows(ref)
     assert (out / "best.safetensors").read_bytes() == (ref / "best.safetensors").read_bytes()
     shutil.rmtree(out)
+
+
+def test_make_train_cpus_launcher_offline_fails_fast_with_one_line_and_no_traceback(tmp_path, tiny_data):
+    """What a new user meets: `make train-cpu` on a node without internet and no cached weights."""
+    out = tmp_path / "run"
+    proc = run_cli(str(Path(sys.executable).parent / "accelerate"), "launch", "--quiet", "--config_file",
+                   str(ROOT / "accelerate_configs" / "cpu.yaml"), str(ROOT / "train.py"), "--data-dir",
+                   str(tiny_data), "--output-dir", str(out), "--epochs", "1",
+                   env={"TORCH_HOME": str(tmp_path / "torch"), "https_proxy": "http://127.0.0.1:9",
+                        "HTTPS_PROXY": "http://127.0.0.1:9"})
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "could not download" in errors[0] and "--weights" in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "CalledProcessError" not in proc.stderr
+    assert "decode" not in proc.stderr  # the weights are checked before the slow decoding
+    assert not out.exists()  # a failed start leaves no empty run dir
+
+
+def test_feature_extract_on_a_random_backbone_says_so(tmp_path, tiny_data):
+    proc = run_cli("train.py", "--mode", "feature-extract", "--data-dir", str(tiny_data), "--output-dir",
+                   str(tmp_path / "run"), *SMALL)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.count("warning: feature-extract with --weights none trains a head on a frozen random") == 1

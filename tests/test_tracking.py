@@ -77,3 +77,35 @@ def test_pictures_have_their_size_and_are_not_blank(tmp_path, tiny_data):
     with Image.open(out / "batch.png") as img:  # the training photos themselves are there: red and blue
         rgb = np.asarray(img.convert("RGB"), dtype=float)
     assert (rgb[..., 0] - rgb[..., 2] > 80).mean() > 0.01 and (rgb[..., 2] - rgb[..., 0] > 80).mean() > 0.01
+
+
+@pytest.mark.parametrize("broken", ["init", "finish"])
+def test_a_wandb_failure_never_changes_the_outcome_of_training(tmp_path, tiny_data, wandb_home, monkeypatch, broken):
+    import wandb
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("W&B service crashed")
+
+    monkeypatch.setattr(wandb, "init", fail) if broken == "init" else \
+        monkeypatch.setattr(wandb.plot, "confusion_matrix", fail)
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match=f"W&B: could not {broken}.*training goes on without W&B"):
+        summary, _ = train(parse_args(["--data-dir", str(tiny_data), "--epochs", "2", "--weights", "none",
+                                       "--output-dir", str(out), "--wandb", "offline", *FAST]))
+    assert json.loads((out / "summary.json").read_text())["best_val_acc"] == summary["best_val_acc"]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_tl_makes_no_deprecated_calls(tmp_path, tiny_data, wandb_home):
+    import warnings
+
+    from tl.predict import predict
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(parse_args(["--data-dir", str(tiny_data), "--epochs", "1", "--weights", "none", "--output-dir",
+                          str(tmp_path / "run"), "--wandb", "offline", *FAST]))
+        predict(tmp_path / "run" / "best.safetensors", [str(tiny_data / "val")], png=str(tmp_path / "p.png"))
+    ours = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught
+            if issubclass(w.category, DeprecationWarning | FutureWarning) and "/tl/" in w.filename]
+    assert ours == []

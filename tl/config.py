@@ -28,7 +28,7 @@ class Config:
     mode: str = _opt("finetune", "finetune: train every layer; feature-extract: freeze the "
                      "backbone, train only the new final layer", choices=MODES)
     data_dir: str = _opt("data/hymenoptera_data", "ImageFolder root holding train/ and val/ "
-                         "with the same class folders (the default is downloaded if missing)")
+                         "with the same class folders (the tutorial's set is downloaded there if missing)")
     data_zip: str | None = _opt(None, "local zip of the data set, extracted next to --data-dir "
                                 "when that is missing (for machines without internet)")
     model: str = _opt("resnet18", "any torchvision classification model name")
@@ -59,7 +59,7 @@ class Config:
     wandb: str = _opt("auto", "Weights & Biases: auto is online when W&B is configured (WANDB_API_KEY or "
                       "`wandb login`), else offline; WANDB_MODE also works", choices=WANDB_MODES)
     wandb_project: str = _opt("tl", "W&B project")
-    wandb_entity: str | None = _opt(None, "W&B entity (user or team); default: your default entity")
+    wandb_entity: str | None = _opt(None, "W&B entity (user or team); default: your account's own")
     wandb_name: str | None = _opt(None, "W&B run name (default: the output dir's name)")
     wandb_log_model: bool = _opt(False, "upload best.safetensors to W&B as a model artifact")
     seed: int = _opt(0, "random seed: head init, data order and augmentation")
