@@ -54,7 +54,7 @@ def test_head_checkpoint_works_on_a_machine_with_only_it_and_the_base(tmp_path, 
         assert img.width > 400
 
 
-def test_feature_extract_checkpoint_refuses_another_base(tmp_path, runs, tiny_data):
+def test_feature_extract_checkpoint_refuses_another_base(tmp_path, runs, tiny_data, base_weights):
     import torch
     import torchvision
 
@@ -62,7 +62,7 @@ def test_feature_extract_checkpoint_refuses_another_base(tmp_path, runs, tiny_da
     with pytest.raises(UserError, match="not the base this checkpoint was trained on"):
         predict(runs["feature-extract"] / "best.safetensors", [str(tiny_data / "val")],
                 weights=str(tmp_path / "other.pth"))
-    with pytest.raises(UserError, match="pass that file with --weights"):
+    with pytest.raises(UserError, match=f"local weights file \\({base_weights}\\); pass that file with --weights"):
         predict(runs["feature-extract"] / "best.safetensors", [str(tiny_data / "val")])
     proc = run_cli("-m", "tl.predict", "--checkpoint", str(runs["finetune"] / "best.safetensors"), "nope.jpg")
     assert proc.returncode == 2 and proc.stderr.startswith("error: nope.jpg does not exist")

@@ -296,7 +296,9 @@ def test_stop_messages_name_the_saved_epochs_correctly(data, tmp_path):
 def test_resume_after_a_start_killed_before_its_first_epoch_starts_afresh(data, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "config.json").write_text("{}")  # what a kill during start-up can leave, with its lock
+    (out / "config.json").write_text("{}")  # what a kill during start-up or the first epoch's saves leaves
+    (out / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    checkpoint.save(out / "best.safetensors", {"fc.bias": torch.zeros(2)}, {"epoch": 1})
     (out / LOCK).write_text(json.dumps({"host": "gone", "pid": 1, "machine": "gone", "start": "1", "since": "x"}))
     os.utime(out / LOCK, (0, 0))
     proc = train(data, out, "--resume", epochs=2)
@@ -320,3 +322,44 @@ def test_output_dir_inside_the_data_dir_is_refused(data, tmp_path):
     shutil.copytree(data, inside)
     one_line_error(train(inside, inside / "train" / "runs"), "inside --data-dir")
     assert not (inside / "train" / "runs").exists()
+
+
+def test_a_kill_while_moving_an_overwritten_run_aside_loses_none_of_it(run_copy, data):
+    before = snapshot(run_copy)
+    moving = run_copy / ".tl-overwritten.moving"  # as a kill half-way through moving the old run aside leaves it
+    moving.mkdir()
+    for name in ("best.safetensors", "metrics.jsonl", "state.safetensors"):
+        (run_copy / name).rename(moving / name)
+    proc = train(data, run_copy, "--resume")
+    assert proc.returncode == 0 and "nothing to do" in proc.stdout, proc.stderr[-2000:]
+    assert snapshot(run_copy) == before
+
+
+def test_tl_debug_shows_the_traceback_behind_the_one_line_error(tmp_path):
+    plain = run_cli("train.py", "--data-dir", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "run"))
+    debug = run_cli("train.py", "--data-dir", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "run"),
+                    env={"TL_DEBUG": "1"})
+    one_line_error(plain, "does not exist")
+    assert debug.returncode == 2 and "Traceback" in debug.stderr and "ensure_data" in debug.stderr
+    assert debug.stderr.strip().splitlines()[-1] == plain.stderr.strip().splitlines()[-1]
+
+
+def test_a_requeued_slurm_job_takes_over_its_own_earlier_lock_from_another_node(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    earlier = {"host": "n2", "pid": 7, "machine": "n2/x/1", "start": "5", "job": "42", "restart": "0",
+               "since": "2026-01-01 00:00:00"}
+    (out / LOCK).write_text(json.dumps(earlier))  # its node died: the heartbeat is fresh, the job is requeued
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    RunDir.open(str(out), "finetune", False, False).close(failed=False)
+    (out / LOCK).write_text(json.dumps(earlier | {"restart": "1"}))  # the same incarnation: alive
+    with pytest.raises(UserError, match="in use by pid 7 on n2, SLURM job 42"):
+        RunDir.open(str(out), "finetune", False, False)
+
+
+def test_a_lock_path_that_is_not_a_lock_file_is_one_line(tmp_path):
+    out = tmp_path / "run"
+    (out / LOCK).mkdir(parents=True)
+    with pytest.raises(UserError, match="is not a tl lock file; remove it"):
+        RunDir.open(str(out), "finetune", False, False)

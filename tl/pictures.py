@@ -5,9 +5,11 @@ DPI, so a picture's pixel size depends only on its inputs' counts, never on its 
 grows past about 1000 px a side, whatever the number of images or classes.
 """
 
+import io
 import math
 import random
 import textwrap
+from pathlib import Path
 
 import matplotlib
 
@@ -16,6 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from tl.run import write_atomic  # noqa: E402
 
 DPI = 80
 NAME_CHARS = 18  # longer class names are cut to this, ellipsis included
@@ -28,8 +32,13 @@ def short(name: str, limit: int = NAME_CHARS) -> str:
 
 
 def _save(fig: Figure, path) -> None:
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    """Render in memory, then write atomically: a full disk or a kill never leaves half a PNG."""
+    png = io.BytesIO()
+    try:
+        fig.savefig(png, dpi=DPI, format="png")
+    finally:
+        plt.close(fig)
+    write_atomic(Path(path), png.getvalue())
 
 
 def _round_robin(queues: dict[int, list[int]], order: list[int]):

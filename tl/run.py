@@ -28,9 +28,9 @@ WANDB_ID = "wandb_run_id"
 WANDB_DIR = "wandb"
 PICTURES = {name: f"{name}.png" for name in ("predictions", "curves", "confusion", "batch")}
 RUN_FILES = (CONFIG, METRICS, SUMMARY, BEST, STATE, *PICTURES.values(), WANDB_ID, WANDB_DIR)
-RESULTS = (METRICS, SUMMARY, BEST)  # what makes a run worth keeping even without its state
 LOCK = ".tl-lock"
 ASIDE = ".tl-overwritten"  # an --overwrite'n run waits here until the new run saves its first epoch
+MOVING = ".tl-overwritten.moving"  # files on their way to or from ASIDE: they belong at the top
 
 HEARTBEAT_S = 30.0
 
@@ -98,6 +98,7 @@ class DirLock:
         self.path = directory / LOCK
         self.me = {"host": socket.gethostname(), "pid": os.getpid(), "machine": _machine(),
                    "start": _start_time(os.getpid()), "job": os.environ.get("SLURM_JOB_ID"),
+                   "restart": os.environ.get("SLURM_RESTART_COUNT", "0"),
                    "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         self.token = json.dumps(self.me, sort_keys=True)
         self.lost: dict | None = None
@@ -126,6 +127,8 @@ class DirLock:
             return path.read_text(), path.stat().st_mtime
         except FileNotFoundError:
             return "", -1.0
+        except (OSError, UnicodeDecodeError):
+            raise UserError(f"{path} is not a tl lock file; remove it if no run uses {path.parent}") from None
 
     def _take_over_if_stale(self) -> None:
         text, mtime = self._read(self.path)
@@ -155,6 +158,8 @@ class DirLock:
     def _alive(self, holder: dict | None, age: float) -> bool:
         if holder is None:
             return age < 10  # a holder writes its name right after creating the file
+        if holder.get("job") and holder["job"] == self.me["job"] and holder.get("restart") != self.me["restart"]:
+            return False  # SLURM ended that incarnation of this job before requeueing it, on any node
         if holder.get("machine") == self.me["machine"]:
             return _start_time(holder["pid"]) == holder.get("start") and holder["pid"] != os.getpid()
         return age < stale_after_s()
@@ -196,6 +201,7 @@ class RunDir:
 
     def __init__(self, path: Path, created: bool, lock: DirLock, resume: bool, overwrite: bool):
         self.path, self.created, self.lock = path, created, lock
+        self._finish_moving()
         present = {name for name in RUN_FILES if (path / name).exists()}
         aside = (path / ASIDE).exists()
         has_state = STATE in present
@@ -205,8 +211,8 @@ class RunDir:
         if present and not (resume or overwrite):
             raise UserError(f"{path} already holds a run ({', '.join(sorted(present))}); pass --resume to "
                             "continue it, --overwrite to replace it, or another --output-dir")
-        if resume and not has_state and present & set(RESULTS):
-            raise UserError(f"{path} holds a run's results ({', '.join(sorted(present & set(RESULTS)))}) but no "
+        if resume and not has_state and self._worth_keeping():
+            raise UserError(f"{path} holds a run's results ({', '.join(sorted(present - {CONFIG}))}) but no "
                             f"{STATE} to continue from; pass --overwrite to train again (the old files are kept "
                             "until the new run saves its first epoch) or another --output-dir")
         self.resuming = self.saved = resume and has_state  # saved: an epoch of this dir's run is on disk
@@ -215,6 +221,26 @@ class RunDir:
         self.replace = sorted(present) if not self.resuming else []
         self.keep_aside = overwrite and not aside
         self.moved_aside = False
+
+    def _worth_keeping(self) -> bool:
+        """Results beyond what a kill during the first epoch's saves leaves (its row, maybe its best)."""
+        from tl.checkpoint import read_metadata  # not at the top: checkpoint writes through this module
+
+        if (self.path / SUMMARY).exists():
+            return True
+        try:
+            if (self.path / METRICS).read_bytes().count(b"\n") > 1:
+                return True
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return True
+        if (self.path / BEST).exists():
+            try:
+                return read_metadata(self.path / BEST).get("epoch", 2) > 1
+            except UserError:
+                return True
+        return False
 
     @classmethod
     def open(cls, output_dir: str | None, mode: str, resume: bool, overwrite: bool) -> "RunDir":
@@ -265,9 +291,12 @@ class RunDir:
             return
         aside = self.path / ASIDE
         if self.keep_aside and not aside.exists():
-            aside.mkdir()
+            # Through MOVING, renamed at the end: a kill half-way leaves the old run to be put back whole.
+            moving = self.path / MOVING
+            moving.mkdir()
             for name in self.replace:
-                os.replace(self.path / name, aside / name)
+                os.replace(self.path / name, moving / name)
+            os.replace(moving, aside)
             self.moved_aside = True
         else:  # leftovers of a start cut short (an older run may wait in ASIDE)
             for name in self.replace:
@@ -306,6 +335,14 @@ class RunDir:
             raise UserError(f"cannot write {self.file(METRICS)} ({e.strerror}); free disk space or make "
                             f"{self.path} writable, then continue with --resume") from None
 
+    def _finish_moving(self) -> None:
+        """Files in MOVING are an earlier run's, cut off half-way by a kill: they go back to the top."""
+        moving = self.path / MOVING
+        if moving.is_dir():
+            for item in moving.iterdir():
+                os.replace(item, self.path / item.name)
+            moving.rmdir()
+
     def close(self, failed: bool) -> None:
         """Release the lock. A run that failed before saving an epoch leaves the dir as it found it."""
         try:
@@ -316,9 +353,8 @@ class RunDir:
                         shutil.rmtree(target)
                     elif target.exists():
                         target.unlink()
-                for item in (self.path / ASIDE).iterdir():
-                    os.replace(item, self.path / item.name)
-                (self.path / ASIDE).rmdir()
+                os.replace(self.path / ASIDE, self.path / MOVING)
+                self._finish_moving()
         finally:
             self.lock.release()
         if failed and not self.saved and self.created:
