@@ -34,6 +34,7 @@ def test_every_option_is_documented_in_help():
     (["--resume", "--overwrite", "--output-dir", "x"], "contradict each other"),
     (["--feature-cache", "maybe"], "invalid choice: 'maybe'"),
     (["--train-size", "-1"], "--train-size must be positive, or 0"),
+    (["--output-dir", ""], "--output-dir is empty"),
 ])
 def test_bad_flags_are_user_errors(argv, message):
     with pytest.raises(UserError, match=message):

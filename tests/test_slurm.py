@@ -80,9 +80,10 @@ def test_job_completes_with_exact_counts(cluster, data, tmp_path, script, nodes,
     assert json.loads((out / "summary.json").read_text())["num_val"] == 13
 
 
-def test_preempted_job_requeues_and_resumes(cluster, data, tmp_path):
+def test_preempted_job_requeues_and_resumes_exactly_with_workers(cluster, data, tmp_path):
     out = tmp_path / "run"
-    job = submit("multi_node.sbatch", out, data, 6)
+    args = "--epochs 6 --image-size 112 --batch-size 4 --weights none --precision bf16"
+    job = submit("multi_node.sbatch", out, data, 6, TRAIN_ARGS=f"{args} --num-workers 2")
     wait_for(lambda: (out / "metrics.jsonl").exists() and len(epochs_of(out)) >= 2, 300, "epoch 2")
     # What `#SBATCH --signal=B:USR1@120` does before the time limit, sent now.
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=ENV, check=True)
@@ -92,6 +93,17 @@ def test_preempted_job_requeues_and_resumes(cluster, data, tmp_path):
     assert "stopped by SIGTERM" in log and "restart 1" in log and "resuming after epoch" in log
     assert [r["epoch"] for r in epochs_of(out)] == [1, 2, 3, 4, 5, 6]  # one continuous record
     assert json.loads((out / "summary.json").read_text())["epochs"] == 6
+    # Equal to an uninterrupted run of the same two processes, without workers, outside SLURM.
+    ref = tmp_path / "ref"
+    proc = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "train.py",
+                           "--mode", "finetune", "--data-dir", str(data), "--output-dir", str(ref), *args.split()],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def without_timings(d):
+        return [{k: v for k, v in r.items() if k not in ("seconds", "train_images_per_s")} for r in epochs_of(d)]
+    assert without_timings(out) == without_timings(ref)
+    assert (out / "best.safetensors").read_bytes() == (ref / "best.safetensors").read_bytes()
 
 
 def rank_pids(out):

@@ -80,6 +80,8 @@ class Config:
                 raise UserError(f"--{name} must be positive, got {getattr(self, name)}")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pass one of them")
+        if self.output_dir is not None and not self.output_dir.strip():
+            raise UserError("--output-dir is empty; pass a directory name, or leave it out for runs/<mode>-<time>")
         if self.resume and not self.output_dir:
             raise UserError("--resume needs --output-dir naming the run to continue")
         if self.train_size < 0:

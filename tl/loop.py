@@ -241,13 +241,33 @@ def finish(cfg: Config, s: Setup, p: Progress, run: RunDir | None, tracker: Trac
     return summary
 
 
-def stop_message(signum: int, p: Progress | None, run_saved: bool, out: Path) -> str:
+def announce(cfg: Config, s: Setup, run: RunDir, net, accelerator, resumed_after: int | None) -> None:
+    """What the run is about to do, in one line, and batch.png: the first batch as the model sees it."""
+    s.sampler.set_epoch(1)
+    s.shown.set_epoch(1)
+    first = [s.shown[i] for i in list(s.sampler)[:8]]
+    save_image_grid([x for x, _ in first], [s.identity.classes[y] for _, y in first],
+                    run.file(rundir.PICTURES["batch"]))
+    print(f"{cfg.mode} {cfg.model} on {s.num_train} train / {len(s.val_targets)} val images "
+          f"({cfg.image_size if s.cached else s.identity.recipe['train_size']} px train crops, {cfg.image_size} px "
+          f"val), classes {s.identity.classes}, {accelerator.num_processes} process(es) on {accelerator.device}, "
+          f"precision {accelerator.mixed_precision}"
+          + (f", resuming after epoch {resumed_after}" if resumed_after is not None else ""))
+    if hasattr(net, "_get_ddp_logging_data"):  # what DDP itself reports it all-reduces
+        synced = net._get_ddp_logging_data()
+        print(f"DDP all-reduces {synced['num_parameter_tensors']} parameter tensors "
+              f"({synced['total_parameter_size_bytes']:,} bytes) per step")
+
+
+def stop_message(signum: int, p: Progress | None, run: RunDir | None) -> str:
+    """Other processes than the main one have no RunDir: they print nothing anyway."""
     name = Stopper.name(signum)
-    if not run_saved:
+    if run is None or not run.saved:
         return f"stopped by {name} before the first epoch was saved; nothing to keep: run the same command again"
-    done = p.epoch if p else 0
-    saved = "epoch 1 is saved" if done == 1 else f"epochs 1-{done} are saved" if done else "the saved epochs are"
-    return f"stopped by {name} during epoch {done + 1}; {saved} in {out}, continue with the same command plus --resume"
+    done = p.epoch if p else 0  # 0: stopped while resuming, before the saved state was read
+    where = f"during epoch {done + 1}" if done else "during start-up"
+    saved = "epoch 1 is saved" if done == 1 else f"epochs 1-{done} are saved" if done else "its saved epochs are"
+    return f"stopped by {name} {where}; {saved} in {run.path}, continue with the same command plus --resume"
 
 
 def train(cfg: Config, stopper: Stopper | None = None) -> tuple[dict, torch.nn.Module]:
@@ -259,7 +279,7 @@ def train(cfg: Config, stopper: Stopper | None = None) -> tuple[dict, torch.nn.M
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=resolve_precision(cfg.precision),
                               kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=not frozen)])
     main = accelerator.is_main_process
-    run, tracker, checkpointer, out, failed = None, None, None, Path(cfg.output_dir or "."), True
+    run, tracker, checkpointer, failed = None, None, None, True
     try:
         run, out, resuming = open_run(cfg, accelerator)
         s, checkpointer = setup(cfg, accelerator, out, resuming)
@@ -281,20 +301,7 @@ def train(cfg: Config, stopper: Stopper | None = None) -> tuple[dict, torch.nn.M
                 "num_processes": accelerator.num_processes, "device": str(accelerator.device)}
             run.write_json(rundir.CONFIG, config)
             tracker = Tracker(run, config, cfg.wandb, cfg.wandb_project, cfg.wandb_entity, cfg.wandb_name, resuming)
-            s.sampler.set_epoch(1)
-            s.shown.set_epoch(1)
-            first = [s.shown[i] for i in list(s.sampler)[:8]]
-            save_image_grid([x for x, _ in first], [s.identity.classes[y] for _, y in first],
-                            run.file(rundir.PICTURES["batch"]))
-            print(f"{cfg.mode} {cfg.model} on {s.num_train} train / {len(s.val_targets)} val images "
-                  f"({cfg.image_size if s.cached else s.identity.recipe['train_size']} px train crops, "
-                  f"{cfg.image_size} px val), classes {s.identity.classes}, {accelerator.num_processes} process(es) "
-                  f"on {accelerator.device}, precision {accelerator.mixed_precision}"
-                  + (f", resuming after epoch {p.epoch}" if resuming else ""))
-            if hasattr(net, "_get_ddp_logging_data"):  # what DDP itself reports it all-reduces
-                synced = net._get_ddp_logging_data()
-                print(f"DDP all-reduces {synced['num_parameter_tensors']} parameter tensors "
-                      f"({synced['total_parameter_size_bytes']:,} bytes) per step")
+            announce(cfg, s, run, net, accelerator, p.epoch if resuming else None)
         stopper.defer(accelerator)
         started -= p.seconds  # a resumed run's wall time includes the earlier attempts
         for epoch in range(p.epoch + 1, cfg.epochs + 1):
@@ -313,9 +320,7 @@ def train(cfg: Config, stopper: Stopper | None = None) -> tuple[dict, torch.nn.M
     except StopRequested as e:
         if stopper.deferred:
             accelerator.wait_for_everyone()  # every process agreed to stop here
-        saved = run.saved if run else checkpointer is not None and checkpointer.progress.epoch > 0
-        raise UserError(stop_message(e.args[0], checkpointer.progress if checkpointer else None,
-                                     saved or (out / rundir.STATE).exists(), out)) from None
+        raise UserError(stop_message(e.args[0], checkpointer.progress if checkpointer else None, run)) from None
     finally:
         stopper.restore()
         if tracker:

@@ -9,6 +9,7 @@ import io
 import math
 import random
 import textwrap
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -20,6 +21,9 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from tl.run import write_atomic  # noqa: E402
+
+# Class names in scripts the plot font lacks (CJK, ...) are drawn as boxes: one warning per glyph is noise.
+warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font")
 
 DPI = 80
 NAME_CHARS = 18  # longer class names are cut to this, ellipsis included
