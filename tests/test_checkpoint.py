@@ -50,6 +50,7 @@ def wait_for_epochs(out, n, proc, timeout=300):
     ("feature-extract", ["--feature-cache", "off"]),
     ("feature-extract", ["--epochs", "300"]),  # cached features: epochs take milliseconds
 ])
+@pytest.mark.slow
 def test_sigkill_at_a_random_moment_then_resume_matches_an_uninterrupted_run(tmp_path, data, mode, extra):
     ref = tmp_path / "ref"
     assert run_cli("train.py", "--mode", mode, "--data-dir", str(data), "--output-dir", str(ref),
@@ -77,6 +78,7 @@ def test_sigkill_at_a_random_moment_then_resume_matches_an_uninterrupted_run(tmp
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())
 
 
+@pytest.mark.slow
 def test_results_do_not_depend_on_workers_and_resume_exactly_with_them(tmp_path, data):
     """--num-workers 2, killed and resumed, ends like an uninterrupted run with no workers."""
     ref = tmp_path / "ref"
@@ -93,6 +95,7 @@ def test_results_do_not_depend_on_workers_and_resume_exactly_with_them(tmp_path,
     assert (out / "best.safetensors").read_bytes() == (ref / "best.safetensors").read_bytes()
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_exits_cleanly_then_resumes(tmp_path, data):
     out = tmp_path / "run"
     proc = start(data, out, "finetune")
@@ -149,6 +152,7 @@ def test_unusable_checkpoints_are_one_line_errors(tmp_path):
     assert saved.differences(checkpoint.Identity(**saved.meta() | {"weights": "/elsewhere/same.pth"})) == []
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_state_from_another_setup(tmp_path, data):
     out = tmp_path / "run"
     first = run_cli("train.py", "--data-dir", str(data), "--output-dir", str(out), *ARGS[:2], *ARGS[4:],

@@ -24,6 +24,7 @@ def odd_data(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, mode", [("accelerate", "feature-extract"), ("torchrun", "finetune")])
 def test_two_processes_see_each_image_once(tmp_path, odd_data, kind, mode):
     out = tmp_path / "run"
@@ -40,6 +41,7 @@ def test_two_processes_see_each_image_once(tmp_path, odd_data, kind, mode):
         assert "DDP all-reduces 2 parameter tensors (4,104 bytes) per step" in proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HYMENOPTERA_ZIP.is_file() or not PROXY_WEIGHTS.is_file(), reason="needs ../shared")
 def test_two_processes_on_the_real_data_count_153_val_images(tmp_path, hymenoptera):
     out = tmp_path / "run"
@@ -51,6 +53,7 @@ def test_two_processes_on_the_real_data_count_153_val_images(tmp_path, hymenopte
     assert (row["train_images"], row["val_images"]) == (244, 153)
 
 
+@pytest.mark.slow
 def test_each_message_once_per_job_not_once_per_process(tmp_path, odd_data):
     import shutil
 

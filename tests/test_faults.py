@@ -60,6 +60,7 @@ def broken_data(tmp_path):
     return root
 
 
+@pytest.mark.slow
 def test_unreadable_images_are_skipped_counted_or_fatal_with_a_flag(tmp_path, broken_data):
     out = tmp_path / "run"
     proc = run_cli("train.py", "--data-dir", str(broken_data), "--output-dir", str(out), *SMALL)
@@ -72,6 +73,7 @@ def test_unreadable_images_are_skipped_counted_or_fatal_with_a_flag(tmp_path, br
     one_line_error(strict, "unreadable image", "--strict-images")
 
 
+@pytest.mark.slow
 def test_fewer_images_than_the_batch_and_than_the_processes(tmp_path):
     root = make_imagefolder(tmp_path / "d", n_train=2, n_val=1)  # 2 val images for 3 processes
     out = tmp_path / "run"

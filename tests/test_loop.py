@@ -77,6 +77,7 @@ def test_finetune_checkpoint_reloads_to_the_same_val_accuracy(tmp_path, tiny_dat
     assert result["accuracy"] == summary["best_val_acc"] == meta["val_acc"]
 
 
+@pytest.mark.slow
 def test_smaller_train_crops_still_validate_at_image_size(tmp_path, tiny_data, base_weights):
     proc = run_cli("train.py", "--mode", "finetune", "--data-dir", str(tiny_data), "--epochs", "8", "--lr", "0.01",
                    "--weights", str(base_weights), "--output-dir", str(tmp_path / "out"), *FAST, "--train-size", "48")
@@ -89,6 +90,7 @@ def test_smaller_train_crops_still_validate_at_image_size(tmp_path, tiny_data, b
     assert predict(tmp_path / "out" / "best.safetensors", [str(tiny_data / "val")])["accuracy"] == meta["val_acc"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HYMENOPTERA_ZIP.is_file() or not PROXY_WEIGHTS.is_file(), reason="needs ../shared")
 @pytest.mark.parametrize("mode", ["feature-extract", "finetune"])
 def test_real_data_from_the_command_line(tmp_path, hymenoptera, mode):
@@ -101,6 +103,9 @@ def test_real_data_from_the_command_line(tmp_path, hymenoptera, mode):
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["num_train"], summary["num_val"]) == (244, 153)  # the GIF is not an image set member
     assert summary["classes"] == ["ants", "bees"] and 0.4 <= summary["best_val_acc"] <= 1
+    assert summary["best_val_acc"] == summary["val_correct"] / 153  # the exact ratio, not a float32 mean
+    assert all(r["val_acc"] * 153 == round(r["val_acc"] * 153) for r in
+               map(json.loads, (out / "metrics.jsonl").read_text().splitlines()))
     size = (out / "best.safetensors").stat().st_size
     assert size < 100_000 if mode == "feature-extract" else size > 40_000_000
     proc = run_cli("-m", "tl.predict", "--checkpoint", str(out / "best.safetensors"), "--weights",

@@ -87,6 +87,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_saved_an_epoch(run_copy, 
     assert json.loads((run_copy / "config.json").read_text())["seed"] == 1
 
 
+@pytest.mark.slow
 def test_a_second_process_in_a_live_run_dir_is_refused_naming_the_holder(data, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "train.py"), "--data-dir", str(data), "--output-dir", str(out),
@@ -134,6 +135,7 @@ def test_stale_locks_are_taken_over_and_a_lost_lock_stops_writing(tmp_path, monk
     assert (out / LOCK).read_text() == other_node  # not ours to remove
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["half-written last line", "deleted", "garbage"])
 def test_damaged_or_deleted_metrics_are_rebuilt_on_resume(data, tmp_path, damage):
     ref = tmp_path / "ref"
@@ -200,6 +202,7 @@ def test_resume_honours_every_option_or_refuses_it_by_name(run_copy, data, extra
     assert snapshot(run_copy) == before
 
 
+@pytest.mark.slow
 def test_resume_after_the_data_changed_is_refused_before_training(run_copy, data, tmp_path):
     changed = tmp_path / "changed"
     shutil.copytree(data, changed)
@@ -222,6 +225,7 @@ def test_resuming_a_finished_run_does_nothing_and_fewer_epochs_are_refused(run_c
     one_line_error(train(data, run_copy, "--resume", epochs=2), "already trained 3 epochs", "--epochs 3")
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_checkpoint_is_one_line_and_loses_nothing(data, tmp_path):
     """A real full disk: a 150 MB tmpfs holds epoch 1 of a finetune run (45 + 90 MB) but not epoch 2's writes."""
     if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"]).returncode != 0:
@@ -257,6 +261,7 @@ def test_a_read_only_output_dir_is_one_line(data, tmp_path):
     one_line_error(proc, "cannot create output dir", "Read-only file system")
 
 
+@pytest.mark.slow
 def test_a_stop_during_start_up_ends_at_once_and_leaves_nothing(tmp_path):
     big = make_imagefolder(tmp_path / "big", n_train=300, n_val=100, size=400)  # seconds of decoding
     out = tmp_path / "run"

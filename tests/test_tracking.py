@@ -55,6 +55,7 @@ def test_wandb_can_be_disabled(tmp_path, tiny_data, wandb_home, monkeypatch, how
     assert (out / "summary.json").exists() and not (out / "wandb").exists()
 
 
+@pytest.mark.slow
 def test_no_network_falls_back_to_offline_and_says_how_to_sync(tmp_path, tiny_data, wandb_home):
     env = {"WANDB_API_KEY": "0" * 40, "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
     proc = run_cli("train.py", "--wandb", "online", "--data-dir", str(tiny_data), "--epochs", "1", "--weights",
