@@ -179,6 +179,7 @@ def test_ten_sigkills_at_random_moments_each_resumed_end_like_an_uninterrupted_r
     shutil.rmtree(out)
 
 
+@pytest.mark.slow
 def test_make_train_cpus_launcher_offline_fails_fast_with_one_line_and_no_traceback(tmp_path, tiny_data):
     """What a new user meets: `make train-cpu` on a node without internet and no cached weights."""
     out = tmp_path / "run"

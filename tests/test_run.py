@@ -313,6 +313,7 @@ def test_resume_after_a_start_killed_before_its_first_epoch_starts_afresh(data, 
     one_line_error(train(data, tmp_path / "never-made", "--resume"), "nothing to resume", "does not exist")
 
 
+@pytest.mark.slow
 def test_default_output_dirs_of_runs_started_together_differ(data, tmp_path):
     procs = [subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--data-dir", str(data), "--epochs", "1",
                                *QUICK], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -341,6 +342,7 @@ def test_a_kill_while_moving_an_overwritten_run_aside_loses_none_of_it(run_copy,
     assert snapshot(run_copy) == before
 
 
+@pytest.mark.slow
 def test_tl_debug_shows_the_traceback_behind_the_one_line_error(tmp_path):
     plain = run_cli("train.py", "--data-dir", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "run"))
     debug = run_cli("train.py", "--data-dir", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "run"),
