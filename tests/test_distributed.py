@@ -70,3 +70,14 @@ def test_each_message_once_per_job_not_once_per_process(tmp_path, odd_data):
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "already holds a run" in errors[0], proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_diverging_loss_stops_every_process_with_one_line(tmp_path, odd_data):
+    out = tmp_path / "run"
+    proc = run_cli(*launcher("torchrun"), str(ROOT / "train.py"), "--data-dir", str(odd_data), "--epochs", "3",
+                   "--image-size", "32", "--batch-size", "4", "--weights", "none", "--lr", "1e30",
+                   "--output-dir", str(out), timeout=300)  # before: one rank raised, the other hung
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "the loss became non-finite" in errors[0], proc.stderr[-3000:]

@@ -113,3 +113,15 @@ def test_real_data_from_the_command_line(tmp_path, hymenoptera, mode):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.splitlines()[-1] == f"accuracy {summary['best_val_acc']:.4f} " \
         f"({round(summary['best_val_acc'] * 153)}/153)"
+
+
+@pytest.mark.slow
+def test_compile_trains_and_a_resume_keeps_the_choice(tmp_path, tiny_data):
+    out = tmp_path / "run"
+    args = ["--mode", "feature-extract", "--data-dir", str(tiny_data), "--output-dir", str(out), "--epochs", "2",
+            "--weights", "none", "--lr", "0.01", *FAST]
+    proc = run_cli("train.py", *args, "--compile")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((out / "config.json").read_text())["recipe"]["compile"] is True
+    again = run_cli("train.py", *args, "--epochs", "3", "--resume")
+    assert again.returncode == 2 and "--compile (False, not True)" in again.stderr, again.stderr[-2000:]

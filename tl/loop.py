@@ -155,23 +155,43 @@ def setup(cfg: Config, accelerator: Accelerator, out: Path, resuming: bool) -> t
     return setup, checkpointer
 
 
+AGREE_EVERY = 16  # steps between the processes' one host sync: a stop signal, a non-finite loss
+NO_BAD_STEP = -(1 << 40)
+
+
 def train_epoch(model, loader, optimizer, accelerator, stopper: Stopper, epoch: int, epochs: int):
-    """One pass over this process's shard; returns loss, accuracy and images over all processes."""
-    totals = torch.zeros(3, device=accelerator.device)  # loss sum, correct, images
+    """One pass over this process's shard; returns loss, accuracy and images over all processes.
+
+    The steps queue work on the device without waiting for it: totals stay on the device, and every
+    AGREE_EVERY steps (and at the last) the processes make their one host sync, agreeing on a stop
+    signal and on a non-finite loss on any of them. A non-finite step reaches the weights, but the
+    run stops before the epoch is saved, so nothing saved ever holds it.
+    """
+    device = accelerator.device
+    loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
+    bad = torch.full((), NO_BAD_STEP, device=device, dtype=torch.long)  # -(first non-finite step)
+    images, last = 0, len(loader)
     bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", disable=not accelerator.is_main_process, leave=False)
     for step, (x, y) in enumerate(bar, 1):
-        stopper.check()
-        x, y = to_input(x, accelerator.device), y.to(accelerator.device, non_blocking=True)
+        x, y = to_input(x, device), y.to(device, non_blocking=True)
         logits = model(x)
         loss = F.cross_entropy(logits, y)
-        if not torch.isfinite(loss):  # stop before the optimizer spreads it into every weight
-            raise UserError(f"the loss became {loss.item()} at epoch {epoch}, step {step}; lower --lr, or look "
-                            "for broken images or labels; epochs before this one are saved (--resume)")
+        bad = torch.where(torch.isfinite(loss) | (bad != NO_BAD_STEP), bad, -step)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         optimizer.step()
-        totals += torch.stack([loss.detach().float() * len(y), (logits.argmax(1) == y).sum(),
-                               torch.tensor(len(y), device=y.device)])
+        loss_sum += loss.detach().float() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        images += len(y)
+        if step % AGREE_EVERY == 0 or step == last:
+            signum, first_bad = stopper.agree(bad)
+            if first_bad != NO_BAD_STEP:
+                raise UserError(f"the loss became non-finite (nan or inf) at epoch {epoch}, step {-first_bad}; lower "
+                                "--lr, or look for broken images or labels; epochs before this one are saved "
+                                "(--resume)")
+            if signum:
+                raise StopRequested(signum)
+    totals = torch.stack([loss_sum, correct.float(), torch.tensor(float(images), device=device)])
     loss_sum, correct, n = accelerator.reduce(totals, "sum").tolist()
     return loss_sum / n, int(correct) / int(n), int(n)
 
@@ -275,9 +295,12 @@ def train(cfg: Config, stopper: Stopper | None = None) -> tuple[dict, torch.nn.M
     stopper = stopper or Stopper()  # train.py makes it before its imports: signals work from the first second
     started = time.perf_counter()
     frozen = cfg.mode == "feature-extract"
-    # Frozen BatchNorm buffers are equal everywhere: no need to broadcast them every step.
+    # Frozen BatchNorm buffers are equal everywhere: no need to broadcast them every step. Gradients
+    # as views of DDP's buckets save a copy and the memory of one gradient set.
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=not frozen, gradient_as_bucket_view=True)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=resolve_precision(cfg.precision),
-                              kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=not frozen)])
+                              kwargs_handlers=[ddp])
+    torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest convolution once
     main = accelerator.is_main_process
     run, tracker, checkpointer, failed = None, None, None, True
     try:
@@ -291,7 +314,7 @@ def train(cfg: Config, stopper: Stopper | None = None) -> tuple[dict, torch.nn.M
                               f"pass --epochs {p.epoch + 1} or more to train further")
             failed = False
             return done, s.model
-        net, optimizer = accelerator.prepare(s.net, s.optimizer)
+        net, optimizer = accelerator.prepare(torch.compile(s.net) if cfg.compile else s.net, s.optimizer)
         if main:
             run.begin()  # every input is checked: only now is an earlier run's dir touched
             if resuming:  # rows of an epoch a kill cut short go; a damaged or deleted file comes back whole

@@ -34,14 +34,22 @@ class Stopper:
         """From now on a signal waits for `check`, where all processes agree."""
         self.deferred, self.accelerator = True, accelerator
 
-    def check(self) -> None:
+    def agree(self, *device_flags):
+        """One host sync: the largest of this signal number and each device flag over all processes.
+        Returns (signal number, *flags); the caller decides what they mean."""
         import torch  # not at the top: the entry point installs the handlers before torch loads
 
-        flag = torch.tensor([self.signum], device=self.accelerator.device)
+        device = self.accelerator.device
+        flags = torch.stack([torch.tensor(self.signum, device=device, dtype=torch.long),
+                             *(f.to(device, torch.long) for f in device_flags)])
         if self.accelerator.num_processes > 1:
-            flag = self.accelerator.reduce(flag, "max")
-        if flag.item():
-            raise StopRequested(int(flag.item()))
+            flags = self.accelerator.reduce(flags, "max")
+        return flags.tolist()
+
+    def check(self) -> None:
+        signum, = self.agree()
+        if signum:
+            raise StopRequested(signum)
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():
