@@ -1,6 +1,7 @@
 """Both scenarios end to end on generated data: they learn, write their files, freeze what they must."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -125,3 +126,31 @@ def test_compile_trains_and_a_resume_keeps_the_choice(tmp_path, tiny_data):
     assert json.loads((out / "config.json").read_text())["recipe"]["compile"] is True
     again = run_cli("train.py", *args, "--epochs", "3", "--resume")
     assert again.returncode == 2 and "--compile (False, not True)" in again.stderr, again.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_streaming_gives_the_same_run_as_decoding_into_memory(tmp_path, tiny_data):
+    outs = {}
+    for mode in ("memory", "stream"):
+        outs[mode] = tmp_path / mode
+        proc = run_cli("train.py", "--data-dir", str(tiny_data), "--output-dir", str(outs[mode]), "--epochs", "3",
+                       "--weights", "none", "--data-mode", mode, *FAST)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        workers = 0 if mode == "memory" else len(os.sched_getaffinity(0))
+        assert f"data: {mode} (--data-mode {mode}; " in proc.stdout and f"{workers} DataLoader worker(s)" in proc.stdout
+
+    def rows(out):
+        return [{k: v for k, v in r.items() if k not in ("seconds", "train_images_per_s")} for r in read_metrics(out)]
+    assert rows(outs["memory"]) == rows(outs["stream"])
+    assert (outs["memory"] / "best.safetensors").read_bytes() == (outs["stream"] / "best.safetensors").read_bytes()
+
+
+def test_auto_data_mode_streams_what_would_not_fit(tmp_path):
+    from tl.data import Listing, choose_data_mode
+
+    small = Listing(["a", "b"], [("x", 0)] * 244, [("y", 1)] * 153, "sha256:0")
+    mode, why = choose_data_mode("auto", small, 224, 224, 1)
+    assert mode == "memory" and why.startswith("auto: at most 0.") and "GiB available" in why
+    imagenet = Listing(["a", "b"], [("x", 0)] * 1_281_167, [("y", 1)] * 50_000, "sha256:0")
+    assert choose_data_mode("auto", imagenet, 224, 224, 8)[0] == "stream"
+    assert choose_data_mode("memory", imagenet, 224, 224, 8)[0] == "memory"  # asked for: honoured

@@ -14,8 +14,8 @@ MODES = ("finetune", "feature-extract")
 # the worker count do not change the numbers.
 IDENTITY = ("model", "mode", "weights", "image_size", "seed")
 RECIPE = ("batch_size", "lr", "momentum", "step_size", "gamma", "train_size", "feature_cache", "compile")
-RESUME_FREE = ("data_dir", "data_zip", "epochs", "strict_images", "precision", "output_dir", "resume", "overwrite",
-               "wandb", "wandb_project", "wandb_entity", "wandb_name", "wandb_log_model", "num_workers")
+RESUME_FREE = ("data_dir", "data_zip", "data_mode", "epochs", "strict_images", "precision", "output_dir", "resume",
+               "overwrite", "wandb", "wandb_project", "wandb_entity", "wandb_name", "wandb_log_model", "num_workers")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 
 
@@ -65,8 +65,12 @@ class Config:
     wandb_name: str | None = _opt(None, "W&B run name (default: the output dir's name)")
     wandb_log_model: bool = _opt(False, "upload best.safetensors to W&B as a model artifact")
     seed: int = _opt(0, "random seed: head init, data order and augmentation")
-    num_workers: int = _opt(0, "DataLoader worker processes for train augmentation (images are decoded "
-                            "once and kept in memory, so 0 is usually fastest); results do not depend on it")
+    data_mode: str = _opt("auto", "memory: decode every image once at start-up and keep it (fastest when it "
+                          "fits); stream: check headers at start-up, decode every epoch in DataLoader workers, "
+                          "memory independent of the set's size; auto: memory while each process's copy fits in "
+                          "half the available memory. Both give the same results", choices=("auto", "memory", "stream"))
+    num_workers: int = _opt(-1, "DataLoader worker processes; -1: none in memory mode, in stream mode the cores "
+                            "this process may use shared among the node's processes; results do not depend on it")
 
     def recipe(self) -> dict:
         """The options besides the run's identity that change its numbers: a resume must keep them."""
@@ -88,8 +92,8 @@ class Config:
             raise UserError("--resume needs --output-dir naming the run to continue")
         if self.train_size < 0:
             raise UserError(f"--train-size must be positive, or 0 for --image-size, got {self.train_size}")
-        if self.num_workers < 0:
-            raise UserError(f"--num-workers must be 0 or more, got {self.num_workers}")
+        if self.num_workers < -1:
+            raise UserError(f"--num-workers must be 0 or more, or -1 for the default, got {self.num_workers}")
         return self
 
 

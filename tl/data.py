@@ -281,6 +281,95 @@ def load_split(samples: list[tuple[str, int]], image_size: int, train: bool, mai
     return split
 
 
+class LazyImages:
+    """A split's images decoded on access (in DataLoader workers): memory does not grow with the set.
+    Decoding is tl.data.decode, exactly as the memory path's, so both give the same pixels."""
+
+    def __init__(self, paths: list[str], image_size: int, train: bool):
+        self.paths, self.image_size, self.train = paths, image_size, train
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            return decode(self.paths[i], self.image_size, self.train)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise UserError(f"unreadable image {self.paths[i]} while streaming ({e}); remove or replace it (it "
+                            "passed the start-up header check), or use --data-mode memory, which checks every "
+                            "image by decoding it") from None
+
+
+def _header_or_error(path: str):
+    try:
+        with Image.open(path) as img:
+            img.size  # noqa: B018  (the header only: format, size, mode)
+        return None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        return e
+
+
+def stream_split(samples: list[tuple[str, int]], image_size: int, train: bool, main: bool,
+                 strict: bool = False) -> Split:
+    """Like load_split, but only each file's header is checked now (in threads); the pixels are
+    decoded every epoch by whoever indexes the split (DataLoader workers)."""
+    checked = Split([], [], [])
+    pool = ThreadPoolExecutor(max_workers=usable_cpus())
+    try:
+        results = pool.map(_header_or_error, [path for path, _ in samples])
+        for (path, target), error in tqdm(zip(samples, results), total=len(samples), leave=False,
+                                          desc=f"check {'train' if train else 'val'}", disable=not main):
+            if error is not None and strict:
+                raise UserError(f"unreadable image {path} ({error}); remove or replace it, or drop "
+                                "--strict-images to skip such files")
+            if error is not None:
+                if main:
+                    warnings.warn(f"skipping unreadable image {path}: {error}", stacklevel=1)
+                checked.skipped.append(path)
+            else:
+                checked.targets.append(target)
+                checked.paths.append(path)
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    if not checked.paths:
+        raise UserError(f"none of the {len(samples)} files is a readable image "
+                        f"({samples[0][0] if samples else 'no files'}, ...); check the files")
+    checked.images = LazyImages(checked.paths, image_size, train)
+    return checked
+
+
+def decoded_bytes(listing: Listing, image_size: int, train_size: int) -> int:
+    """An upper bound on the memory path's decoded pixels: train images with the shorter side at
+    2x the crop (4:3), val at the crop."""
+    side = 2 * max(image_size, train_size)
+    return len(listing.train) * side * side * 4 // 3 * 3 + len(listing.val) * image_size * image_size * 3
+
+
+def available_memory() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def choose_data_mode(requested: str, listing: Listing, image_size: int, train_size: int,
+                     processes_on_node: int) -> tuple[str, str]:
+    """memory (decode once, keep it: fastest when it fits) or stream (decode every epoch in workers);
+    auto picks memory while every process's copy fits in half the available memory. Returns the
+    mode and why, for the run to say."""
+    need, free = decoded_bytes(listing, image_size, train_size), available_memory()
+    why = (f"at most {need / 2**30:.2f} GiB of decoded images per process, {processes_on_node} process(es) on "
+           f"this node, {free / 2**30:.1f} GiB available")
+    if requested != "auto":
+        return requested, f"--data-mode {requested}; {why}"
+    return ("memory" if need * processes_on_node <= free // 2 else "stream"), f"auto: {why}"
+
+
 def usable_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))  # what SLURM or taskset lets this process use
@@ -302,7 +391,8 @@ def make_loaders(train_set: Dataset, val_set: Dataset, batch_size: int, num_work
     # No persistent workers: fresh ones each epoch get the dataset's new epoch (set_epoch).
     train_loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                               drop_last=drop_last, pin_memory=torch.cuda.is_available())
-    val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world)), batch_size=max(batch_size, 32))
+    val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world)), batch_size=max(batch_size, 32),
+                            num_workers=num_workers)
     return train_loader, sampler, val_loader
 
 

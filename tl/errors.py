@@ -41,6 +41,8 @@ def run_cli(fn):
             traceback.print_exc()
         if isinstance(e, StopRequested):  # before the run began: nothing was written
             e = f"stopped by {Stopper.name(e.args[0])} during start-up; nothing was saved: run the command again"
+        elif "\nOriginal Traceback" in str(e):  # raised in a DataLoader worker, which wraps it in its traceback
+            e = str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1]
         if is_main_rank():
             print(f"error: {e}", file=sys.stderr)
         mark = os.environ.get("TL_USER_ERROR_MARK")

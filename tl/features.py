@@ -6,12 +6,14 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tl.eval import gather_in_order
 
 
-def backbone_features(model, head_name: str, images: Dataset, batch_size: int, accelerator) -> torch.Tensor:
+def backbone_features(model, head_name: str, images: Dataset, batch_size: int, accelerator,
+                      num_workers: int = 0) -> torch.Tensor:
     """What the frozen backbone feeds the head, for every image, computed once (each process a share)."""
     head = model.get_submodule(head_name)
     model.set_submodule(head_name, torch.nn.Identity())
     rank, world = accelerator.process_index, accelerator.num_processes
-    loader = DataLoader(Subset(images, range(rank, len(images), world)), batch_size=batch_size)
+    loader = DataLoader(Subset(images, range(rank, len(images), world)), batch_size=batch_size,
+                        num_workers=num_workers)
     try:
         with accelerator.autocast():
             return gather_in_order(model, loader, accelerator, len(images))

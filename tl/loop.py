@@ -25,12 +25,15 @@ from tl.config import Config
 from tl.data import (
     ImageSet,
     center_view,
+    choose_data_mode,
     ensure_data,
     list_images,
     load_split,
     make_loaders,
+    stream_split,
     to_input,
     train_transform,
+    usable_cpus,
 )
 from tl.errors import UserError
 from tl.eval import evaluate
@@ -126,13 +129,19 @@ def setup(cfg: Config, accelerator: Accelerator, out: Path, resuming: bool) -> t
     if resuming:  # before the slow decoding: a resume that cannot be exact is refused now
         checkpointer.check_resumable(out / rundir.STATE, cfg.epochs)
 
+    node_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    mode, why = choose_data_mode(cfg.data_mode, listing, cfg.image_size, train_size, node_processes)
+    workers = cfg.num_workers if cfg.num_workers >= 0 else \
+        0 if mode == "memory" else max(1, usable_cpus() // node_processes)
+    accelerator.print(f"data: {mode} ({why}), {workers} DataLoader worker(s) per process")
+    load = load_split if mode == "memory" else stream_split
     # Train images are kept big enough for both the train crop and the feature cache's center view.
-    train_split = load_split(listing.train, max(cfg.image_size, train_size), True, main, cfg.strict_images)
-    val_split = load_split(listing.val, cfg.image_size, False, main, cfg.strict_images)
+    train_split = load(listing.train, max(cfg.image_size, train_size), True, main, cfg.strict_images)
+    val_split = load(listing.val, cfg.image_size, False, main, cfg.strict_images)
     train_set = ImageSet(train_split, train_transform(train_size), seed=cfg.seed)
     val_set = ImageSet(val_split)
     val_targets = torch.tensor(val_split.targets)
-    train_loader, sampler, val_loader = make_loaders(train_set, val_set, cfg.batch_size, cfg.num_workers, cfg.seed,
+    train_loader, sampler, val_loader = make_loaders(train_set, val_set, cfg.batch_size, workers, cfg.seed,
                                                      rank, world, not frozen)
     model = model.to(memory_format=torch.channels_last)
     cached = net is not model
@@ -141,7 +150,7 @@ def setup(cfg: Config, accelerator: Accelerator, out: Path, resuming: bool) -> t
         t0 = time.perf_counter()
         model.to(accelerator.device).eval()
         shown = ImageSet(train_split, lambda x: center_view(x, cfg.image_size))
-        features = [backbone_features(model, head_name, images, val_loader.batch_size, accelerator)
+        features = [backbone_features(model, head_name, images, val_loader.batch_size, accelerator, workers)
                     for images in (shown, val_set)]
         train_set = TensorDataset(features[0], torch.tensor(train_split.targets))
         train_loader, sampler, val_loader = make_loaders(train_set, TensorDataset(features[1], val_targets),

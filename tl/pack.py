@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from tl.data import list_images, usable_cpus
@@ -62,6 +62,8 @@ def read_checked(path: str) -> bytes | Exception:
             data = f.read()
         check_image(data)
         return data
+    except UnidentifiedImageError:
+        return UnidentifiedImageError("cannot identify image file")  # PIL's names an anonymous BytesIO
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
         return e  # SyntaxError: some PIL plugins' "not a ... file"
 
@@ -71,9 +73,11 @@ class HashingFile:
 
     def __init__(self, path: Path):
         self.f = open(path, "wb")  # noqa: SIM115  closed in close()
-        self.md5, self.size = hashlib.md5(), 0
+        self.md5, self.size, self.aborted = hashlib.md5(), 0, False
 
     def write(self, b) -> int:
+        if self.aborted:  # the tar writer's last words after a failure: the file is being deleted
+            return len(b)
         self.md5.update(b)
         self.size += len(b)
         return self.f.write(b)
@@ -81,6 +85,10 @@ class HashingFile:
     def close(self):
         self.f.flush()
         os.fsync(self.f.fileno())
+        self.f.close()
+
+    def abort(self):
+        self.aborted = True
         self.f.close()
 
 
@@ -122,6 +130,16 @@ class SplitWriter:
     def close(self) -> list[dict]:
         self._close()
         return self.shards
+
+    def abort(self) -> None:
+        """After a failure (a full disk, a signal): close without writing anything more."""
+        if self.writer is not None:
+            self.file.abort()
+            try:
+                self.writer.close()
+            except Exception:  # noqa: BLE001
+                pass
+            self.writer = None
 
 
 def write_json(path: Path, obj) -> None:
@@ -191,6 +209,7 @@ def pack(src, dst, shard_size_mb: float = 256, workers: int | None = None, progr
     if check_dst(src, dst, listing.classes, listing.fingerprint):
         meta = read_meta(dst)
         return {**meta, "already_packed": True}
+    created = not dst.exists()
     try:
         dst.mkdir(parents=True, exist_ok=True)
         remove_stale_tmp(dst)
@@ -211,6 +230,8 @@ def pack(src, dst, shard_size_mb: float = 256, workers: int | None = None, progr
                         "DST was left as it was: free space or pass a DST on another disk") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created and not (dst / PACK_FILE).exists():  # a failed start leaves no folder it made
+            shutil.rmtree(dst, ignore_errors=True)
     return meta
 
 
@@ -244,19 +265,23 @@ def _write(src: Path, dst: Path, tmp: Path, listing, max_bytes: int, workers: in
             bar.set_description(f"pack {split}")
             writer = SplitWriter(tmp, split, max_bytes)
             runs, unreadable, count = [], [], 0
-            for (path, target), data in zip(samples, _read_ahead([p for p, _ in samples], workers)):
-                bar.update()
-                rel = Path(os.path.relpath(path, src)).as_posix()
-                if isinstance(data, Exception):
-                    unreadable.append({"path": rel, "error": str(data) or type(data).__name__})
-                    continue
-                writer.write(count, Path(path).suffix.lower().lstrip("."), data, target)
-                count += 1
-                if runs and runs[-1][0] == target:
-                    runs[-1][1] += 1
-                else:
-                    runs.append([target, 1])
-            shards = writer.close()
+            try:
+                for (path, target), data in zip(samples, _read_ahead([p for p, _ in samples], workers)):
+                    bar.update()
+                    rel = Path(os.path.relpath(path, src)).as_posix()
+                    if isinstance(data, Exception):
+                        unreadable.append({"path": rel, "error": str(data) or type(data).__name__})
+                        continue
+                    writer.write(count, Path(path).suffix.lower().lstrip("."), data, target)
+                    count += 1
+                    if runs and runs[-1][0] == target:
+                        runs[-1][1] += 1
+                    else:
+                        runs.append([target, 1])
+                shards = writer.close()
+            except BaseException:
+                writer.abort()
+                raise
             if not count:
                 raise UserError(f"none of the {len(samples)} files in {src / split} is a readable image "
                                 f"({unreadable[0]['path']}: {unreadable[0]['error']}, ...); check the files")

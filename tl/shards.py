@@ -242,6 +242,7 @@ class PackedSplit(Dataset):
                 ds = ShardListDataset([dict(s) for s in shards], transformations=[], lru_size=len(shards),
                                       localname=lambda url: url)
             ds.cache = _InPlaceShards(len(shards))
+            ds.check_cache_misses = lambda: None  # its warning (on stdout) is about its own copying cache
             self._ds = ds
         return self._ds
 
