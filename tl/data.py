@@ -1,9 +1,10 @@
-"""Data: fetch the ImageFolder set, decode every image once into memory, shard it per process.
+"""Data: fetch and list the ImageFolder set, decode it (once into memory, or every epoch when
+streaming), shard it per process.
 
-Images are decoded a single time and kept as uint8 tensors: val images already resized and
-center-cropped (deterministic), train images at most 2x the crop size on their shorter side so
-each epoch's RandomResizedCrop+flip is a cheap tensor op. Normalization happens on the device.
-This suits data sets that fit in RAM (hymenoptera: about 60 MB); see the README for larger ones.
+Decoding gives uint8 tensors: val images resized and center-cropped (deterministic), train images
+at most 2x the crop size on their shorter side, so each epoch's RandomResizedCrop+flip is a cheap
+tensor op; normalization happens on the device. `memory` keeps every decoded image (hymenoptera:
+about 150 MB a process); `stream` decodes in DataLoader workers every epoch, the same pixels.
 """
 
 import hashlib
