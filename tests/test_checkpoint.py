@@ -49,6 +49,7 @@ def wait_for_epochs(out, n, proc, timeout=300):
     ("finetune", []),
     ("feature-extract", ["--feature-cache", "off"]),
     ("feature-extract", ["--epochs", "300"]),  # cached features: epochs take milliseconds
+    ("finetune", ["--augment", "device"]),  # batched crops on the device (the CPU here), seeded per epoch and rank
 ])
 @pytest.mark.slow
 def test_sigkill_at_a_random_moment_then_resume_matches_an_uninterrupted_run(tmp_path, data, mode, extra):

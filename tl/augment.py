@@ -143,5 +143,15 @@ class DeviceAugment:
         self.generator.manual_seed(int.from_bytes(digest[:8], "little"))
 
     def __call__(self, batch: torch.Tensor, heights: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+        heights, widths = (t.to(self.device, non_blocking=True) for t in (heights, widths))
         return batch_augment(batch.to(self.device, non_blocking=True), heights, widths, self.size,
                              self.generator, self.mean, self.std, self.scale, self.ratio)
+
+    def preview(self, images: list[torch.Tensor], epoch: int) -> list[torch.Tensor]:
+        """Crops and flips of these images as this augmentation makes them at `epoch`, back in uint8
+        (batch.png). The generator is left reseeded for the epoch."""
+        self.set_epoch(epoch)
+        x = self(*pad_batch(images))
+        self.set_epoch(epoch)
+        x = (x * self.std.view(1, 3, 1, 1) + self.mean.view(1, 3, 1, 1)).mul(255).round().clamp(0, 255)
+        return list(x.to(torch.uint8).contiguous().cpu())

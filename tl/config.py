@@ -13,7 +13,7 @@ MODES = ("finetune", "feature-extract")
 # and process count); the others may change: the data may move, more epochs may follow, W&B and
 # the worker count do not change the numbers.
 IDENTITY = ("model", "mode", "weights", "image_size", "seed")
-RECIPE = ("batch_size", "lr", "momentum", "step_size", "gamma", "train_size", "feature_cache", "compile")
+RECIPE = ("batch_size", "lr", "momentum", "step_size", "gamma", "train_size", "feature_cache", "compile", "augment")
 RESUME_FREE = ("data_dir", "data_zip", "data_mode", "epochs", "strict_images", "precision", "output_dir", "resume",
                "overwrite", "wandb", "wandb_project", "wandb_entity", "wandb_name", "wandb_log_model", "num_workers")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
@@ -52,6 +52,9 @@ class Config:
                            "stays at --image-size; check the accuracy (see the README's Speed section)")
     precision: str = _opt("auto", "mixed precision; auto: the accelerate config's choice, else "
                           "bf16 where the GPU or CPU supports it, else fp32", choices=PRECISIONS)
+    augment: str = _opt("auto", "where train images are cropped, flipped and normalized: cpu (image by image, in the "
+                        "loader), device (batched on the GPU: one roi_align crop-resize, same crop distribution); "
+                        "auto: device on CUDA, else cpu", choices=("auto", "cpu", "device"))
     compile: bool = _opt(False, "torch.compile what trains: on GPUs faster once compiled (a minute or so), on "
                          "CPUs rarely worth the wait; compiled kernels round differently, so a resume keeps the choice")
     output_dir: str | None = _opt(None, "where the run's files go; default: runs/<mode>-<time>")

@@ -383,7 +383,7 @@ def train_transform(image_size: int):
 
 
 def make_loaders(train_set: Dataset, val_set: Dataset, batch_size: int, num_workers: int, seed: int,
-                 rank: int, world: int, batchnorm_training: bool = False):
+                 rank: int, world: int, batchnorm_training: bool = False, collate_fn=None):
     """Train: shuffled and sharded by DistributedSampler (call set_epoch on it and on an ImageSet
     every epoch). Val: a strided shard per process with no padding, so every image counts once."""
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed)
@@ -391,7 +391,7 @@ def make_loaders(train_set: Dataset, val_set: Dataset, batch_size: int, num_work
     drop_last = batchnorm_training and len(sampler) % batch_size == 1 and len(sampler) > 1
     # No persistent workers: fresh ones each epoch get the dataset's new epoch (set_epoch).
     train_loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                              drop_last=drop_last, pin_memory=torch.cuda.is_available())
+                              drop_last=drop_last, pin_memory=torch.cuda.is_available(), collate_fn=collate_fn)
     val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world)), batch_size=max(batch_size, 32),
                             num_workers=num_workers)
     return train_loader, sampler, val_loader

@@ -20,6 +20,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from tl import run as rundir
+from tl.augment import DeviceAugment
+from tl.augment import collate as padded_batches
 from tl.checkpoint import Checkpointer, Identity, Progress
 from tl.config import Config
 from tl.data import (
@@ -93,6 +95,7 @@ class Setup:
     val_loader: DataLoader
     val_targets: torch.Tensor
     shown: ImageSet  # what the model sees, before normalization (batch.png)
+    device_augment: DeviceAugment | None  # crops, flips and normalizes batches on the device
     val_images: list[torch.Tensor]
     num_train: int
     skipped: list[str]
@@ -117,7 +120,9 @@ def setup(cfg: Config, accelerator: Accelerator, out: Path, resuming: bool) -> t
     with accelerator.local_main_process_first():  # one weights download per node
         model, head_name = build_model(cfg.model, cfg.weights, len(listing.classes), cfg.mode)
     train_size = cfg.train_size or cfg.image_size
-    recipe = cfg.recipe() | {"train_size": train_size, "precision": accelerator.mixed_precision, "processes": world}
+    augment = cfg.augment if cfg.augment != "auto" else "device" if accelerator.device.type == "cuda" else "cpu"
+    recipe = cfg.recipe() | {"train_size": train_size, "precision": accelerator.mixed_precision, "processes": world,
+                             "augment": augment}
     identity = Identity(model=cfg.model, mode=cfg.mode, classes=listing.classes,
                         base_weights=weights_id(cfg.weights, cfg.model), weights=cfg.weights, head=head_name,
                         image_size=cfg.image_size, seed=cfg.seed, data=listing.fingerprint, recipe=recipe)
@@ -138,13 +143,16 @@ def setup(cfg: Config, accelerator: Accelerator, out: Path, resuming: bool) -> t
     # Train images are kept big enough for both the train crop and the feature cache's center view.
     train_split = load(listing.train, max(cfg.image_size, train_size), True, main, cfg.strict_images)
     val_split = load(listing.val, cfg.image_size, False, main, cfg.strict_images)
-    train_set = ImageSet(train_split, train_transform(train_size), seed=cfg.seed)
+    cached = net is not model
+    on_device = augment == "device" and not cached
+    device_augment = DeviceAugment(train_size, accelerator.device, cfg.seed, rank) if on_device else None
+    # On the device: the loader only pads each batch's uint8 images; crops come in one batched kernel.
+    train_set = ImageSet(train_split, None if on_device else train_transform(train_size), seed=cfg.seed)
     val_set = ImageSet(val_split)
     val_targets = torch.tensor(val_split.targets)
-    train_loader, sampler, val_loader = make_loaders(train_set, val_set, cfg.batch_size, workers, cfg.seed,
-                                                     rank, world, not frozen)
+    train_loader, sampler, val_loader = make_loaders(train_set, val_set, cfg.batch_size, workers, cfg.seed, rank,
+                                                     world, not frozen, padded_batches if on_device else None)
     model = model.to(memory_format=torch.channels_last)
-    cached = net is not model
     shown = train_set
     if cached:  # a frozen backbone always gives the same features: compute them once
         t0 = time.perf_counter()
@@ -159,8 +167,8 @@ def setup(cfg: Config, accelerator: Accelerator, out: Path, resuming: bool) -> t
                           f"and {len(val_split.images)} val images in {time.perf_counter() - t0:.1f}s")
     checkpointer.best_meta = {"mixed_precision": accelerator.mixed_precision, "eval_batch_size": val_loader.batch_size}
     setup = Setup(identity, model, net, optimizer, scheduler, train_set, sampler, train_loader, val_loader, val_targets,
-                  shown, val_split.images, len(train_split.images), train_split.skipped + val_split.skipped, frozen,
-                  cached)
+                  shown, device_augment, val_split.images, len(train_split.images),
+                  train_split.skipped + val_split.skipped, frozen, cached)
     return setup, checkpointer
 
 
@@ -168,7 +176,8 @@ AGREE_EVERY = 16  # steps between the processes' one host sync: a stop signal, a
 NO_BAD_STEP = -(1 << 40)
 
 
-def train_epoch(model, loader, optimizer, accelerator, stopper: Stopper, epoch: int, epochs: int):
+def train_epoch(model, loader, optimizer, accelerator, stopper: Stopper, epoch: int, epochs: int,
+                augment: DeviceAugment | None = None):
     """One pass over this process's shard; returns loss, accuracy and images over all processes.
 
     The steps queue work on the device without waiting for it: totals stay on the device, and every
@@ -182,7 +191,7 @@ def train_epoch(model, loader, optimizer, accelerator, stopper: Stopper, epoch: 
     images, last = 0, len(loader)
     bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", disable=not accelerator.is_main_process, leave=False)
     for step, (x, y) in enumerate(bar, 1):
-        x, y = to_input(x, device), y.to(device, non_blocking=True)
+        x, y = augment(*x) if augment else to_input(x, device), y.to(device, non_blocking=True)
         logits = model(x)
         loss = F.cross_entropy(logits, y)
         bad = torch.where(torch.isfinite(loss) | (bad != NO_BAD_STEP), bad, -step)
@@ -212,9 +221,12 @@ def run_epoch(s: Setup, net, optimizer, accelerator, stopper: Stopper, epoch: in
     s.sampler.set_epoch(epoch)
     if hasattr(s.train_set, "set_epoch"):
         s.train_set.set_epoch(epoch)  # each image's augmentation comes from (seed, epoch, index)
+    if s.device_augment:
+        s.device_augment.set_epoch(epoch)  # or, on the device, from (seed, epoch, rank)
     lr = optimizer.param_groups[0]["lr"]
     net.train(not s.frozen)  # frozen: BatchNorm statistics stay the base's
-    train_loss, train_acc, n_train = train_epoch(net, s.train_loader, optimizer, accelerator, stopper, epoch, epochs)
+    train_loss, train_acc, n_train = train_epoch(net, s.train_loader, optimizer, accelerator, stopper, epoch, epochs,
+                                                 s.device_augment)
     train_seconds = time.perf_counter() - t0
     s.scheduler.step()
     net.eval()
@@ -275,8 +287,10 @@ def announce(cfg: Config, s: Setup, run: RunDir, net, accelerator, resumed_after
     s.sampler.set_epoch(1)
     s.shown.set_epoch(1)
     first = [s.shown[i] for i in list(s.sampler)[:8]]
-    save_image_grid([x for x, _ in first], [s.identity.classes[y] for _, y in first],
-                    run.file(rundir.PICTURES["batch"]))
+    images = [x for x, _ in first]
+    if s.device_augment:  # the crops of the device's kind (the same distribution as the epoch's)
+        images = s.device_augment.preview(images, 1)
+    save_image_grid(images, [s.identity.classes[y] for _, y in first], run.file(rundir.PICTURES["batch"]))
     print(f"{cfg.mode} {cfg.model} on {s.num_train} train / {len(s.val_targets)} val images "
           f"({cfg.image_size if s.cached else s.identity.recipe['train_size']} px train crops, {cfg.image_size} px "
           f"val), classes {s.identity.classes}, {accelerator.num_processes} process(es) on {accelerator.device}, "

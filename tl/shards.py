@@ -31,10 +31,12 @@ import io
 import json
 import re
 import resource
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -189,7 +191,7 @@ class _InPlaceShards:
             self.misses += 1
             try:
                 shard = IndexedTarSamples(path=url)  # mmap (the mmap holds its own descriptor)
-            except (OSError, ValueError) as e:  # ValueError: mmap of an empty file, a bad tar header
+            except (OSError, ValueError, struct.error, AssertionError) as e:  # an empty file, a bad header
                 raise UserError(f"cannot read shard {url} ({e}); copy the pack again, or pack the source "
                                 "again with python -m tl.pack") from None
             shard.stream.close()
@@ -253,7 +255,14 @@ class PackedSplit(Dataset):
         if not -n <= i < n:
             raise IndexError(f"index {i} out of range for {n} {self.split} samples")
         i %= n
-        sample = self._dataset()[i]
+        ds = self._dataset()
+        try:
+            sample = ds[i]
+        except (IndexError, KeyError, AssertionError, ValueError) as e:  # a shard with fewer samples than indexed
+            shard = ds.shards[int(np.searchsorted(ds.cum_lengths, i, side="right"))]["url"]
+            raise UserError(f"shard {shard} does not hold the samples its index lists ({type(e).__name__}: {e}): "
+                            "the pack is damaged; copy it again, or pack the source again with python -m tl.pack"
+                            ) from None
         if sample.get("__key__") != sample_key(i):
             raise UserError(f"shard {sample.get('__shard__')} holds sample {sample.get('__key__')!r} where "
                             f"{sample_key(i)!r} belongs: the pack is damaged; pack the source again")
@@ -302,7 +311,11 @@ def load_packed_split(path, split: str, image_size: int, train: bool, main: bool
     from tl.data import Split, usable_cpus
 
     ds = PackedSplit(path, split, info)
-    out = Split([], [], [], skipped=list(ds.info.unreadable[split]))
+    left_out = ds.info.unreadable[split]
+    if strict and left_out:
+        raise UserError(f"the pack {path} left out {len(left_out)} unreadable {split} image(s) of its source (e.g. "
+                        f"{left_out[0]}); fix or remove them in the source and pack it again, or drop --strict-images")
+    out = Split([], [], [], skipped=list(left_out))
     workers = usable_cpus()
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
