@@ -167,3 +167,42 @@ def test_resume_refuses_a_state_from_another_setup(tmp_path, data):
     again = run_cli("train.py", "--data-dir", str(data), "--output-dir", str(out), *ARGS)
     assert again.returncode == 2 and "already holds a run" in again.stderr
     assert (out / "state.safetensors").read_bytes() == before  # nothing saved was touched
+
+
+@pytest.fixture(scope="module")
+def long_epochs(tmp_path_factory):
+    return make_imagefolder(tmp_path_factory.mktemp("mid") / "d", n_train=100, n_val=10)  # 50 steps at batch 4
+
+
+MID = ["--epochs", "2", "--image-size", "32", "--batch-size", "4", "--weights", "none", "--num-workers", "2"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["SIGKILL after a --save-every state", "SIGINT"])
+def test_a_run_stopped_inside_an_epoch_resumes_there_exactly(tmp_path, long_epochs, how):
+    ref = tmp_path / "ref"
+    assert run_cli("train.py", "--data-dir", str(long_epochs), "--output-dir", str(ref), *MID).returncode == 0
+    out = tmp_path / "run"
+    extra = ["--save-every", "0.0001"] if how.startswith("SIGKILL") else []  # every agreement point: 16 steps
+    cmd = [sys.executable, str(ROOT / "train.py"), "--data-dir", str(long_epochs), "--output-dir", str(out), *MID,
+           *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if how.startswith("SIGKILL"):
+        deadline = time.time() + 300
+        while not ((out / "state.safetensors").exists()
+                   and checkpoint.read_metadata(out / "state.safetensors")["step"] > 0):
+            assert time.time() < deadline and proc.poll() is None, "no state inside an epoch was saved"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    else:
+        wait_for_epochs(out, 1, proc)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and "--resume" in stderr, stderr[-2000:]
+    meta = checkpoint.read_metadata(out / "state.safetensors")
+    assert meta["step"] > 0 or how == "SIGINT"  # a SIGINT on an epoch's last steps waits for its end
+    resumed = run_cli("train.py", "--data-dir", str(long_epochs), "--output-dir", str(out), *MID, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert metrics_without_timings(out) == metrics_without_timings(ref)
+    assert (out / "best.safetensors").read_bytes() == (ref / "best.safetensors").read_bytes()

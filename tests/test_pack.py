@@ -14,10 +14,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import tl.pack
-from tl.data import decode, list_images, load_split
+from tl.data import ImageSet, decode, list_images, load_split
 from tl.errors import UserError
 from tl.pack import pack
-from tl.shards import PackedSplit, decode_bytes, is_pack, load_packed_split, open_pack
+from tl.shards import PackedSplit, decode_bytes, is_pack, load_packed_split, open_pack, stream_packed_split
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +39,10 @@ def test_read_back_bytes_classes_and_order(src, packed):
     assert is_pack(packed) and not is_pack(src)
     assert info.classes == listing.classes == ["ant", "bee", "cat"]
     assert info.fingerprint == listing.fingerprint  # a run on the folder and one on its pack agree
+    as_listing = info.listing()
+    assert as_listing.fingerprint == listing.fingerprint and as_listing.classes == listing.classes
+    assert [c for _, c in as_listing.train] == [c for _, c in listing.train]
+    assert as_listing.val[4][0] == f"{packed.absolute()}/val-000000.tar#00000004"
     assert info.counts == {"train": 24, "val": 9}
     for split in ("train", "val"):
         ds = PackedSplit(packed, split)
@@ -106,6 +110,10 @@ def test_unreadable_files_are_listed_not_packed(tmp_path, capsys):
     assert all(torch.equal(a, b) for a, b in zip(packed_split.images, split.images))
     with pytest.raises(UserError, match="left out 2 unreadable train image.*drop --strict-images"):
         load_packed_split(tmp_path / "dst", "train", 64, True, False, strict=True)
+    streamed = stream_packed_split(tmp_path / "dst", "train", 64, True, False)
+    assert streamed.paths == packed_split.paths and streamed.skipped == unreadable
+    assert streamed.targets == split.targets and len(streamed.images) == len(split.images)
+    assert all(torch.equal(streamed.images[i], split.images[i]) for i in range(len(split.images)))
 
 
 def test_many_unreadable_files_give_one_warning(tmp_path):
@@ -157,6 +165,9 @@ def test_distributed_sampler_covers_each_index_once(packed):
                     seen.append((data, target))
         assert len(seen) == 24
         assert sorted(seen) == sorted(ds[i] for i in range(24))  # each sample exactly once
+    streamed = ImageSet(stream_packed_split(packed, "val", 64, False, False))  # decoded in 2 workers
+    batches = [x for x, _ in DataLoader(streamed, batch_size=4, num_workers=2)]
+    assert torch.equal(torch.cat(batches), torch.stack(load_packed_split(packed, "val", 64, False, False).images))
     val = PackedSplit(packed, "val")
     shards = [Subset(val, range(rank, len(val), 2)) for rank in range(2)]  # tl's strided val shards
     assert sorted(x for s in shards for x in s) == sorted(val[i] for i in range(len(val)))
@@ -226,7 +237,12 @@ def test_full_disk_leaves_dst_as_it_was(src, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="the disk is full") as e:
         pack(src, dst, progress=False)
     assert "\n" not in str(e.value)
-    assert list(dst.iterdir()) == []  # no temp folder left
+    assert not dst.exists()  # the folder it made is removed
+    dst.mkdir()
+    (dst / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="the disk is full"):
+        pack(src, dst, progress=False)
+    assert [p.name for p in dst.iterdir()] == ["notes.txt"]  # no temp folder left
 
 
 def test_stale_temp_folder_of_a_killed_pack_is_removed(src, tmp_path):

@@ -73,6 +73,8 @@ class Progress:
     best_confidence: list[float] = field(default_factory=list)  # and its probability
     seconds: float = 0.0
     history: list[dict] = field(default_factory=list)  # every epoch's metrics row
+    step: int = 0  # batches of epoch `epoch + 1` done when saved mid-epoch, else 0
+    partial: list[list[float]] = field(default_factory=list)  # each process's running loss sum, correct, images
 
 
 def save(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
@@ -119,10 +121,12 @@ def identity_of(path, meta: dict) -> Identity:
                         "it is damaged: use an intact copy") from None
 
 
-def save_state(path, model_tensors: dict, optimizer: torch.optim.Optimizer, scheduler, metadata: dict) -> None:
-    """The full training state: optimizer tensors under optimizer.<param>.<name>, the rest as JSON."""
+def save_state(path, model_tensors: dict, optimizer: torch.optim.Optimizer, scheduler, metadata: dict,
+               extra: dict[str, torch.Tensor] | None = None) -> None:
+    """The full training state: optimizer tensors under optimizer.<param>.<name>, `extra` tensors
+    (random generator states of a mid-epoch save) under extra.<name>, the rest as JSON."""
     opt = optimizer.state_dict()
-    tensors = {f"model.{k}": v for k, v in model_tensors.items()}
+    tensors = {f"model.{k}": v for k, v in model_tensors.items()} | {f"extra.{k}": v for k, v in (extra or {}).items()}
     scalars = {}
     for idx, state in opt["state"].items():
         for name, value in state.items():
@@ -135,8 +139,10 @@ def save_state(path, model_tensors: dict, optimizer: torch.optim.Optimizer, sche
 
 
 def load_state(path) -> tuple[dict, dict, dict, dict]:
-    """Inverse of save_state: model tensors, optimizer state_dict, scheduler state_dict, metadata."""
+    """Inverse of save_state: model tensors, optimizer state_dict, scheduler state_dict, metadata
+    (with the extra tensors under meta["extra"])."""
     tensors, meta = load(path)
+    meta["extra"] = {k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")}
     try:
         model = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
         state: dict[int, dict] = {}
@@ -178,6 +184,7 @@ class Checkpointer:
         self.optimizer, self.scheduler, self.best_meta = optimizer, scheduler, best_meta
         self.frozen = identity.mode == "feature-extract"
         self.progress = Progress()
+        self.extra: dict[str, torch.Tensor] = {}  # a mid-epoch state's generator states, per process
 
     def trained(self) -> dict[str, torch.Tensor]:
         """What this mode trains: every tensor, or only the head's."""
@@ -215,6 +222,7 @@ class Checkpointer:
             self.scheduler.load_state_dict(scheduler_state)
             names = [f.name for f in dataclasses.fields(Progress)]
             self.progress = Progress(**{k: meta[k] for k in names})
+            self.extra = meta["extra"]
             if len(self.progress.history) != self.progress.epoch:
                 raise ValueError(f"it records {len(self.progress.history)} metrics rows for {self.progress.epoch} "
                                  "epochs")
@@ -235,7 +243,7 @@ class Checkpointer:
         and redoes work past the state). Returns whether the epoch is the best so far."""
         p = self.progress
         improved = row["val_acc"] > p.best_val_acc
-        p.epoch, p.history = row["epoch"], [*p.history, row]
+        p.epoch, p.history, p.step, p.partial = row["epoch"], [*p.history, row], 0, []
         p.seconds = wall_seconds
         if improved:
             p.best_val_acc, p.best_epoch = row["val_acc"], row["epoch"]
@@ -252,3 +260,17 @@ class Checkpointer:
                    self.identity.meta() | dataclasses.asdict(p))
         self.run.epoch_saved()
         return improved
+
+    def save_step(self, step: int, partial: list[list[float]], generators: dict[str, torch.Tensor],
+                  wall_seconds: float) -> None:
+        """Inside an epoch (--save-every, or a stop signal): the state after `step` batches of the epoch
+        after `progress.epoch`, with each process's running totals and generator states, so a resume
+        continues at the next batch as if nothing had happened."""
+        p = self.progress
+        p.step, p.partial, p.seconds = step, partial, wall_seconds
+        if self.run is None:
+            return
+        self.run.check_lock()
+        save_state(self.run.file(rundir.STATE), self.trained(), self.optimizer, self.scheduler,
+                   self.identity.meta() | dataclasses.asdict(p), generators)
+        self.run.epoch_saved()

@@ -14,8 +14,9 @@ MODES = ("finetune", "feature-extract")
 # the worker count do not change the numbers.
 IDENTITY = ("model", "mode", "weights", "image_size", "seed")
 RECIPE = ("batch_size", "lr", "momentum", "step_size", "gamma", "train_size", "feature_cache", "compile", "augment")
-RESUME_FREE = ("data_dir", "data_zip", "data_mode", "epochs", "strict_images", "precision", "output_dir", "resume",
-               "overwrite", "wandb", "wandb_project", "wandb_entity", "wandb_name", "wandb_log_model", "num_workers")
+RESUME_FREE = ("data_dir", "data_zip", "data_mode", "save_every", "epochs", "strict_images", "precision", "output_dir",
+               "resume", "overwrite", "wandb", "wandb_project", "wandb_entity", "wandb_name", "wandb_log_model",
+               "num_workers")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 
 
@@ -55,6 +56,8 @@ class Config:
     augment: str = _opt("auto", "where train images are cropped, flipped and normalized: cpu (image by image, in the "
                         "loader), device (batched on the GPU: one roi_align crop-resize, same crop distribution); "
                         "auto: device on CUDA, else cpu", choices=("auto", "cpu", "device"))
+    save_every: float = _opt(0.0, "also save the training state inside an epoch every this many minutes (0: at "
+                             "the end of each epoch only); a stop signal always saves at the step where it stops")
     compile: bool = _opt(False, "torch.compile what trains: on GPUs faster once compiled (a minute or so), on "
                          "CPUs rarely worth the wait; compiled kernels round differently, so a resume keeps the choice")
     output_dir: str | None = _opt(None, "where the run's files go; default: runs/<mode>-<time>")
@@ -95,6 +98,8 @@ class Config:
             raise UserError("--resume needs --output-dir naming the run to continue")
         if self.train_size < 0:
             raise UserError(f"--train-size must be positive, or 0 for --image-size, got {self.train_size}")
+        if self.save_every < 0:
+            raise UserError(f"--save-every must be 0 (off) or a number of minutes, got {self.save_every}")
         if self.num_workers < -1:
             raise UserError(f"--num-workers must be 0 or more, or -1 for the default, got {self.num_workers}")
         return self

@@ -397,6 +397,14 @@ def make_loaders(train_set: Dataset, val_set: Dataset, batch_size: int, num_work
     return train_loader, sampler, val_loader
 
 
+def skip_batches(loader: DataLoader, sampler, batches: int) -> DataLoader:
+    """The same epoch's loader without its first `batches` batches (a resume inside an epoch): the
+    sampler's order for the epoch and the per-image seeds make the rest exactly what it would be."""
+    indices = list(sampler)[batches * loader.batch_size:]
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=indices, num_workers=loader.num_workers,
+                      drop_last=loader.drop_last, pin_memory=loader.pin_memory, collate_fn=loader.collate_fn)
+
+
 def to_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A batch -> model input on the device: uint8 NCHW images become normalized float, channels_last
     for faster convolutions; anything else (cached features) is moved as it is."""

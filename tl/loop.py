@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, gather_object, set_seed
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
@@ -32,6 +32,7 @@ from tl.data import (
     list_images,
     load_split,
     make_loaders,
+    skip_batches,
     stream_split,
     to_input,
     train_transform,
@@ -177,7 +178,8 @@ NO_BAD_STEP = -(1 << 40)
 
 
 def train_epoch(model, loader, optimizer, accelerator, stopper: Stopper, epoch: int, epochs: int,
-                augment: DeviceAugment | None = None):
+                augment: DeviceAugment | None = None, start: int = 0, partial=(0.0, 0, 0), save=None,
+                save_every_s: float = 0.0):
     """One pass over this process's shard; returns loss, accuracy and images over all processes.
 
     The steps queue work on the device without waiting for it: totals stay on the device, and every
@@ -186,11 +188,13 @@ def train_epoch(model, loader, optimizer, accelerator, stopper: Stopper, epoch: 
     run stops before the epoch is saved, so nothing saved ever holds it.
     """
     device = accelerator.device
-    loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
+    loss_sum = torch.tensor(float(partial[0]), device=device)  # a resume inside the epoch goes on from its totals
+    correct = torch.tensor(int(partial[1]), device=device, dtype=torch.long)
     bad = torch.full((), NO_BAD_STEP, device=device, dtype=torch.long)  # -(first non-finite step)
-    images, last = 0, len(loader)
-    bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", disable=not accelerator.is_main_process, leave=False)
-    for step, (x, y) in enumerate(bar, 1):
+    images, last, saved_at = int(partial[2]), start + len(loader), time.monotonic()
+    bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", disable=not accelerator.is_main_process, leave=False,
+               initial=start, total=last)
+    for step, (x, y) in enumerate(bar, start + 1):
         x, y = augment(*x) if augment else to_input(x, device), y.to(device, non_blocking=True)
         logits = model(x)
         loss = F.cross_entropy(logits, y)
@@ -202,11 +206,17 @@ def train_epoch(model, loader, optimizer, accelerator, stopper: Stopper, epoch: 
         correct += (logits.argmax(1) == y).sum()
         images += len(y)
         if step % AGREE_EVERY == 0 or step == last:
-            signum, first_bad = stopper.agree(bad)
+            due = accelerator.is_main_process and 0 < save_every_s <= time.monotonic() - saved_at
+            signum, first_bad, save_now = stopper.agree(bad, torch.tensor(int(due)))
             if first_bad != NO_BAD_STEP:
                 raise UserError(f"the loss became non-finite (nan or inf) at epoch {epoch}, step {-first_bad}; lower "
                                 "--lr, or look for broken images or labels; epochs before this one are saved "
                                 "(--resume)")
+            if step == last:
+                break  # the epoch's end saves it; a stop signal is honoured after that
+            if (signum or save_now) and save:
+                save(step, [loss_sum.item(), int(correct.item()), images])  # a host sync only when saving
+                saved_at = time.monotonic()
             if signum:
                 raise StopRequested(signum)
     totals = torch.stack([loss_sum, correct.float(), torch.tensor(float(images), device=device)])
@@ -214,19 +224,51 @@ def train_epoch(model, loader, optimizer, accelerator, stopper: Stopper, epoch: 
     return loss_sum / n, int(correct) / int(n), int(n)
 
 
-def run_epoch(s: Setup, net, optimizer, accelerator, stopper: Stopper, epoch: int, epochs: int, seed: int):
-    """Train one epoch, evaluate every val image once; the metrics row, predictions, probabilities."""
-    t0 = time.perf_counter()
-    set_seed((seed * 10_000 + epoch) * 1_000 + accelerator.process_index)  # dropout and the like, per epoch
+def generator_states(s: Setup) -> dict[str, torch.Tensor]:
+    """This process's random generators in the middle of an epoch (dropout and the like, device crops)."""
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    if s.device_augment:
+        states["augment"] = s.device_augment.generator.get_state()
+    return states
+
+
+def set_generator_states(s: Setup, states: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"])
+    if "augment" in states:
+        s.device_augment.generator.set_state(states["augment"])
+
+
+def run_epoch(s: Setup, net, optimizer, accelerator, stopper: Stopper, epoch: int, cfg: Config,
+              checkpointer: Checkpointer, started: float):
+    """Train one epoch (or the rest of one saved in its middle), evaluate every val image once; the
+    metrics row, predictions, probabilities."""
+    t0, rank = time.perf_counter(), accelerator.process_index
+    set_seed((cfg.seed * 10_000 + epoch) * 1_000 + rank)  # dropout and the like, per epoch
     s.sampler.set_epoch(epoch)
     if hasattr(s.train_set, "set_epoch"):
         s.train_set.set_epoch(epoch)  # each image's augmentation comes from (seed, epoch, index)
     if s.device_augment:
         s.device_augment.set_epoch(epoch)  # or, on the device, from (seed, epoch, rank)
+    p, loader, partial = checkpointer.progress, s.train_loader, (0.0, 0, 0)
+    start = p.step if p.epoch == epoch - 1 else 0
+    if start:  # resuming inside this epoch: its first batches are done
+        loader, partial = skip_batches(loader, s.sampler, start), p.partial[rank]
+        set_generator_states(s, {k.split(".", 1)[1]: v for k, v in checkpointer.extra.items()
+                                 if k.startswith(f"{rank}.")})
+
+    def save(step: int, totals: list) -> None:
+        gathered = gather_object([(totals, generator_states(s))])  # every process's, in rank order
+        generators = {f"{r}.{name}": state for r, (_, states) in enumerate(gathered) for name, state in states.items()}
+        checkpointer.save_step(step, [t for t, _ in gathered], generators, time.perf_counter() - started)
+
     lr = optimizer.param_groups[0]["lr"]
     net.train(not s.frozen)  # frozen: BatchNorm statistics stay the base's
-    train_loss, train_acc, n_train = train_epoch(net, s.train_loader, optimizer, accelerator, stopper, epoch, epochs,
-                                                 s.device_augment)
+    train_loss, train_acc, n_train = train_epoch(net, loader, optimizer, accelerator, stopper, epoch, cfg.epochs,
+                                                 s.device_augment, start, partial, save, cfg.save_every * 60)
     train_seconds = time.perf_counter() - t0
     s.scheduler.step()
     net.eval()
@@ -307,10 +349,14 @@ def stop_message(signum: int, p: Progress | None, run: RunDir | None) -> str:
     name = Stopper.name(signum)
     if run is None or not run.saved:
         return f"stopped by {name} before the first epoch was saved; nothing to keep: run the same command again"
-    done = p.epoch if p else 0  # 0: stopped while resuming, before the saved state was read
-    where = f"during epoch {done + 1}" if done else "during start-up"
-    saved = "epoch 1 is saved" if done == 1 else f"epochs 1-{done} are saved" if done else "its saved epochs are"
-    return f"stopped by {name} {where}; {saved} in {run.path}, continue with the same command plus --resume"
+    done, step = (p.epoch, p.step) if p else (0, 0)  # (0, 0): stopped while resuming, before the state was read
+    if not done and not step:
+        return f"stopped by {name} during start-up; the run in {run.path} is as it was: continue it with --resume"
+    parts = ["epoch 1" if done == 1 else f"epochs 1-{done}"] if done else []
+    parts += [f"epoch {done + 1} up to step {step}"] if step else []
+    verb = "are" if len(parts) > 1 or done > 1 else "is"
+    return (f"stopped by {name} during epoch {done + 1}; {' and '.join(parts)} {verb} saved in {run.path}, continue "
+            "with the same command plus --resume")
 
 
 def train(cfg: Config, stopper: Stopper | None = None) -> tuple[dict, torch.nn.Module]:
@@ -351,8 +397,8 @@ def train(cfg: Config, stopper: Stopper | None = None) -> tuple[dict, torch.nn.M
         stopper.defer(accelerator)
         started -= p.seconds  # a resumed run's wall time includes the earlier attempts
         for epoch in range(p.epoch + 1, cfg.epochs + 1):
-            row, preds, confidence, correct = run_epoch(s, net, optimizer, accelerator, stopper, epoch, cfg.epochs,
-                                                        cfg.seed)
+            row, preds, confidence, correct = run_epoch(s, net, optimizer, accelerator, stopper, epoch, cfg,
+                                                        checkpointer, started)
             improved = checkpointer.end_epoch(row, preds, confidence, correct, time.perf_counter() - started)
             if main:
                 tracker.log_epoch(row)

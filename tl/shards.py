@@ -79,6 +79,27 @@ class PackInfo:
     def targets(self, split: str) -> list[int]:
         return [c for c, n in self.runs[split] for _ in range(n)]
 
+    def names(self, split: str) -> list[str]:
+        """Where each sample is, `DIR/train-000000.tar#00000012` (what a Split's paths hold)."""
+        return [f"{shard['url']}#{sample_key(i)}"
+                for shard, start in zip(self.shards[split], _starts(self.shards[split]))
+                for i in range(start, start + shard["nsamples"])]
+
+    def listing(self):
+        """A tl.data.Listing of the pack (classes, fingerprint, (name, class) per sample; reads no shard),
+        for code written for folders: the run's identity, tl.data.choose_data_mode."""
+        from tl.data import Listing
+        return Listing(self.classes, *([*zip(self.names(s), self.targets(s))] for s in SPLITS),
+                       fingerprint=self.fingerprint)
+
+
+def _starts(shards: list[dict]) -> list[int]:
+    starts, n = [], 0
+    for shard in shards:
+        starts.append(n)
+        n += shard["nsamples"]
+    return starts
+
 
 def _damaged(file: Path, why: str) -> UserError:
     return UserError(f"{file} is damaged ({why}); pack the source again with python -m tl.pack SRC "
@@ -355,3 +376,38 @@ def load_packed_split(path, split: str, image_size: int, train: bool, main: bool
     if not out.images:
         raise UserError(f"none of the {len(ds)} {split} images of the pack {path} is readable; pack the source again")
     return out
+
+
+class PackedImages:
+    """A pack's split decoded on access (in DataLoader workers), like tl.data.LazyImages: item i is
+    decode_bytes of sample i. Every image was fully decoded once when the pack was made."""
+
+    def __init__(self, split: PackedSplit, image_size: int, train: bool):
+        self.split, self.image_size, self.train = split, image_size, train
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, i):
+        sample = self.split.sample(i)
+        data, _ = self.split.unpack(sample)
+        try:
+            return decode_bytes(data, self.image_size, self.train)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise UserError(f"unreadable image {sample['__shard__']}#{sample['__key__']} while streaming ({e}): "
+                            "the pack is damaged; copy it again, or pack the source again with python -m tl.pack"
+                            ) from None
+
+
+def stream_packed_split(path, split: str, image_size: int, train: bool, main: bool, strict: bool = False,
+                        info: PackInfo | None = None):
+    """tl.data.stream_split for a pack: a tl.data.Split whose images decode on access (PackedImages);
+    nothing is read now (the pack checked every image when it was made)."""
+    from tl.data import Split
+
+    ds = PackedSplit(path, split, info)
+    left_out = ds.info.unreadable[split]
+    if strict and left_out:
+        raise UserError(f"the pack {path} left out {len(left_out)} unreadable {split} image(s) of its source (e.g. "
+                        f"{left_out[0]}); fix or remove them in the source and pack it again, or drop --strict-images")
+    return Split(PackedImages(ds, image_size, train), list(ds.targets), ds.info.names(split), skipped=list(left_out))
