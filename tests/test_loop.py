@@ -154,3 +154,24 @@ def test_auto_data_mode_streams_what_would_not_fit(tmp_path):
     imagenet = Listing(["a", "b"], [("x", 0)] * 1_281_167, [("y", 1)] * 50_000, "sha256:0")
     assert choose_data_mode("auto", imagenet, 224, 224, 8)[0] == "stream"
     assert choose_data_mode("memory", imagenet, 224, 224, 8)[0] == "memory"  # asked for: honoured
+
+
+@pytest.mark.slow
+def test_a_packed_set_trains_exactly_like_its_folder_in_both_data_modes(tmp_path, tiny_data):
+    pack = tmp_path / "pack"
+    assert run_cli("-m", "tl.pack", str(tiny_data), str(pack)).returncode == 0
+    outs = {}
+    for name, data, mode in [("folder", tiny_data, "memory"), ("memory", pack, "memory"), ("stream", pack, "stream")]:
+        outs[name] = tmp_path / name
+        proc = run_cli("train.py", "--data-dir", str(data), "--output-dir", str(outs[name]), "--epochs", "2",
+                       "--weights", "none", "--data-mode", mode, *FAST)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+
+    def rows(out):
+        return [{k: v for k, v in r.items() if k not in ("seconds", "train_images_per_s")} for r in read_metrics(out)]
+    assert rows(outs["folder"]) == rows(outs["memory"]) == rows(outs["stream"])
+    assert len({(outs[n] / "best.safetensors").read_bytes() for n in outs}) == 1
+    # The pack's fingerprint is its folder's: a run started on one resumes on the other.
+    more = run_cli("train.py", "--data-dir", str(pack), "--output-dir", str(outs["folder"]), "--epochs", "3",
+                   "--weights", "none", *FAST, "--resume")
+    assert more.returncode == 0 and "resuming after epoch 2" in more.stdout, more.stderr[-2000:]

@@ -28,8 +28,9 @@ def _opt(default, help, **kw):
 class Config:
     mode: str = _opt("finetune", "finetune: train every layer; feature-extract: freeze the "
                      "backbone, train only the new final layer", choices=MODES)
-    data_dir: str = _opt("data/hymenoptera_data", "ImageFolder root holding train/ and val/ "
-                         "with the same class folders (the tutorial's set is downloaded there if missing)")
+    data_dir: str = _opt("data/hymenoptera_data", "an ImageFolder root holding train/ and val/ with the same "
+                         "class folders (the tutorial's set is downloaded there if missing), or a packed set "
+                         "(python -m tl.pack)")
     data_zip: str | None = _opt(None, "local zip of the data set, extracted next to --data-dir "
                                 "when that is missing (for machines without internet)")
     model: str = _opt("resnet18", "any torchvision classification model name")

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from tl import run as rundir
+from tl import shards
 from tl.augment import DeviceAugment
 from tl.augment import collate as padded_batches
 from tl.checkpoint import Checkpointer, Identity, Progress
@@ -112,7 +113,8 @@ def setup(cfg: Config, accelerator: Accelerator, out: Path, resuming: bool) -> t
     if root.resolve() == out.resolve() or root.resolve() in out.resolve().parents:
         raise UserError(f"--output-dir {out} is inside --data-dir {root}: the run's pictures would become images "
                         "of the next run; pass an --output-dir outside the data set")
-    listing = list_images(root, warn=main)
+    pack = shards.open_pack(root) if shards.is_pack(root) else None  # a packed set (python -m tl.pack)
+    listing = pack.listing() if pack else list_images(root, warn=main)
     frozen = cfg.mode == "feature-extract"
     if frozen and cfg.weights.lower() == "none" and main:
         warnings.warn("feature-extract with --weights none trains a head on a frozen random backbone, which "
@@ -140,10 +142,10 @@ def setup(cfg: Config, accelerator: Accelerator, out: Path, resuming: bool) -> t
     workers = cfg.num_workers if cfg.num_workers >= 0 else \
         0 if mode == "memory" else max(1, usable_cpus() // node_processes)
     accelerator.print(f"data: {mode} ({why}), {workers} DataLoader worker(s) per process")
-    load = load_split if mode == "memory" else stream_split
     # Train images are kept big enough for both the train crop and the feature cache's center view.
-    train_split = load(listing.train, max(cfg.image_size, train_size), True, main, cfg.strict_images)
-    val_split = load(listing.val, cfg.image_size, False, main, cfg.strict_images)
+    train_split = open_split(root, pack, listing, "train", mode, max(cfg.image_size, train_size), True, main,
+                             cfg.strict_images)
+    val_split = open_split(root, pack, listing, "val", mode, cfg.image_size, False, main, cfg.strict_images)
     cached = net is not model
     on_device = augment == "device" and not cached
     device_augment = DeviceAugment(train_size, accelerator.device, cfg.seed, rank) if on_device else None
@@ -171,6 +173,15 @@ def setup(cfg: Config, accelerator: Accelerator, out: Path, resuming: bool) -> t
                   shown, device_augment, val_split.images, len(train_split.images),
                   train_split.skipped + val_split.skipped, frozen, cached)
     return setup, checkpointer
+
+
+def open_split(root: Path, pack, listing, split: str, mode: str, size: int, train: bool, main: bool, strict: bool):
+    """One split of an ImageFolder or a pack, decoded into memory or checked for streaming."""
+    if pack:
+        load = shards.load_packed_split if mode == "memory" else shards.stream_packed_split
+        return load(root, split, size, train, main, strict, pack)
+    load = load_split if mode == "memory" else stream_split
+    return load(listing.train if train else listing.val, size, train, main, strict)
 
 
 AGREE_EVERY = 16  # steps between the processes' one host sync: a stop signal, a non-finite loss
