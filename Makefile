@@ -50,6 +50,13 @@ bench: install  ## tl against the tutorial's loop, 25 epochs x 3 seeds, plus fin
 bench-quick: install  ## the same in a few minutes (2 epochs, one seed): a smoke test, not figures to quote
 	$(PY) bench/bench.py --quick --tl-args "--wandb disabled"
 
+.PHONY: bench-data bench-gpu
+bench-data: install  ## tl's data path on generated 1k/10k/100k small-JPEG sets (memory, stream, packed; ~10 min on 2 cores); writes bench/results-data.md
+	$(PY) bench/data.py --small --sizes 1000 10000 100000 --workers -1 1 --photo-sizes 2000
+
+bench-gpu: install  ## on a GPU machine (at most ~8 min): tl vs the bare model at batch 256, tutorial vs tl, host syncs; writes bench/results-gpu.md
+	$(PY) bench/gpu.py
+
 wandb-sync: install  ## upload every offline W&B run under runs/ (needs `wandb login`)
 	$(VENV)/bin/wandb sync $(wildcard runs/*/wandb/offline-run-*)
 
