@@ -52,7 +52,7 @@ bench-quick: install  ## the same in a few minutes (2 epochs, one seed): a smoke
 
 .PHONY: bench-data bench-gpu
 bench-data: install  ## tl's data path on generated 1k/10k/100k small-JPEG sets (memory, stream, packed; ~10 min on 2 cores); writes bench/results-data.md
-	$(PY) bench/data.py --small --sizes 1000 10000 100000 --workers -1 1 --photo-sizes 2000
+	$(PY) bench/data.py --small --sizes 1000 10000 100000 --workers -1 1 --photo-sizes 2000 --max-loader-images 20000
 
 bench-gpu: install  ## on a GPU machine (at most ~8 min): tl vs the bare model at batch 256, tutorial vs tl, host syncs; writes bench/results-gpu.md
 	$(PY) bench/gpu.py

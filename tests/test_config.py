@@ -60,3 +60,12 @@ def test_help_shows_each_default_once():
         text = blocks["--" + f.name.replace("_", "-")]
         assert text.count("default") == (0 if f.default in (None, False) and "default" not in f.metadata["help"]
                                          else 1), text
+
+
+def test_every_option_says_what_a_resume_does_with_it():
+    """A new option must be classified: part of the run's identity or recipe (checked on --resume), or free."""
+    from tl.config import IDENTITY, RECIPE, RESUME_FREE
+
+    names = [f.name for f in dataclasses.fields(Config)]
+    classified = [*IDENTITY, *RECIPE, *RESUME_FREE]
+    assert sorted(classified) == sorted(names) and len(set(classified)) == len(classified)
