@@ -196,6 +196,7 @@ def test_make_train_cpus_launcher_offline_fails_fast_with_one_line_and_no_traceb
     assert not out.exists()  # a failed start leaves no empty run dir
 
 
+@pytest.mark.slow
 def test_feature_extract_on_a_random_backbone_says_so(tmp_path, tiny_data):
     proc = run_cli("train.py", "--mode", "feature-extract", "--data-dir", str(tiny_data), "--output-dir",
                    str(tmp_path / "run"), *SMALL)
@@ -203,6 +204,7 @@ def test_feature_extract_on_a_random_backbone_says_so(tmp_path, tiny_data):
     assert proc.stderr.count("warning: feature-extract with --weights none trains a head on a frozen random") == 1
 
 
+@pytest.mark.slow
 def test_streaming_skips_unreadable_headers_and_names_a_file_that_breaks_later(tmp_path, tiny_data):
     root = tmp_path / "d"
     shutil.copytree(tiny_data, root)

@@ -255,6 +255,7 @@ def test_stale_temp_folder_of_a_killed_pack_is_removed(src, tmp_path):
                                                      "val-000000.tar", "val.json"]
 
 
+@pytest.mark.slow
 def test_cli_exit_codes(src, tmp_path):
     dst = tmp_path / "out" / "set.pack"
     r = run_cli("-m", "tl.pack", str(src), str(dst), "--shard-size-mb", "0.05")

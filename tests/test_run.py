@@ -217,6 +217,7 @@ def test_resume_after_the_data_changed_is_refused_before_training(run_copy, data
     assert [r["epoch"] for r in rows(run_copy)] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_does_nothing_and_fewer_epochs_are_refused(run_copy, data):
     before = snapshot(run_copy)
     proc = train(data, run_copy, "--resume")
