@@ -372,3 +372,17 @@ def test_a_lock_path_that_is_not_a_lock_file_is_one_line(tmp_path):
     (out / LOCK).mkdir(parents=True)
     with pytest.raises(UserError, match="is not a tl lock file; remove it"):
         RunDir.open(str(out), "finetune", False, False)
+
+
+def test_a_kill_between_writing_best_and_the_state_resumes(data, tmp_path):
+    """best is written before the state: after a kill between the two it is one epoch ahead."""
+    out = tmp_path / "run"
+    assert train(data, out, epochs=2).returncode == 0
+    tensors, meta = checkpoint.load(out / "best.safetensors")
+    ahead = {k: v for k, v in meta.items() if k not in ("format", "format_version")} | {"epoch": 3}
+    checkpoint.save(out / "best.safetensors", tensors, ahead)
+    proc = train(data, out, "--resume", epochs=3)
+    assert proc.returncode == 0 and "resuming after epoch 2" in proc.stdout, proc.stderr[-2000:]
+    ahead["epoch"] = 5  # the state now says 3: two ahead is not this run's best
+    checkpoint.save(out / "best.safetensors", tensors, ahead)
+    one_line_error(train(data, out, "--resume", epochs=5), "is not the best epoch")

@@ -231,7 +231,10 @@ class Checkpointer:
             raise UserError(f"{path} is damaged ({first.strip()}); restore an intact copy or start the run again "
                             "with --overwrite") from None
         best = path.with_name(rundir.BEST)
-        if self.progress.best_epoch and read_metadata(best).get("epoch") != self.progress.best_epoch:
+        # best is written before the state: a kill between the two leaves it one epoch ahead, and
+        # redoing that epoch writes the same file again.
+        if self.progress.best_epoch and read_metadata(best).get("epoch") not in (self.progress.best_epoch,
+                                                                                 self.progress.epoch + 1):
             raise UserError(f"{best} is not the best epoch ({self.progress.best_epoch}) the state records; restore "
                             "it, or start the run again with --overwrite")
         return self.progress
