@@ -241,37 +241,36 @@ def center_view(img, image_size: int):
     return TF.center_crop(TF.resize(img, round(image_size * 256 / 224)), image_size)
 
 
-def _decode_or_error(args):
+def _decode_or_error(path: str, image_size: int, train: bool):
     try:
-        return decode(*args)
+        return decode(path, image_size, train)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         return e
 
 
-def load_split(samples: list[tuple[str, int]], image_size: int, train: bool, main: bool,
-               strict: bool = False) -> Split:
-    """Decode (path, label) pairs, e.g. a Listing's train; unreadable files are skipped with a
-    warning, or with strict, end the run. Only the main process shows progress and warnings."""
+def _read_all(samples: list[tuple[str, int]], read, verb: str, train: bool, main: bool, strict: bool) -> Split:
+    """read(path) for every (path, label), in threads (PIL releases the GIL), kept in order: a result,
+    or the exception that makes a file unreadable: skipped with a warning, or with strict, the end of
+    the run. Only the main process shows progress and warnings."""
     split = Split([], [], [])
-    # Threads: PIL releases the GIL while decoding and resizing.
     pool = ThreadPoolExecutor(max_workers=usable_cpus())
     try:
-        decoded = pool.map(_decode_or_error, [(path, image_size, train) for path, _ in samples])
-        for (path, target), img in tqdm(zip(samples, decoded), total=len(samples), leave=False,
-                                        desc=f"decode {'train' if train else 'val'}", disable=not main):
-            if isinstance(img, Exception) and strict:
-                raise UserError(f"unreadable image {path} ({img}); remove or replace it, or drop "
+        results = pool.map(read, [path for path, _ in samples])
+        for (path, target), result in tqdm(zip(samples, results), total=len(samples), leave=False,
+                                           desc=f"{verb} {'train' if train else 'val'}", disable=not main):
+            if isinstance(result, Exception) and strict:
+                raise UserError(f"unreadable image {path} ({result}); remove or replace it, or drop "
                                 "--strict-images to skip such files")
-            if isinstance(img, Exception):
+            if isinstance(result, Exception):
                 if main:
-                    warnings.warn(f"skipping unreadable image {path}: {img}", stacklevel=1)
+                    warnings.warn(f"skipping unreadable image {path}: {result}", stacklevel=1)
                 split.skipped.append(path)
             else:
-                split.images.append(img)
+                split.images.append(result)
                 split.targets.append(target)
                 split.paths.append(path)
     except BaseException:
-        # A stop signal (its handler raises here) or an error: drop the queued decodes at once
+        # A stop signal (its handler raises here) or an error: drop the queued work at once
         # instead of waiting for the whole set.
         pool.shutdown(wait=False, cancel_futures=True)
         raise
@@ -280,6 +279,13 @@ def load_split(samples: list[tuple[str, int]], image_size: int, train: bool, mai
         raise UserError(f"none of the {len(samples)} files is a readable image "
                         f"({samples[0][0] if samples else 'no files'}, ...); check the files")
     return split
+
+
+def load_split(samples: list[tuple[str, int]], image_size: int, train: bool, main: bool,
+               strict: bool = False) -> Split:
+    """Decode (path, label) pairs, e.g. a Listing's train, into memory; unreadable files are skipped
+    with a warning, or with strict, end the run."""
+    return _read_all(samples, lambda path: _decode_or_error(path, image_size, train), "decode", train, main, strict)
 
 
 class LazyImages:
@@ -305,38 +311,16 @@ def _header_or_error(path: str):
     try:
         with Image.open(path) as img:
             img.size  # noqa: B018  (the header only: format, size, mode)
-        return None
+        return True
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         return e
 
 
 def stream_split(samples: list[tuple[str, int]], image_size: int, train: bool, main: bool,
                  strict: bool = False) -> Split:
-    """Like load_split, but only each file's header is checked now (in threads); the pixels are
-    decoded every epoch by whoever indexes the split (DataLoader workers)."""
-    checked = Split([], [], [])
-    pool = ThreadPoolExecutor(max_workers=usable_cpus())
-    try:
-        results = pool.map(_header_or_error, [path for path, _ in samples])
-        for (path, target), error in tqdm(zip(samples, results), total=len(samples), leave=False,
-                                          desc=f"check {'train' if train else 'val'}", disable=not main):
-            if error is not None and strict:
-                raise UserError(f"unreadable image {path} ({error}); remove or replace it, or drop "
-                                "--strict-images to skip such files")
-            if error is not None:
-                if main:
-                    warnings.warn(f"skipping unreadable image {path}: {error}", stacklevel=1)
-                checked.skipped.append(path)
-            else:
-                checked.targets.append(target)
-                checked.paths.append(path)
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown()
-    if not checked.paths:
-        raise UserError(f"none of the {len(samples)} files is a readable image "
-                        f"({samples[0][0] if samples else 'no files'}, ...); check the files")
+    """Like load_split, but only each file's header is checked now; the pixels are decoded every
+    epoch by whoever indexes the split (DataLoader workers)."""
+    checked = _read_all(samples, _header_or_error, "check", train, main, strict)
     checked.images = LazyImages(checked.paths, image_size, train)
     return checked
 
