@@ -183,33 +183,21 @@ class TreeMemory(threading.Thread):
         self.join()
 
 
-class PackedImages:
-    """A pack's split as tl.data.Split.images for the stream path: item i is decoded from the pack's
-    bytes (tl.shards.decode_bytes, the same pixels as tl.data.decode) by whoever indexes it."""
-
-    def __init__(self, packed, image_size: int, train: bool):
-        self.packed, self.image_size, self.train = packed, image_size, train
-
-    def __len__(self):
-        return len(self.packed)
-
-    def __getitem__(self, i):
-        from tl.shards import decode_bytes
-        return decode_bytes(self.packed[i][0], self.image_size, self.train)
-
-
 def child(cfg: dict) -> dict:
     """One configuration, in this (fresh) process. cfg: root, mode, workers (-1: tl's default),
     batch_size, image_size, max_loader_images, plain_images, plain_seconds, spawned (the parent's
     time.time() just before starting this process), pack (packed mode's folder)."""
     t_spawn = cfg["spawned"]
     import torch
+    from accelerate import Accelerator
 
     from tl import data as tldata
+    from tl import shards
+    from tl.loop import on_main, open_split
+    accelerator = Accelerator(cpu=True)  # with RANK/WORLD_SIZE set (2 procs): a gloo group, as under torchrun
     t_imports = time.time()
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world = accelerator.process_index, accelerator.num_processes
     node_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    main = rank == 0
     mem = TreeMemory()
     mem.start()
     size, mode, root = cfg["image_size"], cfg["mode"], Path(cfg["root"])
@@ -217,27 +205,15 @@ def child(cfg: dict) -> dict:
     workers = cfg["workers"] if cfg["workers"] >= 0 else \
         0 if mode == "memory" else max(1, tldata.usable_cpus() // node_processes)
     t0 = time.time()
-    if mode == "packed":  # as tl.loop.setup/open_split does for a pack given as --data-dir, streamed
-        from tl import shards
-        info = shards.open_pack(cfg["pack"])
-        t_list = time.time()
-        auto = tldata.choose_data_mode("auto", info.listing(), size, size, node_processes) \
-            if hasattr(info, "listing") else None
-        splits = []
-        for split, train in (("train", True), ("val", False)):
-            if hasattr(shards, "stream_packed_split"):
-                splits.append(shards.stream_packed_split(cfg["pack"], split, size, train, main, False, info))
-            else:  # an older tl.shards: its PackedSplit decoded on access, the same way
-                ds = shards.PackedSplit(cfg["pack"], split, info)
-                splits.append(tldata.Split(PackedImages(ds, size, train), list(ds.targets), []))
-        train_split, val_split = splits
-    else:
-        listing = tldata.list_images(root, warn=main)
-        t_list = time.time()
-        auto = tldata.choose_data_mode("auto", listing, size, size, node_processes)
-        load = tldata.load_split if mode == "memory" else tldata.stream_split
-        train_split = load(listing.train, size, True, main)
-        val_split = load(listing.val, size, False, main)
+    # tl.loop.setup's own path: the main process lists (and in stream mode checks) for all.
+    data = Path(cfg["pack"]) if mode == "packed" else root
+    pack = shards.open_pack(data) if mode == "packed" else None
+    listing = on_main(accelerator, lambda: pack.listing() if pack else tldata.list_images(root))
+    t_list = time.time()
+    auto = tldata.choose_data_mode("auto", listing, size, size, node_processes)
+    data_mode = "memory" if mode == "memory" else "stream"
+    train_split = open_split(accelerator, data, pack, listing, "train", data_mode, size, True, False)
+    val_split = open_split(accelerator, data, pack, listing, "val", data_mode, size, False, False)
     t_load = time.time()
     train_set = tldata.ImageSet(train_split, tldata.train_transform(size), seed=0)
     val_set = tldata.ImageSet(val_split)
@@ -373,11 +349,13 @@ def measure(cfg: dict, what: str, log: Path) -> dict:
 
 
 def measure_ranks(cfg: dict, world: int, what: str, logs: list[Path]) -> list[dict]:
-    """`world` processes at once, as torchrun --nproc_per_node would start them (no process group:
-    the loader path needs none; each rank lists and checks the set and iterates its sampler shard)."""
+    """`world` processes at once, as torchrun --nproc_per_node would start them: a gloo group; the main
+    process lists and checks the set for all, each rank iterates its sampler shard."""
     with OtherCpu() as other:
+        port = str(29500 + os.getpid() % 1000)
         procs = [run_child(cfg, {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
-                                 "LOCAL_WORLD_SIZE": str(world)}, logs[r]) for r in range(world)]
+                                 "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
+                           logs[r]) for r in range(world)]
         rows = [collect(p, f"{what} rank {r}", logs[r]) for r, p in enumerate(procs)]
     return [{**r, "other_cpu": other.value} for r in rows]
 

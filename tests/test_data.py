@@ -319,3 +319,22 @@ def test_unreachable_download_says_how_to_work_offline(tmp_path):
     assert "could not download https://download.pytorch.org/tutorial/hymenoptera_data.zip" in proc.stderr
     assert "--data-zip" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "data" / "hymenoptera_data").exists()
+
+
+def test_stream_start_up_check_reads_signatures(tmp_path):
+    """Stream mode's start-up check: what PIL would open passes (whatever the extension says), what is not
+    an image is skipped and listed; only a few bytes of each file are read."""
+    root = make_imagefolder(tmp_path / "d", n_train=2, n_val=1)
+    blue = root / "train" / "blue"
+    Image.new("RGB", (9, 7)).save(blue / "really-a-gif.jpg", format="GIF")
+    Image.new("RGB", (9, 7)).save(blue / "x.png")
+    for name, data in (("empty.jpg", b""), ("tiny.jpg", b"\xff"), ("page.jpg", b"<html>404</html>")):
+        (blue / name).write_bytes(data)
+    listing = list_images(root)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        split = tl.data.stream_split(listing.train, 32, True, main=True)
+    assert sorted(os.path.basename(p) for p in split.skipped) == ["empty.jpg", "page.jpg", "tiny.jpg"]
+    assert len(caught) == 3 and any("an empty file" in str(w.message) for w in caught)
+    assert len(split.targets) == len(split.images) == 6
+    assert split.images[split.paths.index(str(blue / "really-a-gif.jpg"))].shape == (3, 7, 9)

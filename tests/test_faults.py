@@ -208,14 +208,15 @@ def test_feature_extract_on_a_random_backbone_says_so(tmp_path, tiny_data):
 def test_streaming_skips_unreadable_headers_and_names_a_file_that_breaks_later(tmp_path, tiny_data):
     root = tmp_path / "d"
     shutil.copytree(tiny_data, root)
-    (root / "train" / "blue" / "notes.jpg").write_text("this is a text file")  # fails the header check
+    (root / "train" / "blue" / "notes.jpg").write_text("this is a text file")  # fails the signature check
+    (root / "val" / "red" / "empty.png").write_bytes(b"")
     args = ["--data-dir", str(root), "--data-mode", "stream", "--num-workers", "2", *SMALL]
     proc = run_cli("train.py", *args, "--output-dir", str(tmp_path / "ok"))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stderr.count("skipping unreadable image") == 1
+    assert proc.stderr.count("skipping unreadable image") == 2
     assert [Path(p).name for p in json.loads((tmp_path / "ok" / "summary.json").read_text())["skipped_images"]] == \
-        ["notes.jpg"]
+        ["notes.jpg", "empty.png"]
     good = (root / "train" / "red" / "000.jpg").read_bytes()
     (root / "train" / "red" / "001.jpg").write_bytes(good[: len(good) // 3])  # a header, then nothing
     broken = run_cli("train.py", *args, "--output-dir", str(tmp_path / "broken"))
-    one_line_error(broken, "unreadable image", "001.jpg", "while streaming", "--data-mode memory")
+    one_line_error(broken, "unreadable image", "001.jpg", "while streaming", "--data-mode memory", "tl.pack")

@@ -73,9 +73,10 @@ class Config:
     wandb_log_model: bool = _opt(False, "upload best.safetensors to W&B as a model artifact")
     seed: int = _opt(0, "random seed: head init, data order and augmentation")
     data_mode: str = _opt("auto", "memory: decode every image once at start-up and keep it (fastest when it "
-                          "fits); stream: check headers at start-up, decode every epoch in DataLoader workers, "
-                          "memory independent of the set's size; auto: memory while each process's copy fits in "
-                          "half the available memory. Both give the same results", choices=("auto", "memory", "stream"))
+                          "fits); stream: check each file's signature at start-up, decode every epoch in DataLoader "
+                          "workers, memory independent of the set's size; auto: memory while each process's copy fits "
+                          "in half the available memory. Both give the same results",
+                          choices=("auto", "memory", "stream"))
     num_workers: int = _opt(-1, "DataLoader worker processes; -1: none in memory mode, in stream mode the cores "
                             "this process may use shared among the node's processes; results do not depend on it")
 

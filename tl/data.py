@@ -7,10 +7,12 @@ tensor op; normalization happens on the device. `memory` keeps every decoded ima
 about 150 MB a process); `stream` decodes in DataLoader workers every epoch, the same pixels.
 """
 
+import functools
 import hashlib
 import json
 import os
 import stat
+import struct
 import tempfile
 import unicodedata
 import warnings
@@ -169,30 +171,13 @@ def list_images(root: Path, warn: bool = True) -> Listing:
     for split in ("train", "val"):
         for c, name in enumerate(classes):
             class_dir = os.path.join(root, split, name)
-            files = []
-            for dirpath, dirnames, fnames in os.walk(class_dir, followlinks=False):
-                # Not followed: a link to a sibling class mislabels its images, one to .. repeats them.
-                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-                links += [os.path.join(dirpath, d) for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
-                for fname in fnames:
-                    if fname.startswith(".") or not has_file_allowed_extension(fname, IMG_EXTENSIONS):
-                        continue
-                    path = os.path.join(dirpath, fname)
-                    try:
-                        st = os.stat(path)
-                    except OSError:  # a broken link
-                        st = None
-                    # A FIFO, socket or device named x.jpg would block start-up forever on open().
-                    if st is None or not stat.S_ISREG(st.st_mode):
-                        odd.append(path)
-                        continue
-                    files.append((dirpath, fname, st))
+            files = _scan_class(class_dir, links, odd)
             if not files:
                 empty.append(f"{split}/{name}")
             for dirpath, fname, st in sorted(files, key=lambda f: (f[0], f[1])):  # ImageFolder's order
-                path = os.path.join(dirpath, fname)
+                path = dirpath + os.sep + fname
                 found[split].append((path, c, (st.st_dev, st.st_ino)))
-                rel = unicodedata.normalize("NFC", Path(os.path.relpath(path, class_dir)).as_posix())
+                rel = unicodedata.normalize("NFC", path[len(class_dir) + 1:].replace(os.sep, "/"))
                 rows.append((split, name, rel, st.st_size))
     if warn and links:
         warnings.warn(f"skipping {len(links)} linked folder(s) inside class folders (e.g. {links[0]}): "
@@ -213,6 +198,35 @@ def list_images(root: Path, warn: bool = True) -> Listing:
     digest = hashlib.sha256(json.dumps(sorted(rows)).encode()).hexdigest()
     return Listing(classes, *([(path, c) for path, c, _ in found[s]] for s in ("train", "val")),
                    fingerprint=f"sha256:{digest}")
+
+
+def _scan_class(class_dir: str, links: list, odd: list) -> list:
+    """(folder, name, stat) of every image file under class_dir, as os.walk(followlinks=False) finds
+    them; links to folders go to `links`, names that are not regular files to `odd`. One scandir and
+    one stat per file: this is most of a stream start-up on a million files."""
+    files, stack = [], [class_dir]
+    while stack:
+        folder = stack.pop()
+        with os.scandir(folder) as entries:
+            for e in entries:
+                if e.name.startswith("."):
+                    continue
+                if e.is_dir():
+                    # Not followed: a link to a sibling class mislabels its images, one to .. repeats them.
+                    (links if e.is_symlink() else stack).append(e.path)
+                    continue
+                if not has_file_allowed_extension(e.name, IMG_EXTENSIONS):
+                    continue
+                try:
+                    st = e.stat()
+                except OSError:  # a broken link
+                    st = None
+                # A FIFO, socket or device named x.jpg would block start-up forever on open().
+                if st is None or not stat.S_ISREG(st.st_mode):
+                    odd.append(e.path)
+                else:
+                    files.append((folder, e.name, st))
+    return files
 
 
 def file_kind(path: str) -> str:
@@ -248,14 +262,16 @@ def _decode_or_error(path: str, image_size: int, train: bool):
         return e
 
 
-def _read_all(samples: list[tuple[str, int]], read, verb: str, train: bool, main: bool, strict: bool) -> Split:
-    """read(path) for every (path, label), in threads (PIL releases the GIL), kept in order: a result,
+def _read_all(samples: list[tuple[str, int]], read, verb: str, train: bool, main: bool, strict: bool,
+              threads: bool = True) -> Split:
+    """read(path) for every (path, label), in threads (PIL releases the GIL; without `threads` when a
+    read is too short to pay for a thread hand-off), kept in order: a result,
     or the exception that makes a file unreadable: skipped with a warning, or with strict, the end of
     the run. Only the main process shows progress and warnings."""
     split = Split([], [], [])
     pool = ThreadPoolExecutor(max_workers=usable_cpus())
     try:
-        results = pool.map(read, [path for path, _ in samples])
+        results = (pool.map if threads else map)(read, [path for path, _ in samples])
         for (path, target), result in tqdm(zip(samples, results), total=len(samples), leave=False,
                                            desc=f"{verb} {'train' if train else 'val'}", disable=not main):
             if isinstance(result, Exception) and strict:
@@ -302,25 +318,45 @@ class LazyImages:
         try:
             return decode(self.paths[i], self.image_size, self.train)
         except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise UserError(f"unreadable image {self.paths[i]} while streaming ({e}); remove or replace it (it "
-                            "passed the start-up header check), or use --data-mode memory, which checks every "
-                            "image by decoding it") from None
+            raise UserError(f"unreadable image {self.paths[i]} while streaming ({e}); replace it or remove it and "
+                            "start the run afresh (a resume refuses a changed data set); --data-mode memory and "
+                            "python -m tl.pack decode every image before training and skip such files") from None
 
 
-def _header_or_error(path: str):
+def _signature_or_error(path: str):
+    """Stream mode's start-up check of one file, a few microseconds: its first bytes name a format
+    Pillow reads (Pillow's own signature tests). Damage past them stops the run when a worker meets it."""
     try:
-        with Image.open(path) as img:
-            img.size  # noqa: B018  (the header only: format, size, mode)
-        return True
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # never blocks, even on a FIFO swapped in since the listing
+        try:
+            head = os.read(fd, 16)
+        finally:
+            os.close(fd)
+    except OSError as e:
         return e
+    if not head:
+        return ValueError("an empty file")
+    for accept in _signatures():
+        try:
+            if accept(head):
+                return True
+        except (struct.error, IndexError, ValueError):  # a signature test that needs more bytes than a tiny file has
+            pass
+    return ValueError(f"its first bytes {head[:8]!r} match no image format")
+
+
+@functools.cache
+def _signatures() -> list:
+    Image.init()
+    ids = sorted(Image.ID, key=lambda i: i not in ("JPEG", "PNG"))  # the usual ones first
+    return [Image.OPEN[i][1] for i in ids if Image.OPEN[i][1]]
 
 
 def stream_split(samples: list[tuple[str, int]], image_size: int, train: bool, main: bool,
                  strict: bool = False) -> Split:
-    """Like load_split, but only each file's header is checked now; the pixels are decoded every
+    """Like load_split, but only each file's signature is checked now; the pixels are decoded every
     epoch by whoever indexes the split (DataLoader workers)."""
-    checked = _read_all(samples, _header_or_error, "check", train, main, strict)
+    checked = _read_all(samples, _signature_or_error, "check", train, main, strict, threads=False)
     checked.images = LazyImages(checked.paths, image_size, train)
     return checked
 

@@ -68,19 +68,34 @@ def resolve_precision(precision: str) -> str | None:
     return "bf16" if cpu_has_bf16() else "no"
 
 
-def open_run(cfg: Config, accelerator: Accelerator) -> tuple[RunDir | None, Path, bool]:
-    """The main process locks and checks the output dir; every process learns the outcome."""
-    run, error = None, None
+def on_main(accelerator: Accelerator, fn):
+    """fn() on the main process only, its result (or its one-line error) shared with every process:
+    one process lists and checks what every process would read alike (a million files hit a cluster
+    file system once per run, not once per rank)."""
+    result, error = None, None
     if accelerator.is_main_process:
         try:
-            run = RunDir.open(cfg.output_dir, cfg.mode, cfg.resume, cfg.overwrite)
+            result = fn()
         except UserError as e:
             error = str(e)
-    shared = [str(run.path) if run else None, error, run.resuming if run else False]
+    shared = [result, error]
     broadcast_object_list(shared)
     if shared[1]:
         raise UserError(shared[1])
-    return run, Path(shared[0]), shared[2]
+    return shared[0]
+
+
+def open_run(cfg: Config, accelerator: Accelerator) -> tuple[RunDir | None, Path, bool]:
+    """The main process locks and checks the output dir; every process learns the outcome."""
+    run = None
+
+    def claim():
+        nonlocal run  # the lock stays with the main process; the others learn the path
+        run = RunDir.open(cfg.output_dir, cfg.mode, cfg.resume, cfg.overwrite)
+        return str(run.path), run.resuming
+
+    path, resuming = on_main(accelerator, claim)
+    return run, Path(path), resuming
 
 
 @dataclass
@@ -114,7 +129,7 @@ def setup(cfg: Config, accelerator: Accelerator, out: Path, resuming: bool) -> t
         raise UserError(f"--output-dir {out} is inside --data-dir {root}: the run's pictures would become images "
                         "of the next run; pass an --output-dir outside the data set")
     pack = shards.open_pack(root) if shards.is_pack(root) else None  # a packed set (python -m tl.pack)
-    listing = pack.listing() if pack else list_images(root, warn=main)
+    listing = on_main(accelerator, lambda: pack.listing() if pack else list_images(root))
     frozen = cfg.mode == "feature-extract"
     if frozen and cfg.weights.lower() == "none" and main:
         warnings.warn("feature-extract with --weights none trains a head on a frozen random backbone, which "
@@ -143,9 +158,9 @@ def setup(cfg: Config, accelerator: Accelerator, out: Path, resuming: bool) -> t
         0 if mode == "memory" else max(1, usable_cpus() // node_processes)
     accelerator.print(f"data: {mode} ({why}), {workers} DataLoader worker(s) per process")
     # Train images are kept big enough for both the train crop and the feature cache's center view.
-    train_split = open_split(root, pack, listing, "train", mode, max(cfg.image_size, train_size), True, main,
+    train_split = open_split(accelerator, root, pack, listing, "train", mode, max(cfg.image_size, train_size), True,
                              cfg.strict_images)
-    val_split = open_split(root, pack, listing, "val", mode, cfg.image_size, False, main, cfg.strict_images)
+    val_split = open_split(accelerator, root, pack, listing, "val", mode, cfg.image_size, False, cfg.strict_images)
     cached = net is not model
     on_device = augment == "device" and not cached
     device_augment = DeviceAugment(train_size, accelerator.device, cfg.seed, rank) if on_device else None
@@ -175,13 +190,18 @@ def setup(cfg: Config, accelerator: Accelerator, out: Path, resuming: bool) -> t
     return setup, checkpointer
 
 
-def open_split(root: Path, pack, listing, split: str, mode: str, size: int, train: bool, main: bool, strict: bool):
-    """One split of an ImageFolder or a pack, decoded into memory or checked for streaming."""
+def open_split(accelerator: Accelerator, root: Path, pack, listing, split: str, mode: str, size: int, train: bool,
+               strict: bool):
+    """One split of an ImageFolder or a pack: decoded into memory by every process, or checked for
+    streaming by the main process for all."""
+    main = accelerator.is_main_process
     if pack:
         load = shards.load_packed_split if mode == "memory" else shards.stream_packed_split
         return load(root, split, size, train, main, strict, pack)
-    load = load_split if mode == "memory" else stream_split
-    return load(listing.train if train else listing.val, size, train, main, strict)
+    samples = listing.train if train else listing.val
+    if mode == "memory":
+        return load_split(samples, size, train, main, strict)
+    return on_main(accelerator, lambda: stream_split(samples, size, train, True, strict))
 
 
 AGREE_EVERY = 16  # steps between the processes' one host sync: a stop signal, a non-finite loss
