@@ -1,0 +1,168 @@
+"""python -m tl.report on real run dirs: three seeds and another lr, finished, killed and damaged runs."""
+
+import csv
+import json
+import math
+import shutil
+
+import pytest
+from conftest import FAST, run_cli
+from PIL import Image
+
+from tl.config import parse_args
+from tl.errors import UserError
+from tl.loop import train
+from tl.report import report
+
+SEEDS = {"s0": 0, "s1": 1, "s2": 2}
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, tiny_data, base_weights):
+    """A sweep dir: s0, s1, s2 differ only by seed; lr has another --lr. feature-extract: a fifth of
+    finetune's time, and the seeds' heads still reach different accuracies."""
+    from accelerate.state import AcceleratorState
+
+    root = tmp_path_factory.mktemp("report") / "sweep"
+    for name, extra in [*((n, ["--seed", str(s)]) for n, s in SEEDS.items()), ("lr", ["--lr", "0.01"])]:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        train(parse_args(["--mode", "feature-extract", "--data-dir", str(tiny_data), "--epochs", "2",
+                          "--weights", str(base_weights), "--output-dir", str(root / name), *FAST, *extra]))
+    return root
+
+
+@pytest.fixture
+def copy(sweep, tmp_path):
+    """A copy of the sweep that a test may damage (without the checkpoints and pictures: not read)."""
+    return shutil.copytree(sweep, tmp_path / "sweep", ignore=shutil.ignore_patterns("*.safetensors", "*.png"))
+
+
+def summary(run) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+def by_run(rows) -> dict:
+    return {r["run"]: r for r in rows if r["kind"] == "run"}
+
+
+def test_three_seeds_give_three_rows_and_their_mean_and_sample_std(sweep, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # two run dirs given: the report goes to the current dir
+    result = report([str(sweep / n) for n in SEEDS])
+    assert result["options"] == ["seed"]  # output_dir, wandb names etc. differ or not: never shown
+    runs, means = by_run(result["rows"]), [r for r in result["rows"] if r["kind"] == "mean"]
+    assert list(runs) == list(SEEDS) and len(means) == 1
+    accs = [summary(sweep / n)["best_val_acc"] for n in SEEDS]
+    mean = sum(accs) / 3
+    assert means[0]["n"] == 3 and means[0]["best_val_acc"] == pytest.approx(mean)
+    assert means[0]["best_val_acc_std"] == pytest.approx(math.sqrt(sum((a - mean) ** 2 for a in accs) / 2))
+    assert means[0]["options"] == {"seed": "0,1,2"}
+    for name, row in runs.items():
+        s = summary(sweep / name)
+        assert (row["best_val_acc"], row["best_epoch"], row["epochs_done"]) == (s["best_val_acc"], s["best_epoch"], 2)
+        assert row["status"] == "done" and row["wall_s"] == s["total_seconds"] and row["train_images_per_s"] > 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["run", "seed", "status", "best", "val", "acc", "best", "epoch", "epochs", "done",
+                              "wall", "s", "train", "img/s"]
+    assert out[-2].startswith("mean ± std (n=3)") and f"{mean:.4f} ± " in out[-2]
+    assert out[-1] == f"wrote report.md, report.csv, report.png in {tmp_path}"
+    for name in ("report.md", "report.csv", "report.png"):
+        assert (tmp_path / name).is_file()
+        assert not (sweep / name).exists() and not (sweep / "s0" / name).exists()
+
+
+def test_sweep_dir_shows_differing_options_and_groups_by_all_but_seed(sweep, copy):
+    result = report([str(copy)])  # a sweep alone: the report goes into it
+    assert result["out"] == copy and result["options"] == ["lr", "seed"]
+    rows = result["rows"]
+    # lr sorts first; its group has one run, so no mean; then the seeds and their mean
+    assert [(r["run"], r["kind"]) for r in rows] == [("lr", "run"), ("s0", "run"), ("s1", "run"), ("s2", "run"),
+                                                    ("mean ± std (n=3)", "mean")]
+    assert by_run(rows)["lr"]["options"] == {"lr": 0.01, "seed": 0}
+    assert rows[-1]["options"] == {"lr": 0.001, "seed": "0,1,2"}
+
+    with open(copy / "report.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [r["run"] for r in table] == [r["run"] for r in rows]
+    assert list(table[0])[:5] == ["run", "kind", "status", "lr", "seed"] and "test_acc" not in table[0]
+    for r in table[:4]:
+        assert float(r["best_val_acc"]) == summary(copy / r["run"])["best_val_acc"]
+        assert float(r["train_images_per_s"]) > 0 and r["path"] == str(copy / r["run"])
+    assert float(table[4]["best_val_acc_std"]) == pytest.approx(rows[-1]["best_val_acc_std"])
+    assert table[4]["n"] == "3" and table[4]["seed"] == "0,1,2"
+
+    md = (copy / "report.md").read_text().splitlines()
+    assert "| run | lr | seed | status | best val acc | best epoch | epochs done | wall s | train img/s |" in md
+    assert any(line.startswith("| mean ± std (n=3) | 0.001 | 0,1,2 |") for line in md)
+
+    with Image.open(copy / "report.png") as img:
+        img.verify()
+        assert img.format == "PNG" and img.width > 600
+
+    again = report([str(copy)])  # the report files beside the runs are not taken for runs
+    assert [r["run"] for r in again["rows"]] == [r["run"] for r in rows]
+
+
+def test_killed_run_is_incomplete_and_left_out_of_the_mean(copy):
+    s2 = copy / "s2"
+    (s2 / "summary.json").unlink()  # killed before the end: metrics.jsonl has epoch 1 only
+    first = (s2 / "metrics.jsonl").read_text().splitlines()[0]
+    (s2 / "metrics.jsonl").write_text(first + "\n")
+    rows = report([str(copy)])["rows"]
+    row = by_run(rows)["s2"]
+    assert row["status"] == "incomplete" and row["epochs_done"] == 1
+    assert (row["best_val_acc"], row["best_epoch"]) == (json.loads(first)["val_acc"], 1)
+    mean = rows[-1]
+    assert mean["run"] == "mean ± std (n=2, 1 incomplete left out)" and mean["n"] == 2
+    accs = [summary(copy / n)["best_val_acc"] for n in ("s0", "s1")]
+    assert mean["best_val_acc"] == pytest.approx(sum(accs) / 2)
+    md = (copy / "report.md").read_text()
+    assert "| s2 | 0.001 | 2 | incomplete |" in md and "| 1/2 |" in md  # epochs done of planned
+
+
+def test_damaged_files_give_warnings_and_rows_not_a_crash(copy):
+    with open(copy / "s1" / "metrics.jsonl", "a") as f:
+        f.write("garbage\n[1, 2]\n{\"epoch\": 3, \"val_a")  # damage, and half a line cut by a kill
+    (copy / "s0" / "summary.json").write_text("{not json")
+    (copy / "lr" / "config.json").unlink()
+    with pytest.warns(UserWarning) as caught:
+        rows = report([str(copy)])["rows"]
+    messages = " ".join(str(w.message) for w in caught)
+    assert "left out 3 of 5 lines, not metrics rows" in messages and "summary.json" in messages
+    assert "has no config.json" in messages
+    runs = by_run(rows)
+    assert runs["s1"]["status"] == "done; 3 bad lines in metrics.jsonl" and runs["s1"]["epochs_done"] == 2
+    assert [e["epoch"] for e in runs["s1"]["curve"]] == [1, 2]
+    assert runs["s0"]["status"] == "incomplete; summary.json unreadable"
+    assert runs["lr"]["status"] == "done; no config.json" and runs["lr"]["best_val_acc"] is not None
+    assert runs["lr"]["options"] == {"seed": None}  # unknown options; only the seed differs among the rest
+
+
+def test_test_accuracy_column_and_its_mean_when_summaries_have_one(copy):
+    for name, acc in zip(SEEDS, (0.5, 0.75, 1.0)):
+        s = summary(copy / name)
+        (copy / name / "summary.json").write_text(json.dumps(s | {"test_acc": acc}))
+    result = report([str(copy)])
+    assert "test acc" in result["header"]
+    mean = result["rows"][-1]
+    assert mean["test_acc"] == pytest.approx(0.75) and mean["test_acc_std"] == pytest.approx(0.25)
+    assert by_run(result["rows"])["lr"]["test_acc"] is None
+    assert "0.7500 ± 0.2500" in (copy / "report.md").read_text()
+
+
+def test_refuses_to_write_into_a_run_dir(sweep):
+    with pytest.raises(UserError, match="is a run dir; pass --out another folder"):
+        report([str(sweep / "s0")], out=str(sweep / "s1"))
+
+
+def test_cli(sweep, tmp_path):
+    empty = tmp_path / "empty"
+    (empty / "not-a-run").mkdir(parents=True)
+    proc = run_cli("-m", "tl.report", str(empty), cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: no run dirs") and len(proc.stderr.splitlines()) == 1
+    assert not (empty / "report.md").exists()
+
+    proc = run_cli("-m", "tl.report", str(sweep), "--out", "out", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "mean ± std (n=3)" in proc.stdout and proc.stdout.endswith("in out\n")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.csv", "report.md", "report.png"]
