@@ -1,9 +1,12 @@
-"""Packed shards: python -m tl.pack writes WebDataset tars + wids indexes; tl.shards reads them back."""
+"""Packed shards: python -m tl.pack writes WebDataset tars + wids indexes + each image's offset;
+tl.shards reads them back at those offsets."""
 
 import errno
 import json
 import os
+import pickle
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +20,10 @@ import tl.pack
 from tl.data import ImageSet, decode, list_images, load_split
 from tl.errors import UserError
 from tl.pack import pack
-from tl.shards import PackedSplit, decode_bytes, is_pack, load_packed_split, open_pack, stream_packed_split
+from tl.shards import VERSION, PackedSplit, decode_bytes, is_pack, load_packed_split, open_pack, stream_packed_split
+
+PACK_FILES = ["tl-pack.json", "train-000000.tar", "train-offsets.npy", "train.json", "val-000000.tar",
+              "val-offsets.npy", "val.json"]
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +57,7 @@ def test_read_back_bytes_classes_and_order(src, packed):
         for i, (path, target) in enumerate(samples):
             data, cls = ds[i]
             assert data == Path(path).read_bytes() and cls == target
-    assert sorted(p.name for p in packed.iterdir()) == ["tl-pack.json", "train-000000.tar", "train.json",
-                                                        "val-000000.tar", "val.json"]
+    assert sorted(p.name for p in packed.iterdir()) == PACK_FILES
 
 
 def test_index_is_a_wids_index(packed):
@@ -82,7 +87,7 @@ def test_shard_size_limit_gives_several_shards(src, tmp_path):
 
 def test_same_source_gives_identical_shards(src, packed, tmp_path):
     pack(src, tmp_path / "again", progress=False)
-    for name in ("train-000000.tar", "val-000000.tar", "train.json", "val.json"):
+    for name in PACK_FILES[1:]:
         assert (tmp_path / "again" / name).read_bytes() == (packed / name).read_bytes()
 
 
@@ -204,7 +209,7 @@ def test_damaged_packs_are_one_line_errors(packed, tmp_path):
     one_line_error(f"{meta_file} is damaged", dst)
     meta_file.write_text(json.dumps({"format": "something-else"}))
     one_line_error("not a tl pack description", dst)
-    meta_file.write_text(json.dumps({**json.loads(good), "version": 2}))
+    meta_file.write_text(json.dumps({**json.loads(good), "version": VERSION + 1}))
     one_line_error("newer than this tl reads", dst)
     meta = json.loads(good)
     meta["splits"]["train"]["count"] = 25
@@ -218,7 +223,7 @@ def test_damaged_packs_are_one_line_errors(packed, tmp_path):
     one_line_error(f"shard {shard} has {len(data) - 10240} bytes", dst)
     shard.write_bytes(data)
     shard.write_bytes(bytes(len(data)))  # the right size, but no tar
-    with pytest.raises(UserError, match=f"shard {shard} does not hold the samples") as e:
+    with pytest.raises(UserError, match=f"shard {shard} does not match the pack's offsets") as e:
         PackedSplit(dst, "train")[3]
     assert "\n" not in str(e.value)
     shard.unlink()
@@ -226,6 +231,119 @@ def test_damaged_packs_are_one_line_errors(packed, tmp_path):
     (dst / "val.json").unlink()
     one_line_error("train-000000.tar is missing", dst)
     one_line_error(f"{tmp_path} is not a tl pack", tmp_path)
+
+
+def test_offsets_match_the_tar_headers(src, tmp_path):
+    dst = tmp_path / "small"
+    pack(src, dst, shard_size_mb=0.02, progress=False)  # several shards
+    info = open_pack(dst)
+    for split in ("train", "val"):
+        table = np.load(dst / f"{split}-offsets.npy")
+        assert table.dtype == np.int64 and table.shape == (info.counts[split], 2)
+        want, i = [], 0
+        for shard in info.shards[split]:
+            with tarfile.open(shard["url"]) as tar:  # Python's own tar reader, independent of tl's
+                images = [m for m in tar.getmembers() if not m.name.endswith(".cls")]
+            assert [m.name.split(".")[0] for m in images] == [f"{k:08d}" for k in range(i, i + shard["nsamples"])]
+            want += [(m.offset_data, m.size) for m in images]
+            i += shard["nsamples"]
+        assert table.tolist() == [list(w) for w in want]
+
+
+def test_reading_does_not_scan_a_shard(packed, monkeypatch):
+    import wids.wids_mmtar
+
+    def scan(*args, **kwargs):
+        raise AssertionError("a shard was scanned")
+
+    monkeypatch.setattr(wids.wids_mmtar.MMIndexedTar, "__init__", scan)
+    monkeypatch.setattr(wids.wids.IndexedTarSamples, "__init__", scan)
+    monkeypatch.setattr(tarfile, "open", scan)
+    reads = []
+    pread = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, offset: reads.append((n, offset)) or pread(fd, n, offset))
+    table = np.load(packed / "train-offsets.npy")
+    ds = PackedSplit(packed, "train")  # fresh: nothing open
+    for i in (17, 3, 23, 0):
+        ds[i]
+    # One read per item: its image and the 512-byte tar header in front, nothing more.
+    assert reads == [(512 + table[i, 1], table[i, 0] - 512) for i in (17, 3, 23, 0)]
+
+
+def test_open_files_are_not_pickled(packed):
+    ds = PackedSplit(packed, "val")
+    first = ds[2]
+    assert ds._files and ds._offsets is not None
+    copy = pickle.loads(pickle.dumps(ds))  # what spawned DataLoader workers get
+    assert not copy._files and copy._offsets is None
+    assert copy[2] == first and copy[-1] == ds[8]
+    ds.close()
+    assert not ds._files and ds[2] == first  # opens again
+
+
+def test_a_version_1_pack_is_refused_and_packed_again(src, packed, tmp_path):
+    dst = tmp_path / "old"
+    shutil.copytree(packed, dst)
+    meta = json.loads((dst / "tl-pack.json").read_text())
+    for split in ("train", "val"):  # what a version 1 pack held
+        del meta["splits"][split]["offsets"]
+        (dst / f"{split}-offsets.npy").unlink()
+    (dst / "tl-pack.json").write_text(json.dumps({**meta, "version": 1}))
+    one_line_error(f"old pack format version 1 (this tl reads {VERSION}: each image at a stored offset); pack the "
+                   f"source again: python -m tl.pack {src.resolve()} {dst}", dst)
+    other = make_imagefolder(tmp_path / "other", classes=("ant", "bee", "cat"), n_train=2, n_val=1)
+    with pytest.raises(UserError, match="holds a different pack"):  # still never overwritten by another source
+        pack(other, dst, progress=False)
+    with pytest.warns(UserWarning, match="old format version 1; packing it again as version 2"):
+        meta = pack(src, dst, progress=False)
+    assert not meta.get("already_packed") and meta["version"] == VERSION
+    assert sorted(p.name for p in dst.iterdir()) == PACK_FILES
+    assert PackedSplit(dst, "val")[4] == PackedSplit(packed, "val")[4]
+
+
+def read_error(ds, i, match: str) -> None:
+    with pytest.raises(UserError) as e:
+        ds[i]
+    assert "\n" not in str(e.value) and match in str(e.value), str(e.value)
+
+
+def test_changed_shards_and_offsets_are_one_line_errors(src, packed, tmp_path):
+    dst = tmp_path / "p"
+    shutil.copytree(packed, dst)
+    shard, offsets = dst / "train-000000.tar", dst / "train-offsets.npy"
+    data, table = shard.read_bytes(), np.load(offsets)
+    shard.write_bytes(bytes(512) + data[:-512])  # shifted by a block: the same size, open_pack cannot tell
+    read_error(PackedSplit(dst, "train"), 3, f"shard {shard} does not match the pack's offsets (sample 00000003, "
+                                             f"byte {table[3, 0] - 512}: no tar header there (checksum))")
+    read_error(PackedSplit(dst, "train"), 0, "pack the source again: python -m tl.pack")
+    other = (dst / "val-000000.tar").read_bytes()
+    shard.write_bytes((other * 9)[:len(data)])  # replaced by another tar of the same size
+    read_error(PackedSplit(dst, "train"), 20, f"shard {shard} does not match the pack's offsets")
+    shard.write_bytes(data)
+    swapped = table.copy()
+    swapped[[3, 4]] = table[[4, 3]]
+    np.save(offsets, swapped)
+    ds = PackedSplit(dst, "train")
+    read_error(ds, 4, "names '00000003.jpg'")
+    assert ds[5] == PackedSplit(packed, "train")[5]
+    late = table.copy()
+    late[5, 0] = len(data) + 512
+    np.save(offsets, late)
+    read_error(PackedSplit(dst, "train"), 5, f"{offsets} is damaged (sample 00000005 at bytes")
+    np.save(offsets, table[:-1])
+    one_line_error(f"{offsets} is damaged (int64 (23, 2) with 368 data bytes where int64 (24, 2) belongs)", dst)
+    offsets.write_bytes(b"garbage")
+    one_line_error(f"{offsets} is damaged (not an offsets table", dst)
+    offsets.unlink()
+    one_line_error(f"{offsets} is missing: the pack in {dst} is incomplete", dst)
+    np.save(offsets, table)
+    ds = PackedSplit(dst, "train")
+    assert ds[23] == PackedSplit(packed, "train")[23]
+    info = open_pack(dst)
+    shard.write_bytes(data[:table[23, 0] + 10])  # truncated after the pack was opened
+    read_error(ds, 23, "truncated")
+    shard.unlink()
+    read_error(PackedSplit(dst, "train", info), 1, f"shard {shard.absolute()} is missing")
 
 
 def test_full_disk_leaves_dst_as_it_was(src, tmp_path, monkeypatch):
@@ -251,8 +369,7 @@ def test_stale_temp_folder_of_a_killed_pack_is_removed(src, tmp_path):
     (dst / ".tl-pack-tmp-999999999" / "train-000000.tar").write_bytes(b"half")
     (dst / "train-000007.tar").write_bytes(b"left by a pack killed while renaming")
     pack(src, dst, progress=False)
-    assert sorted(p.name for p in dst.iterdir()) == ["tl-pack.json", "train-000000.tar", "train.json",
-                                                     "val-000000.tar", "val.json"]
+    assert sorted(p.name for p in dst.iterdir()) == PACK_FILES
 
 
 @pytest.mark.slow

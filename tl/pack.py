@@ -4,11 +4,13 @@
 
 For train/ and val/ of SRC (listed exactly as training lists them: tl.data.list_images) this writes
 DST/{split}-000000.tar, ... (each at most --shard-size-mb, 10^6 bytes, unless one image is larger),
-DST/{split}.json (the wids index) and DST/tl-pack.json. Every image is decoded once on the way;
-unreadable ones are left out, named on stderr and in tl-pack.json. The files are written into
-DST/.tl-pack-tmp-<pid>/ and renamed into place at the end, tl-pack.json last: an interrupted pack
-leaves DST as it was (or holding no tl-pack.json). An identical pack already in DST is kept
-("already packed"); a different one is never overwritten.
+DST/{split}.json (the wids index), DST/{split}-offsets.npy (each image's offset and size in its
+shard, read back from each finished shard's tar headers: what tl reads by) and DST/tl-pack.json.
+Every image is decoded once on the way; unreadable ones are left out, named on stderr and in
+tl-pack.json. The files are written into DST/.tl-pack-tmp-<pid>/ and renamed into place at the
+end, tl-pack.json last: an interrupted pack leaves DST as it was (or holding no tl-pack.json). An
+identical pack already in DST is kept ("already packed"), one of the same source in an older
+format is packed again; a different one is never overwritten.
 """
 
 import argparse
@@ -16,6 +18,7 @@ import errno
 import hashlib
 import io
 import json
+import mmap
 import os
 import shutil
 import sys
@@ -26,15 +29,31 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from tl.data import list_images, usable_cpus
 from tl.errors import UserError, run_cli
-from tl.shards import FORMAT, PACK_FILE, SHARD_NAME, SPLITS, VERSION, open_pack, read_meta, sample_key, shard_name
+from tl.shards import (
+    BLOCK,
+    FORMAT,
+    KEY_DIGITS,
+    OFFSETS_DTYPE,
+    PACK_FILE,
+    SHARD_NAME,
+    SPLITS,
+    VERSION,
+    offsets_name,
+    open_pack,
+    read_meta,
+    sample_key,
+    shard_name,
+    tar_header,
+)
 
 TMP_PREFIX = ".tl-pack-tmp-"
-BLOCK, RECORD = 512, 10240  # tar: header and data blocks; a stream-written tar ends on a 20-block record
+RECORD = 10240  # a stream-written tar ends on a 20-block record (BLOCK: a header, and the data unit)
 MAX_LISTED_WARNINGS = 10
 
 
@@ -46,6 +65,31 @@ def member_bytes(size: int) -> int:
 def tar_bytes(members: int) -> int:
     """A finished stream tar's size given its members' bytes: two zero blocks, padded to a record."""
     return -(-(members + 2 * BLOCK) // RECORD) * RECORD
+
+
+def image_offsets(path: Path, first: int, count: int) -> np.ndarray:
+    """(offset, size) of the image bytes of samples first .. first+count-1 in a finished shard, read
+    back from the tar's own headers (checksums checked), not from what the writer meant to write."""
+    table = np.full((count, 2), -1, dtype=OFFSETS_DTYPE)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as tar:
+        pos, end, zero = 0, len(tar), bytes(BLOCK)
+        while pos + BLOCK <= end and tar[pos:pos + BLOCK] != zero:
+            try:
+                name, size = tar_header(tar[pos:pos + BLOCK])
+            except ValueError as e:
+                raise RuntimeError(f"{path} at byte {pos}: {e}") from None
+            key, _, ext = name.partition(".")
+            j = int(key) - first if len(key) == KEY_DIGITS and key.isdigit() else -1
+            if not 0 <= j < count or not ext or pos + BLOCK + size > end:
+                raise RuntimeError(f"{path} at byte {pos}: unexpected member {name!r} of {size} bytes")
+            if ext != "cls":
+                if table[j, 0] >= 0:
+                    raise RuntimeError(f"{path}: two images of sample {key}")
+                table[j] = pos + BLOCK, size
+            pos += member_bytes(size)
+    if (table[:, 0] < 0).any():
+        raise RuntimeError(f"{path}: no image for sample {sample_key(first + int(np.argmax(table[:, 0] < 0)))}")
+    return table
 
 
 def check_image(data: bytes) -> None:
@@ -98,7 +142,8 @@ class SplitWriter:
     def __init__(self, tmp: Path, split: str, max_bytes: int):
         self.tmp, self.split, self.max_bytes = tmp, split, max_bytes
         self.shards: list[dict] = []
-        self.writer, self.file, self.members, self.count = None, None, 0, 0
+        self.offsets: list[np.ndarray] = []  # per finished shard
+        self.writer, self.file, self.members, self.count, self.first = None, None, 0, 0, 0
 
     def _close(self):
         if self.writer is None:
@@ -109,6 +154,8 @@ class SplitWriter:
         entry.update(nsamples=self.count, filesize=self.file.size, md5sum=self.file.md5.hexdigest())
         assert self.file.size == tar_bytes(self.members), (self.file.size, tar_bytes(self.members))
         self.writer = None
+        self.offsets.append(image_offsets(self.tmp / entry["url"], self.first, self.count))
+        self.first += self.count
 
     def write(self, index: int, ext: str, data: bytes, target: int) -> None:
         from webdataset import TarWriter
@@ -140,6 +187,13 @@ class SplitWriter:
             except Exception:  # noqa: BLE001
                 pass
             self.writer = None
+
+
+def write_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_json(path: Path, obj) -> None:
@@ -180,11 +234,15 @@ def check_dst(src: Path, dst: Path, classes: list[str], fingerprint: str) -> boo
         raise UserError(f"DST {dst} exists and is not a folder; pass a new or empty folder")
     if not (dst / PACK_FILE).exists():
         return False
-    meta = read_meta(dst)  # a damaged or foreign tl-pack.json: its own one-line error
+    meta = read_meta(dst, any_version=True)  # a damaged or foreign tl-pack.json: its own one-line error
     if meta.get("classes") != classes or meta.get("fingerprint") != fingerprint:
         what = "classes" if meta.get("classes") != classes else "images (fingerprint)"
         raise UserError(f"{dst} holds a different pack (other {what} than {src}); refusing to overwrite it: "
                         "pass another DST, or delete that one first")
+    if meta["version"] < VERSION:
+        warnings.warn(f"{dst} holds a pack of this source in the old format version {meta['version']}; packing "
+                      f"it again as version {VERSION}", stacklevel=1)
+        return False
     try:
         open_pack(dst)
     except UserError as e:
@@ -287,8 +345,12 @@ def _write(src: Path, dst: Path, tmp: Path, listing, max_bytes: int, workers: in
                                 f"({unreadable[0]['path']}: {unreadable[0]['error']}, ...); check the files")
             index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": split, "shardlist": shards}
             write_json(tmp / f"{split}.json", index)
+            offsets = np.concatenate(writer.offsets)
+            assert offsets.shape == (count, 2), (offsets.shape, count)
+            write_npy(tmp / offsets_name(split), offsets)
             splits[split] = {"count": count, "listed": len(samples), "fingerprint": listing.fingerprint,
-                             "index": f"{split}.json", "shards": [s["url"] for s in shards],
+                             "index": f"{split}.json", "offsets": offsets_name(split),
+                             "shards": [s["url"] for s in shards],
                              "bytes": sum(s["filesize"] for s in shards), "targets": runs, "unreadable": unreadable}
             unreadable_all += unreadable
     finally:
@@ -312,7 +374,8 @@ def report_unreadable(src: Path, dst: Path, unreadable: list[dict]) -> None:
 
 def _commit(dst: Path, tmp: Path, meta: dict) -> None:
     """Rename the new files into DST, tl-pack.json last; then remove shards no index names any more."""
-    names = [name for s in SPLITS for name in meta["splits"][s]["shards"]] + [f"{s}.json" for s in SPLITS]
+    names = [name for s in SPLITS for name in meta["splits"][s]["shards"]] + [f"{s}.json" for s in SPLITS] + \
+        [offsets_name(s) for s in SPLITS]
     for name in names:
         os.replace(tmp / name, dst / name)
     os.replace(tmp / PACK_FILE, dst / PACK_FILE)
