@@ -42,7 +42,8 @@ lint: install
 	if command -v shellcheck >/dev/null; then shellcheck slurm/*.sh slurm/*.sbatch .ci/run; fi
 
 # Finetune variants measured besides the defaults: a larger batch (linear lr scaling), and that plus smaller train crops.
-BENCH_VARIANTS = --variant "--batch-size 16 --lr 0.004" --variant "--batch-size 16 --lr 0.004 --train-size 160"
+BENCH_VARIANTS = --variant "--batch-size 16 --lr 0.004" --variant "--batch-size 16 --lr 0.004 --train-size 160" \
+	--variant "$(RECIPE)"
 
 bench: install  ## tl against the tutorial's loop, 25 epochs x 3 seeds, plus finetune variants (about 95 min on 2 cores); writes bench/results.md
 	$(PY) bench/bench.py --epochs 25 --seeds 0 1 2 --tl-args "--wandb disabled" $(BENCH_VARIANTS)
@@ -50,9 +51,20 @@ bench: install  ## tl against the tutorial's loop, 25 epochs x 3 seeds, plus fin
 bench-quick: install  ## the same in a few minutes (2 epochs, one seed): a smoke test, not figures to quote
 	$(PY) bench/bench.py --quick --tl-args "--wandb disabled"
 
-.PHONY: bench-data bench-gpu
+.PHONY: bench-data bench-gpu bench-modes bench-recipes
 bench-data: install  ## tl's data path on generated 1k/10k/100k small-JPEG sets (memory, stream, packed; ~10 min on 2 cores); writes bench/results-data.md
 	$(PY) bench/data.py --small --sizes 1000 10000 100000 --workers -1 1 --photo-sizes 2000 --max-loader-images 20000
+
+bench-modes: install  ## best val acc on hymenoptera in memory, stream and packed modes over 3 seeds (5 epochs; ~15 min on 2 cores); writes bench/results-modes.md
+	$(PY) bench/seeds.py --epochs 5 --title "data modes, best val accuracy over seeds" --out bench/results-modes.md \
+		--config "memory=--data-mode memory" --config "stream=--data-mode stream" \
+		--config "packed=--data-dir {pack} --data-mode stream"
+
+RECIPE ?= --freeze-epochs 3 --optimizer adamw --weight-decay 0.05 --schedule cosine --warmup-epochs 1 --backbone-lr-scale 0.1 --label-smoothing 0.1
+bench-recipes: install  ## the recommended RECIPE against the tutorial's two scenarios, 25 epochs x 3 seeds (~40 min on 2 cores); writes bench/results-recipes.md
+	$(PY) bench/seeds.py --epochs 25 --title "recipes, best val accuracy over seeds" --out bench/results-recipes.md \
+		--config "finetune=--mode finetune" --config "feature-extract=--mode feature-extract" \
+		--config "recipe=--mode finetune $(RECIPE)"
 
 bench-gpu: install  ## on a GPU machine (at most ~8 min): tl vs the bare model at batch 256, tutorial vs tl, host syncs; writes bench/results-gpu.md
 	$(PY) bench/gpu.py

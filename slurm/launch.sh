@@ -13,12 +13,54 @@
 # id. To continue a run in a new job, submit with the same variables plus OUTPUT_DIR=runs/slurm-<old
 # id> (e.g. sbatch --export ALL,OUTPUT_DIR=runs/slurm-1234 slurm/multi_node.sbatch): launch.sh adds
 # --resume itself when OUTPUT_DIR exists, and tl continues after its last saved epoch.
+#
+# Array jobs: each task is its own job to SLURM; this script signals and requeues only its own task
+# (JOB below), and OUTPUT_DIR and TRAIN_ARGS may use the task's variables ($SLURM_ARRAY_TASK_ID, ...)
+# to give each task its own dir and options. Arguments to this script are more train.py options,
+# after TRAIN_ARGS (slurm/sweep.sbatch passes a sweep's option set so).
 set -euo pipefail
 cd "${TL_DIR:-$SLURM_SUBMIT_DIR}"
 
+fail() { echo "error: $*" >&2; exit 2; }
+
+# SLURM's job and array variables in OUTPUT_DIR and TRAIN_ARGS, as $NAME or ${NAME}, are replaced by
+# their values: text substitution, never eval, so nothing in these variables runs. Any other $ is
+# refused (it would reach train.py as it is). SLURM_RESTART_COUNT is not offered: it changes on a
+# requeue, and the resumed run must get the same options.
+TASK_VARS=(SLURM_ARRAY_TASK_ID SLURM_ARRAY_JOB_ID SLURM_ARRAY_TASK_COUNT SLURM_ARRAY_TASK_MIN
+           SLURM_ARRAY_TASK_MAX SLURM_ARRAY_TASK_STEP SLURM_JOB_ID)
+expand_task_vars() {  # $1: the variable's name, for messages; $2: its value. Prints the expanded value.
+  # shellcheck disable=SC2016  # a regex: a $ followed by a name, { or (
+  local text=$2 rest=$2 name other='\$([{(]|[A-Za-z_])[A-Za-z0-9_]*'
+  for name in "${TASK_VARS[@]}"; do
+    rest=${rest//"\${$name}"/}
+    rest=${rest//"\$$name"/}
+  done
+  if [[ $rest =~ $other ]]; then
+    fail "$1 holds ${BASH_REMATCH[0]}, which launch.sh does not expand (only ${TASK_VARS[*]/#/\$});" \
+         "write the value itself"
+  fi
+  for name in "${TASK_VARS[@]}"; do
+    if [[ $text == *"\$$name"* || $text == *"\${$name}"* ]]; then
+      [[ -n ${!name:-} ]] || fail "$1 uses \$$name, which job ${SLURM_JOB_ID:-?} does not have (not an array job?);" \
+                                 "submit it with sbatch --array, or drop \$$name"
+      text=${text//"\${$name}"/${!name}}
+      text=${text//"\$$name"/${!name}}
+    fi
+  done
+  printf '%s' "$text"
+}
+
+# The job to signal and requeue: an array task as <array job>_<task>, since a task's SLURM_JOB_ID
+# can be the array's own id, which names every task of the array.
+JOB=$SLURM_JOB_ID
+[[ -n ${SLURM_ARRAY_JOB_ID:-} ]] && JOB=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}
 GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}  # processes per node; on CPU nodes 1
 ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-accelerate_configs/multi_node.yaml}
-OUTPUT_DIR=${OUTPUT_DIR:-runs/slurm-$SLURM_JOB_ID}          # the job id survives a requeue
+OUTPUT_DIR=$(expand_task_vars OUTPUT_DIR "${OUTPUT_DIR:-runs/slurm-$JOB}")  # the job id survives a requeue
+TRAIN_ARGS=$(expand_task_vars TRAIN_ARGS "${TRAIN_ARGS:-}")
+# Words split on whitespace; quotes are not parsed, and nothing is glob-expanded.
+read -r -d '' -a train_args <<<"$TRAIN_ARGS" || true
 DATA_DIR=${DATA_DIR:-data/hymenoptera_data}
 MODE=${MODE:-finetune}
 VENV=${VENV:-.venv}
@@ -31,7 +73,7 @@ PORT=${MAIN_PROCESS_PORT:-$((29500 + SLURM_JOB_ID % 1000))}
 # gets --resume: tl continues after the last saved epoch, or starts afresh when none was saved.
 resume=()
 [[ -d $OUTPUT_DIR ]] && resume=(--resume)
-echo "tl: job $SLURM_JOB_ID restart $RESTART, $SLURM_NNODES node(s) x $GPUS_PER_NODE," \
+echo "tl: job $JOB restart $RESTART, $SLURM_NNODES node(s) x $GPUS_PER_NODE," \
      "rendezvous $HEAD:$PORT, output $OUTPUT_DIR${resume:+ ${resume[*]}}" \
      "(to continue this run in a new job, submit it with OUTPUT_DIR=$OUTPUT_DIR)"
 
@@ -45,21 +87,21 @@ trap 'rm -f "$TL_USER_ERROR_MARK"' EXIT
 # shellcheck disable=SC2317  # run by the trap below
 on_preempt() {
   echo "tl: preemption signal; stopping every process at its next step, then requeueing"
-  scancel --signal=TERM "$SLURM_JOB_ID"  # all processes of the running step: tl stops cleanly
+  scancel --signal=TERM "$JOB"  # all processes of the running step: tl stops cleanly
   wait "$srun_pid" || true
-  scontrol requeue "$SLURM_JOB_ID"
+  scontrol requeue "$JOB"
   exit 0
 }
 trap on_preempt USR1 TERM
 
-# The inner bash expands SLURM_NODEID per node; TRAIN_ARGS is split into words on purpose.
-# shellcheck disable=SC2016,SC2086
+# The inner bash expands SLURM_NODEID per node.
+# shellcheck disable=SC2016
 srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c 'exec "$0" launch --quiet --config_file "$1" \
     --num_machines "$SLURM_NNODES" --num_processes $((SLURM_NNODES * $2)) --machine_rank "$SLURM_NODEID" \
     --main_process_ip "$3" --main_process_port "$4" "${@:5}"' \
   "$VENV/bin/accelerate" "$ACCELERATE_CONFIG" "$GPUS_PER_NODE" "$HEAD" "$PORT" \
   train.py --mode "$MODE" --data-dir "$DATA_DIR" --output-dir "$OUTPUT_DIR" "${resume[@]}" \
-  ${TRAIN_ARGS:-} &
+  "${train_args[@]}" "$@" &
 srun_pid=$!
 status=0
 wait "$srun_pid" || status=$?  # in the background so the trap runs as soon as the signal comes
@@ -77,7 +119,7 @@ elif ((RESTART >= MAX_RESTARTS)); then
 else
   echo "tl: step failed (srun exit status $status) with a saved state in $OUTPUT_DIR;" \
        "requeueing (restart $((RESTART + 1)) of at most $MAX_RESTARTS)"
-  scontrol requeue "$SLURM_JOB_ID"
+  scontrol requeue "$JOB"
   exit 0
 fi
 exit "$status"

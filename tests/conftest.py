@@ -22,10 +22,11 @@ os.environ.setdefault("WANDB_MODE", "disabled")  # tests that check W&B turn it 
 FAST = ["--model", "resnet18", "--image-size", "64", "--batch-size", "8"]
 
 
-def make_imagefolder(root: Path, classes=("blue", "red"), n_train=12, n_val=6, size=80, seed=0) -> Path:
-    """Two classes a small CNN tells apart in a few epochs: reddish vs bluish noisy photos."""
+def make_imagefolder(root: Path, classes=("blue", "red"), n_train=12, n_val=6, size=80, seed=0, n_test=0) -> Path:
+    """Two classes a small CNN tells apart in a few epochs: reddish vs bluish noisy photos (with
+    more classes, the other classes' images are alike); a test/ folder with n_test."""
     rng = np.random.default_rng(seed)
-    for split, n in (("train", n_train), ("val", n_val)):
+    for split, n in (("train", n_train), ("val", n_val), *((("test", n_test),) if n_test else ())):
         for c, name in enumerate(classes):
             (root / split / name).mkdir(parents=True, exist_ok=True)
             for i in range(n):

@@ -1,9 +1,12 @@
 """Options: defaults from the tutorial, --help for each, one-line errors for bad values."""
 
 import dataclasses
+import json
+import re
 
 import pytest
-from conftest import run_cli
+from accelerate.state import AcceleratorState
+from conftest import FAST, run_cli
 
 from tl.config import Config, parse_args
 from tl.errors import UserError
@@ -35,6 +38,9 @@ def test_every_option_is_documented_in_help():
     (["--feature-cache", "maybe"], "invalid choice: 'maybe'"),
     (["--train-size", "-1"], "--train-size must be positive, or 0"),
     (["--output-dir", ""], "--output-dir is empty"),
+    (["--patience", "-1"], "--patience must be 0"),
+    (["--val-split", "1"], "--val-split must be a fraction"),
+    (["--val-split", "-0.1"], "--val-split must be a fraction"),
 ])
 def test_bad_flags_are_user_errors(argv, message):
     with pytest.raises(UserError, match=message):
@@ -69,3 +75,85 @@ def test_every_option_says_what_a_resume_does_with_it():
     names = [f.name for f in dataclasses.fields(Config)]
     classified = [*IDENTITY, *RECIPE, *RESUME_FREE]
     assert sorted(classified) == sorted(names) and len(set(classified)) == len(classified)
+
+
+# --config FILE: options from YAML or JSON, flags over them, one-line errors naming the key.
+
+def test_config_file_in_yaml_or_json_and_flags_override_it(tmp_path):
+    (tmp_path / "a.yaml").write_text("mode: feature-extract\nbatch-size: 8\nlr: 1e-3  # YAML 1.1: a string\n"
+                                     "compile: true\ndata_zip: null\n")
+    (tmp_path / "a.json").write_text('{"epochs": 3, "weight_decay": 0, "wandb_name": "x"}')
+    cfg = parse_args(["--config", str(tmp_path / "a.yaml"), "--batch-size", "16"])
+    assert (cfg.mode, cfg.batch_size, cfg.lr, cfg.compile, cfg.data_zip) == ("feature-extract", 16, 0.001, True, None)
+    cfg = parse_args(["--epochs", "5", "--config", str(tmp_path / "a.json")])  # a flag wins wherever it stands
+    assert (cfg.epochs, cfg.weight_decay, cfg.wandb_name) == (5, 0.0, "x") and isinstance(cfg.weight_decay, float)
+    assert parse_args(["--config", str(tmp_path / "a.json")]).epochs == 3
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lrr: 0.1\n", "unknown option 'lrr'; did you mean lr?"),
+    ("epochs: two\n", "epochs must be a whole number, got 'two'"),
+    ("epochs: 2.5\n", "epochs must be a whole number, got 2.5"),
+    ("lr: fast\n", "lr must be a number, got 'fast'"),
+    ("compile: 1\n", "compile must be true or false, got 1"),
+    ("mode: fine\n", "mode must be one of finetune, feature-extract, got 'fine'"),
+    ("weights: null\n", "weights must be a string, got None"),
+    ("resume: true\n", "resume: true is not taken from a file"),
+    ("batch_size: 4\nbatch-size: 8\n", "batch_size is given twice"),
+    ("- epochs\n", "holds a list, not a mapping"),
+    ("epochs: [\n", "is not valid YAML or JSON"),
+    ("epochs: 0\n", "--epochs must be positive"),  # the checks of the flags apply too
+])
+def test_bad_config_files_are_one_line_errors_naming_the_key(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=re.escape(message)) as e:
+        parse_args(["--config", str(path)])
+    assert "\n" not in str(e.value)
+
+
+def test_bad_config_file_from_the_command_line_is_one_line(tmp_path):
+    (tmp_path / "c.yaml").write_text("epochs: 2\nlrr: 0.1\n")
+    proc = run_cli("train.py", "--config", str(tmp_path / "c.yaml"))
+    assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"error: {tmp_path / 'c.yaml'}: unknown option 'lrr'; did you mean lr?")
+
+
+def test_config_file_that_is_missing_or_bad_json(tmp_path):
+    with pytest.raises(UserError, match="cannot read --config .*nope.yaml"):
+        parse_args(["--config", str(tmp_path / "nope.yaml")])
+    (tmp_path / "c.json").write_text('{"epochs": 1,}')
+    with pytest.raises(UserError, match="c.json is not valid JSON"):
+        parse_args(["--config", str(tmp_path / "c.json")])
+
+
+def test_a_runs_config_json_trains_the_run_again(tmp_path, tiny_data, base_weights):
+    """Run X is resumed once (its config.json then says resume: true); --config X/config.json --output-dir Y
+    trains a new run with X's options, to X's metrics (timings aside), and records what reproduces it."""
+    from tl.loop import train
+
+    x, y = tmp_path / "X", tmp_path / "Y"
+    argv = ["--mode", "feature-extract", "--data-dir", str(tiny_data), "--weights", str(base_weights), "--seed", "3",
+            "--output-dir", str(x), "--lr", "0.01", *FAST]
+    train(parse_args([*argv, "--epochs", "1"]))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    cfg = parse_args([*argv, "--epochs", "2", "--resume"])
+    train(cfg)
+    recorded = json.loads((x / "config.json").read_text())
+    assert recorded["resume"] is True and recorded["output_dir"] == str(x)
+    # A run's config.json gives its options back; where and whether to resume come from the command.
+    assert parse_args(["--config", str(x / "config.json")]) == dataclasses.replace(cfg, resume=False, output_dir=None)
+    proc = run_cli("train.py", "--config", str(x / "config.json"), "--output-dir", str(y))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    def rows(d):
+        return [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "train_images_per_s")}
+                for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert rows(y) == rows(x) and len(rows(y)) == 2
+    again = json.loads((y / "config.json").read_text())
+    assert again["resume"] is False and again["output_dir"] == str(y)
+    for key in ("tl_version", "tl_commit", "data_files", "data_sample", "data", "seed", "lr", "weights"):
+        assert again[key] == recorded[key], key
+    assert recorded["tl_version"] and recorded["data_files"] == {"train": 24, "val": 12}
+    assert recorded["data_sample"].startswith("sha256:") and recorded["slurm"] is None
+    assert recorded["tl_commit"] is None or re.fullmatch(r"[0-9a-f]{40}(-dirty)?", recorded["tl_commit"])

@@ -1,5 +1,7 @@
 """Data: fetching, scanning, decoding and sharding, and the one-line errors for bad data dirs."""
 
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -55,7 +57,13 @@ def test_shards_cover_every_image_once(tiny_data):
         sampler.set_epoch(3)
         seen_train += list(sampler)
     assert sorted(seen_val) == list(range(12))
-    assert set(seen_train) == set(range(24)) and len(seen_train) == 25  # sampler pads 24 -> 25
+    # Every process takes 5 images (the same number of steps); the one repeat is marked, so each image
+    # trains and counts once.
+    assert sorted(i for i in seen_train if i >= 0) == list(range(24)) and len(seen_train) == 25
+    repeats = [-1 - i for i in seen_train if i < 0]
+    assert len(repeats) == 1 and 0 <= repeats[0] < 24
+    x, y = ImageSet(train)[-1 - repeats[0]]
+    assert y == tl.data.PAD and torch.equal(x, ImageSet(train)[repeats[0]][0])
 
 
 def test_unreadable_images_are_skipped_with_a_warning(tmp_path):
@@ -193,6 +201,61 @@ def test_fingerprint_follows_names_sizes_and_classes_only(tmp_path, monkeypatch)
         change()
         seen.add(list_images(a).fingerprint)
     assert len(seen) == 5 and list_images(a).fingerprint == fingerprint
+
+
+def test_fingerprint_of_a_set_without_test_is_what_it_always_was(tmp_path):
+    root = make_imagefolder(tmp_path / "set", n_train=3, n_val=2)
+    # The format runs saved before test/ and --val-split existed: their resumes must still match.
+    rows = sorted([split, c, f.name, f.stat().st_size] for split in ("train", "val") for c in ("blue", "red")
+                  for f in (root / split / c).iterdir())
+    old = "sha256:" + hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+    assert list_images(root).fingerprint == old
+    make_imagefolder(tmp_path / "other", n_train=0, n_val=2, seed=1)
+    shutil.move(tmp_path / "other" / "val", root / "test")
+    listing = list_images(root)
+    assert listing.fingerprint != old and len(listing.test) == 4 and len(listing.val) == 4
+    assert listing.test == [(str(root / "test" / c / f"{i:03d}.jpg"), k) for k, c in enumerate(("blue", "red"))
+                            for i in range(2)]
+    (root / "test" / "green").mkdir()
+    (root / "test" / "green" / "x.jpg").write_bytes((root / "test" / "red" / "000.jpg").read_bytes())
+    with pytest.raises(UserError, match=r"train/ and test/ hold different class folders"):
+        list_images(root)
+
+
+def held_out(root, fraction):
+    """What --val-split should hold out, from its definition: per class, the round(fraction * n) (at
+    least one) files whose sha256 of "class/name" comes first."""
+    chosen = set()
+    for c in sorted(os.listdir(root / "train")):
+        names = sorted(os.listdir(root / "train" / c), key=lambda n: hashlib.sha256(f"{c}/{n}".encode()).hexdigest())
+        chosen |= {str(root / "train" / c / n) for n in names[:max(1, round(fraction * len(names)))]}
+    return chosen
+
+
+def test_val_split_holds_out_a_stratified_deterministic_part_of_train(tmp_path):
+    root = make_imagefolder(tmp_path / "a" / "set", classes=("blue", "red", "green"), n_train=10, n_val=1)
+    with pytest.raises(UserError, match="has a val/ folder; drop --val-split"):
+        list_images(root, val_split=0.2)
+    shutil.rmtree(root / "val")
+    with pytest.raises(UserError, match="no val/ folder.*--val-split 0.2"):
+        list_images(root)
+    listing = list_images(root, val_split=0.2)
+    val, train = {p for p, _ in listing.val}, {p for p, _ in listing.train}
+    assert val == held_out(root, 0.2) and len(val) == 6 and not val & train
+    assert len(train) == 24 and train | val == {str(f) for f in (root / "train").rglob("*.jpg")}
+    assert all(listing.classes[c] == os.path.basename(os.path.dirname(p)) for p, c in listing.val + listing.train)
+    assert [p for p, _ in listing.val] == sorted(val, key=lambda p: (listing.classes.index(p.split(os.sep)[-2]), p))
+    # The same files elsewhere: the same split and fingerprint; another fraction: another identity.
+    copy = tmp_path / "b" / "copy"
+    shutil.copytree(root, copy)
+    moved = list_images(copy, val_split=0.2)
+    assert [os.path.relpath(p, copy) for p, _ in moved.val] == [os.path.relpath(p, root) for p, _ in listing.val]
+    assert moved.fingerprint == listing.fingerprint != list_images(root, val_split=0.3).fingerprint
+    assert {p for p, _ in list_images(root, val_split=0.01).val} == held_out(root, 0.01)  # one image per class
+    for f in list((root / "train" / "red").iterdir())[1:]:
+        f.unlink()
+    with pytest.raises(UserError, match=r"leaves no train image of class red \(1 image"):
+        list_images(root, val_split=0.2)
 
 
 class Stop(Exception):

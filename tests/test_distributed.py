@@ -1,11 +1,14 @@
 """Several processes on the CPU (gloo): sharding, exact evaluation counts, frozen-backbone DDP."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 from conftest import HYMENOPTERA_ZIP, PROXY_WEIGHTS, ROOT, make_imagefolder, run_cli
+
+from tl.pack import pack
 
 BIN = Path(sys.executable).parent  # the environment running the tests
 
@@ -39,6 +42,44 @@ def test_two_processes_see_each_image_once(tmp_path, odd_data, kind, mode):
     assert summary["num_val"] == 13
     if mode == "feature-extract":  # the frozen backbone is not synchronized, and nothing is "unused"
         assert "DDP all-reduces 2 parameter tensors (4,104 bytes) per step" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data_mode", ["stream", "packed"])
+def test_three_processes_count_each_image_once_on_uneven_shards(tmp_path, odd_data, data_mode):
+    """25 train and 13 val images over 3 processes: the sampler repeats 2 train images to give every
+    process 9 steps' worth, and those repeats are neither trained on nor counted."""
+    data = tmp_path / "d"
+    shutil.copytree(odd_data, data)
+    (data / "train" / "blue" / "extra.jpg").write_bytes((data / "train" / "red" / "000.jpg").read_bytes())
+    if data_mode == "packed":
+        pack(data, tmp_path / "pack", progress=False)
+        data = tmp_path / "pack"
+    out = tmp_path / "run"
+    proc = run_cli(str(BIN / "torchrun"), "--nproc_per_node", "3", str(ROOT / "train.py"), "--data-dir", str(data),
+                   "--data-mode", "stream", "--num-workers", "1", "--epochs", "2", "--image-size", "32",
+                   "--batch-size", "5", "--weights", "none", "--output-dir", str(out))  # 9 = 5 + 4: no batch of 1
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["train_images"], r["val_images"]) for r in rows] == [(25, 13), (25, 13)]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HYMENOPTERA_ZIP.is_file() or not PROXY_WEIGHTS.is_file(), reason="needs ../shared")
+@pytest.mark.parametrize("data_mode", ["stream", "packed"])
+def test_three_processes_on_the_real_data_count_244_and_153(tmp_path, hymenoptera, data_mode):
+    data = hymenoptera
+    if data_mode == "packed":
+        pack(hymenoptera, tmp_path / "pack", progress=False)
+        data = tmp_path / "pack"
+    out = tmp_path / "run"
+    proc = run_cli(str(BIN / "torchrun"), "--nproc_per_node", "3", str(ROOT / "train.py"), "--mode",
+                   "feature-extract", "--feature-cache", "off", "--data-dir", str(data), "--data-mode", "stream",
+                   "--num-workers", "1", "--epochs", "1", "--image-size", "64", "--weights", str(PROXY_WEIGHTS),
+                   "--batch-size", "16", "--output-dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads((out / "metrics.jsonl").read_text())
+    assert (row["train_images"], row["val_images"]) == (244, 153)
 
 
 @pytest.mark.slow
@@ -81,3 +122,22 @@ def test_a_diverging_loss_stops_every_process_with_one_line(tmp_path, odd_data):
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "the loss became non-finite" in errors[0], proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_test_once_with_the_best_checkpoint(tmp_path, odd_data):
+    from tl.predict import predict
+
+    data = tmp_path / "d"
+    shutil.copytree(odd_data, data)
+    make_imagefolder(tmp_path / "t", n_train=0, n_val=4, seed=3)
+    (tmp_path / "t" / "val" / "red" / "003.jpg").unlink()  # 7 test images: uneven shards
+    shutil.move(tmp_path / "t" / "val", data / "test")
+    out = tmp_path / "run"
+    proc = run_cli(*launcher("torchrun"), str(ROOT / "train.py"), "--data-dir", str(data), "--epochs", "2",
+                   "--image-size", "32", "--batch-size", "4", "--weights", "none", "--output-dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("test acc") == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_total"] == 7
+    assert predict(out / "best.safetensors", [str(data / "test")])["accuracy"] == summary["test_acc"]

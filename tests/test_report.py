@@ -14,6 +14,9 @@ from tl.errors import UserError
 from tl.loop import train
 from tl.report import report
 
+# Trains and exports real runs in a module fixture: a minute or two, so `make test` only.
+pytestmark = pytest.mark.slow
+
 SEEDS = {"s0": 0, "s1": 1, "s2": 2}
 
 

@@ -160,3 +160,87 @@ def test_user_error_fails_without_requeue(cluster, tmp_path):
     assert job_field(job, "Restarts") == "0" and job_field(job, "ExitCode") == "2:0", log[-3000:]
     assert "does not exist" in log and "not requeueing: tl stopped with a user error" in log
     assert not list(tmp_path.glob(".tl-user-error-*"))  # launch.sh cleans up its mark
+
+
+def test_sweep_array_with_one_task_preempted(cluster, data, tmp_path):
+    """slurm/sweep.sbatch over 3 seeds: 3 run dirs, 3 W&B runs in the sweep's group; task 1, preempted
+    after its first epoch, requeues alone and ends equal to an uninterrupted run; tl.report sums it up."""
+    base = {"data_dir": str(data), "weights": "none", "epochs": 6, "image_size": 112, "batch_size": 4,
+            "precision": "bf16"}
+    file = tmp_path / "seeds.json"
+    file.write_text(json.dumps({"name": "seeds", "base": base, "grid": {"seed": [0, 1, 2]}}))
+    sweep_dir = tmp_path / "sweep"
+    # One thread per process, as accelerate launch gives each: the reference below must compute alike.
+    env = ENV | {"SWEEP_DIR": str(sweep_dir), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["sbatch", "--parsable", "--array=0-2", f"--output={tmp_path}/task-%a.log",
+                           "slurm/sweep.sbatch", str(file)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    tasks = [f"{proc.stdout.strip().split(';')[0]}_{i}" for i in range(3)]
+    runs = [sweep_dir / f"{i}-seed={i}" for i in range(3)]
+    wait_for(lambda: (runs[1] / "metrics.jsonl").exists() and len(epochs_of(runs[1])) >= 1, 300, "task 1's epoch 1")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", tasks[1]], env=ENV, check=True)
+    wait_for(lambda: all(finished(t) for t in tasks), 400, "the sweep's tasks")
+    logs = [(tmp_path / f"task-{i}.log").read_text() for i in range(3)]
+    for i, task in enumerate(tasks):
+        assert job_state(task) == "COMPLETED", logs[i][-3000:]
+        assert job_field(task, "Restarts") == ("1" if i == 1 else "0"), logs[i][-3000:]
+        assert [r["epoch"] for r in epochs_of(runs[i])] == [1, 2, 3, 4, 5, 6]
+        assert json.loads((runs[i] / "config.json").read_text())["seed"] == i
+    assert "preemption signal" in logs[1] and "resuming after epoch" in logs[1]
+    assert "preemption signal" not in logs[0] + logs[2]  # the signal and the requeue reached task 1 only
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == [r.name for r in runs]
+
+    ref = tmp_path / "ref"  # the same option set, uninterrupted, outside SLURM
+    done = subprocess.run([sys.executable, "-m", "tl.sweep", str(file), "--index", "1", "--sweep-dir", str(ref)],
+                          cwd=ROOT, env=env | {"WANDB_MODE": "disabled"}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    def without_timings(d):
+        return [{k: v for k, v in r.items() if k not in ("seconds", "train_images_per_s")} for r in epochs_of(d)]
+    assert without_timings(runs[1]) == without_timings(ref / runs[1].name)
+    assert (runs[1] / "best.safetensors").read_bytes() == (ref / runs[1].name / "best.safetensors").read_bytes()
+
+    from wandb_records import read_records
+    ids = []
+    for run in runs:  # the latest attempt's offline file; a resume continues the same W&B run
+        files = sorted(run.glob("wandb/offline-run-*/run-*.wandb"))
+        assert len(files) == (2 if run == runs[1] else 1), files
+        record = next(r.run for r in read_records(files[-1]) if r.WhichOneof("record_type") == "run")
+        assert (record.run_group, record.display_name) == ("seeds", run.name)
+        assert {f.parent.name.rsplit("-", 1)[1] for f in files} == {record.run_id}
+        ids.append(record.run_id)
+    assert len(set(ids)) == 3
+
+    from tl.report import report
+    result = report([str(sweep_dir)])
+    assert result["options"] == ["seed"] and [r["kind"] for r in result["rows"]] == ["run"] * 3 + ["mean"]
+    assert result["rows"][-1]["n"] == 3 and result["rows"][-1]["best_val_acc_std"] is not None
+
+
+def test_array_tasks_given_one_output_dir_one_trains(cluster, data, tmp_path):
+    """A fixed OUTPUT_DIR for a whole array, by mistake: one task trains it; the others stop with the
+    lock's one-line error and are not requeued. TRAIN_ARGS gets each task's own $SLURM_ARRAY_TASK_ID."""
+    out = tmp_path / "shared"
+    job = submit("single_node.sbatch", out, data, 2, "--array=0-2", f"--output={tmp_path}/task-%a.log",
+                 GPUS_PER_NODE="1",
+                 TRAIN_ARGS="--epochs 2 --image-size 112 --batch-size 4 --weights none --seed $SLURM_ARRAY_TASK_ID")
+    tasks = [f"{job}_{i}" for i in range(3)]
+    wait_for(lambda: all(finished(t) for t in tasks), 300, "the array's tasks")
+    logs = [(tmp_path / f"task-{i}.log").read_text() for i in range(3)]
+    states = [job_state(t) for t in tasks]
+    assert states.count("COMPLETED") == 1, logs
+    winner = states.index("COMPLETED")
+    for i, task in enumerate(tasks):
+        assert job_field(task, "Restarts") == "0", logs[i][-3000:]
+        if i != winner:
+            assert states[i] == "FAILED" and job_field(task, "ExitCode") == "2:0", logs[i][-3000:]
+            errors = [line for line in logs[i].splitlines() if line.startswith("error: ")]
+            assert len(errors) == 1 and f"SLURM job {tasks[winner]}" in errors[0], logs[i][-3000:]
+            assert "give every array task its own output dir" in errors[0]
+            assert "not requeueing: tl stopped with a user error" in logs[i]
+    assert [r["epoch"] for r in epochs_of(out)] == [1, 2]  # one run, whole
+    config = json.loads((out / "config.json").read_text())
+    assert config["seed"] == winner and config["slurm"]["array_task_id"] == str(winner)
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 2
+    assert not list(tmp_path.glob(".tl-user-error-*"))

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import FAST, run_cli
+from conftest import FAST, make_imagefolder, run_cli
 from PIL import Image
 from wandb_records import config, find_run_file, history, read_records, summary
 
@@ -110,3 +110,20 @@ def test_tl_makes_no_deprecated_calls(tmp_path, tiny_data, wandb_home):
     ours = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught
             if issubclass(w.category, DeprecationWarning | FutureWarning) and "/tl/" in w.filename]
     assert ours == []
+
+
+def test_test_accuracy_top5_and_per_class_scores_reach_wandb(tmp_path, wandb_home, base_weights):
+    classes = [f"c{i}" for i in range(10)]
+    data = make_imagefolder(tmp_path / "ten", classes=classes, n_train=2, n_val=1, n_test=1, size=48)
+    out = tmp_path / "run"
+    saved, _ = train(parse_args(["--mode", "feature-extract", "--data-dir", str(data), "--epochs", "2", "--weights",
+                                 str(base_weights), "--output-dir", str(out), "--wandb", "offline", *FAST]))
+    run_file = find_run_file(out)
+    logged = summary(run_file)
+    for key in ("test_acc", "test_top5", "val_top5"):
+        assert logged[key] == saved[key], key
+    assert logged["per_class_f1"] == saved["per_class_f1"] and set(logged["test_per_class_precision"]) == set(classes)
+    rows = history(run_file)
+    assert [r["val_top5"] for r in rows if "val_acc" in r] == [
+        json.loads(line)["val_top5"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("test_confusion", {}).get("_type") == "image-file" for r in rows)

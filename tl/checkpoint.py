@@ -54,12 +54,17 @@ class Identity:
 
     def differences(self, other: "Identity") -> list[str]:
         """Each option this identity has another value for than `other` (the one being checked)."""
+        from tl.config import Config
+        defaults = {f.name: f.default for f in dataclasses.fields(Config)}
         out = [f"{flag} ({getattr(other, key)!r}, not {getattr(self, key)!r})"
                for key, flag in self.OPTIONS.items() if getattr(self, key) != getattr(other, key)]
-        for key in sorted(set(self.recipe) | set(other.recipe)):
-            if self.recipe.get(key) != other.recipe.get(key):
+        # An option newer than a saved run was that option's default in it.
+        mine, theirs = ({k: r.get(k, defaults.get(k)) for k in set(self.recipe) | set(other.recipe)}
+                        for r in (self.recipe, other.recipe))
+        for key in sorted(mine):
+            if mine[key] != theirs[key]:
                 flag = "the number of processes" if key == "processes" else "--" + key.replace("_", "-")
-                out.append(f"{flag} ({other.recipe.get(key)!r}, not {self.recipe.get(key)!r})")
+                out.append(f"{flag} ({theirs[key]!r}, not {mine[key]!r})")
         return out
 
 

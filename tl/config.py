@@ -2,7 +2,11 @@
 
 import argparse
 import dataclasses
+import difflib
+import json
+import types
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tl.errors import UserError
 from tl.tracking import WANDB_MODES
@@ -13,11 +17,20 @@ MODES = ("finetune", "feature-extract")
 # and process count); the others may change: the data may move, more epochs may follow, W&B and
 # the worker count do not change the numbers.
 IDENTITY = ("model", "mode", "weights", "image_size", "seed")
-RECIPE = ("batch_size", "lr", "momentum", "step_size", "gamma", "train_size", "feature_cache", "compile", "augment")
+RECIPE = ("batch_size", "lr", "momentum", "step_size", "gamma", "train_size", "feature_cache", "compile", "augment",
+          "val_split", "optimizer", "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "freeze_epochs",
+          "backbone_lr_scale")
 RESUME_FREE = ("data_dir", "data_zip", "data_mode", "save_every", "epochs", "strict_images", "precision", "output_dir",
-               "resume", "overwrite", "wandb", "wandb_project", "wandb_entity", "wandb_name", "wandb_log_model",
-               "num_workers")
+               "resume", "overwrite", "wandb", "wandb_project", "wandb_entity", "wandb_name", "wandb_group",
+               "wandb_log_model",
+               "num_workers", "patience")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
+# What a run's config.json holds besides the options (tl.loop.train writes them): --config skips them.
+RECORDED = ("classes", "base_weights", "head", "data", "recipe", "mixed_precision", "num_processes", "device",
+            "param_groups", "tl_version", "tl_commit", "data_files", "data_sample", "slurm")
+# Where a run goes and whether it continues: said by each command, not kept in a file. A run's
+# config.json records them (resume: true after a resume), and a re-run from it must not resume it.
+ACTIONS = ("output_dir", "resume", "overwrite")
 
 
 def _opt(default, help, **kw):
@@ -37,15 +50,36 @@ class Config:
     weights: str = _opt("DEFAULT", "torchvision weights name (DEFAULT, IMAGENET1K_V1, ...), "
                         "'none' for random init, or a path to a local .pth/.safetensors state dict")
     epochs: int = _opt(25, "number of epochs")
+    # Like --epochs it only decides whether more epochs run, never what an epoch computes: free on a resume.
+    patience: int = _opt(0, "stop early when val accuracy has not improved for this many epochs (0: off); the "
+                         "best epoch's weights are kept as always")
     batch_size: int = _opt(4, "images per batch on each process")
-    lr: float = _opt(0.001, "SGD learning rate")
-    momentum: float = _opt(0.9, "SGD momentum")
+    lr: float = _opt(0.001, "learning rate (of the new head, see --backbone-lr-scale)")
+    momentum: float = _opt(0.9, "SGD momentum (--optimizer sgd)")
     step_size: int = _opt(7, "StepLR: decay the learning rate every this many epochs")
     gamma: float = _opt(0.1, "StepLR: multiply the learning rate by this at each step")
+    optimizer: str = _opt("sgd", "sgd (with --momentum: the tutorial's) or adamw (decoupled weight decay)",
+                          choices=("sgd", "adamw"))
+    weight_decay: float = _opt(0.0, "weight decay of the weights (not of biases and normalization parameters); "
+                               "0: none, as the tutorial; AdamW recipes use about 0.05")
+    schedule: str = _opt("step", "learning rate per epoch: step (StepLR with --step-size and --gamma: the "
+                         "tutorial's) or cosine (from --lr down to 0 at the last of --epochs)",
+                         choices=("step", "cosine"))
+    warmup_epochs: int = _opt(0, "before the schedule, raise the learning rate linearly over this many epochs "
+                              "(from 1/(N+1) of it)")
+    label_smoothing: float = _opt(0.0, "cross-entropy label smoothing for training (timm uses 0.1); val loss "
+                                  "stays plain")
+    freeze_epochs: int = _opt(0, "finetune: for the first N epochs train only the new head, the backbone frozen "
+                              "as in feature-extract (BatchNorm included), then train everything")
+    backbone_lr_scale: float = _opt(1.0, "finetune: the pretrained layers' learning rate as a multiple of --lr "
+                                    "(the new head's), e.g. 0.1")
     feature_cache: str = _opt("on", "feature-extract only: on computes the frozen backbone's features once "
                               "(train images in the val view, so without augmentation) and trains the head on "
                               "them; off runs the backbone on augmented images every epoch, as the tutorial",
                               choices=("on", "off"))
+    val_split: float = _opt(0.0, "without a val/ folder: hold out this fraction of each class's train/ images as "
+                            "val (0: off; at least one image a class), the same images for every --seed and "
+                            "machine; python -m tl.predict --val-of DATA_DIR predicts them")
     strict_images: bool = _opt(False, "stop at the first unreadable image instead of skipping it with a warning")
     image_size: int = _opt(224, "crop size for training and validation (val resizes to "
                            "size*256/224 first, as the tutorial does)")
@@ -70,6 +104,8 @@ class Config:
     wandb_project: str = _opt("tl", "W&B project")
     wandb_entity: str | None = _opt(None, "W&B entity (user or team); default: your account's own")
     wandb_name: str | None = _opt(None, "W&B run name (default: the output dir's name)")
+    wandb_group: str | None = _opt(None, "W&B group of the run (python -m tl.sweep puts a sweep's runs in one "
+                                   "group named after it)")
     wandb_log_model: bool = _opt(False, "upload best.safetensors to W&B as a model artifact")
     seed: int = _opt(0, "random seed: head init, data order and augmentation")
     data_mode: str = _opt("auto", "memory: decode every image once at start-up and keep it (fastest when it "
@@ -81,17 +117,19 @@ class Config:
                             "this process may use shared among the node's processes; results do not depend on it")
 
     def recipe(self) -> dict:
-        """The options besides the run's identity that change its numbers: a resume must keep them."""
-        return {name: getattr(self, name) for name in RECIPE}
+        """The options besides the run's identity that change its numbers: a resume must keep them
+        (and --epochs under the cosine schedule, which spans them)."""
+        cosine = {"epochs": self.epochs} if self.schedule == "cosine" else {}
+        return {name: getattr(self, name) for name in RECIPE} | cosine
 
     def validate(self) -> "Config":
         for name in ("epochs", "batch_size", "step_size", "image_size"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got "
                                 f"{getattr(self, name)}")
-        for name in ("lr", "gamma"):
+        for name in ("lr", "gamma", "backbone_lr_scale"):
             if not getattr(self, name) > 0:
-                raise UserError(f"--{name} must be positive, got {getattr(self, name)}")
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pass one of them")
         if self.output_dir is not None and not self.output_dir.strip():
@@ -102,6 +140,21 @@ class Config:
             raise UserError(f"--train-size must be positive, or 0 for --image-size, got {self.train_size}")
         if self.save_every < 0:
             raise UserError(f"--save-every must be 0 (off) or a number of minutes, got {self.save_every}")
+        if self.patience < 0:
+            raise UserError(f"--patience must be 0 (off) or a number of epochs, got {self.patience}")
+        if not 0 <= self.val_split < 1:
+            raise UserError(f"--val-split must be a fraction from 0 (off) to below 1, e.g. 0.2, got {self.val_split}")
+        for name in ("weight_decay", "warmup_epochs", "freeze_epochs"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
+        if not 0 <= self.label_smoothing < 1:
+            raise UserError(f"--label-smoothing must be at least 0 and below 1, got {self.label_smoothing}")
+        if self.mode == "feature-extract" and (self.freeze_epochs or self.backbone_lr_scale != 1):
+            flag = "--freeze-epochs" if self.freeze_epochs else "--backbone-lr-scale"
+            raise UserError(f"{flag} is for --mode finetune; feature-extract keeps the backbone frozen throughout")
+        if self.schedule == "cosine" and self.warmup_epochs >= self.epochs:
+            raise UserError(f"--warmup-epochs {self.warmup_epochs} leaves no epoch of the cosine schedule in "
+                            f"--epochs {self.epochs}; warm up for fewer epochs")
         if self.num_workers < -1:
             raise UserError(f"--num-workers must be 0 or more, or -1 for the default, got {self.num_workers}")
         return self
@@ -119,9 +172,90 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
+def read_mapping(path: str, what: str = "--config") -> dict:
+    """A YAML or JSON file holding one mapping (JSON first: YAML 1.1 would read JSON's 1e-05 as a string)."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {what} {path} ({getattr(e, 'strerror', None) or e}); check the path") from None
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        if Path(path).suffix == ".json":
+            raise UserError(f"{what} {path} is not valid JSON ({e}); fix it at that place") from None
+        import yaml  # only for YAML files
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise UserError(f"{what} {path} is not valid YAML or JSON ({' '.join(str(e).split())}); fix it at that "
+                            "place") from None
+    if data is None:  # an empty file
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{what} {path} holds a {type(data).__name__}, not a mapping of option: value; write one "
+                        "option a line, e.g. `epochs: 10`")
+    return data
+
+
+def option_value(name: str, value, source: str):
+    """A file's value for option `name`, checked as the command line checks a flag's; floats as floats."""
+    f = {f.name: f for f in dataclasses.fields(Config)}[name]
+    kind = f.type if f.type in (bool, int, float, str) else str  # `str | None`: a string or null
+    if value is None and isinstance(f.type, types.UnionType):
+        return None
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = {bool: isinstance(value, bool), int: number and isinstance(value, int), float: number,
+          str: isinstance(value, str)}[kind]
+    if not ok:
+        what = {bool: "true or false", int: "a whole number", float: "a number",
+                str: "a string" + (" or null" if f.default is None else "")}[kind]
+        raise UserError(f"{source}: {name} must be {what}, got {value!r}; fix its value")
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise UserError(f"{source}: {name} must be one of {', '.join(choices)}, got {value!r}; fix its value")
+    return float(value) if kind is float else value
+
+
+def file_options(data: dict, source: str) -> dict:
+    """The options of a config file's mapping, checked: keys are Config's names (`batch_size` or
+    `batch-size`). A run's config.json (it holds the RECORDED keys) works as it is: those keys and its
+    ACTIONS are skipped, so training from it starts a new run."""
+    names = [f.name for f in dataclasses.fields(Config)]
+    run_record = any(str(k) in RECORDED for k in data)
+    out, given = {}, {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name in RECORDED:
+            continue
+        if name not in names:
+            near = difflib.get_close_matches(name, names, n=1)
+            hint = f"did you mean {near[0]}? " if near else ""
+            raise UserError(f"{source}: unknown option {key!r}; {hint}keys are train.py's options without the "
+                            "leading -- (see --help)")
+        if name in given:
+            raise UserError(f"{source}: {name} is given twice ({given[name]!r} and {key!r}); keep one")
+        given[name] = key
+        if name in ACTIONS and run_record:
+            continue
+        if name in ("resume", "overwrite") and value is True:
+            raise UserError(f"{source}: {key}: true is not taken from a file (it is what one command does to one "
+                            f"--output-dir); pass --{name} on the command line")
+        out[name] = option_value(name, value, source)
+    return out
+
+
 def parse_args(argv=None) -> Config:
     parser = _Parser(description="Transfer learning for a torchvision classifier on an "
                      "ImageFolder data set.", formatter_class=_Formatter)
+    parser.add_argument("--config", metavar="FILE", help="take options from a YAML or JSON file (keys as the "
+                        "options' names, e.g. batch_size: 8); flags given as well override it. A run's config.json "
+                        "trains that run again as a new run: its output_dir, resume and overwrite are left out")
     for f in dataclasses.fields(Config):
         flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
         if f.type is bool:
@@ -130,4 +264,10 @@ def parse_args(argv=None) -> Config:
             kind = f.type if f.type in (int, float) else str
             parser.add_argument(flag, type=kind, default=f.default, help=help,
                                 choices=f.metadata.get("choices"))
-    return Config(**vars(parser.parse_args(argv))).validate()
+    args = parser.parse_args(argv)
+    if args.config:  # the file's values become the defaults, so the flags given override them
+        parser.set_defaults(**file_options(read_mapping(args.config), args.config))
+        args = parser.parse_args(argv)
+    options = vars(args)
+    del options["config"]  # where the options came from is not one of them (config.json holds the options)
+    return Config(**options).validate()

@@ -117,6 +117,8 @@ class ImageSet(Dataset):
         return len(self.split.images)
 
     def __getitem__(self, i):
+        if i < 0:  # ShardSampler's repeat of image -1 - i: the same pixels, a label the loss ignores
+            return self[-1 - i][0], PAD
         x = self.split.images[i]
         if self.transform is not None:
             with torch.random.fork_rng(devices=[]):  # the caller's RNG stays as it was
@@ -133,11 +135,12 @@ def item_seed(seed: int, epoch: int, i: int) -> int:
 
 @dataclass
 class Listing:
-    """The images of train/ and val/ and a cheap identity of the set."""
+    """The images of train/, val/ and an optional test/, and a cheap identity of the set."""
     classes: list[str]
     train: list[tuple[str, int]]  # (path, class index), sorted like ImageFolder's samples
     val: list[tuple[str, int]]
     fingerprint: str  # "sha256:<hex>" over (split, class, relative path, byte size) of every image
+    test: list[tuple[str, int]] = field(default_factory=list)  # empty without a test/ folder
 
 
 def class_folders(split_dir: Path) -> list[str]:
@@ -146,29 +149,37 @@ def class_folders(split_dir: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(split_dir) if not e.name.startswith(".") and e.is_dir())
 
 
-def list_images(root: Path, warn: bool = True) -> Listing:
-    """Scan train/ and val/: the same class folders (at least 2), each holding at least one image.
+def list_images(root: Path, warn: bool = True, val_split: float = 0.0) -> Listing:
+    """Scan train/, val/ and test/ when present: the same class folders (at least 2), each holding
+    at least one image. With val_split there is no val/: val is that fraction of train/ (split_val).
 
     Inside a class folder, links to folders are not followed and only regular files count; both
     are skipped with a warning (with warn, which only the main process passes). Reads no file.
     """
+    if val_split and (root / "val").is_dir():
+        raise UserError(f"--val-split {val_split} takes val images from train/, but {root} has a val/ folder; "
+                        "drop --val-split to validate on val/, or remove val/")
+    splits = ("train", "val") if not val_split else ("train",)
+    splits += ("test",) if (root / "test").is_dir() else ()  # optional: evaluated once, at the end
     names = {}
-    for split in ("train", "val"):
+    for split in splits:
         if not (root / split).is_dir():
             raise UserError(f"{root} has no {split}/ folder; an ImageFolder root needs train/ and "
-                            "val/, each with one sub-folder per class")
+                            "val/, each with one sub-folder per class"
+                            + ("; or pass --val-split 0.2 to hold out part of train/" if split == "val" else ""))
         names[split] = class_folders(root / split)
     classes = names["train"]
     if len(classes) < 2:
         held = f"only one class folder ({classes[0]})" if classes else "no class folders"
         raise UserError(f"{root / 'train'} holds {held}; a classifier needs at least 2, one sub-folder "
                         "per class in both train/ and val/")
-    if classes != names["val"]:
-        raise UserError(f"train/ and val/ hold different class folders (train: {classes}, "
-                        f"val: {names['val']}); give both the same class folders")
-    found = {"train": [], "val": []}
-    rows, links, odd, empty = [], [], [], []  # fingerprint rows, skipped folder links and files
-    for split in ("train", "val"):
+    for split in splits[1:]:
+        if classes != names[split]:
+            raise UserError(f"train/ and {split}/ hold different class folders (train: {classes}, "
+                            f"{split}: {names[split]}); give both the same class folders")
+    found = {split: [] for split in splits}  # (path, class, file identity, fingerprint row)
+    links, odd, empty = [], [], []  # skipped folder links and files
+    for split in splits:
         for c, name in enumerate(classes):
             class_dir = os.path.join(root, split, name)
             files = _scan_class(class_dir, links, odd)
@@ -176,9 +187,8 @@ def list_images(root: Path, warn: bool = True) -> Listing:
                 empty.append(f"{split}/{name}")
             for dirpath, fname, st in sorted(files, key=lambda f: (f[0], f[1])):  # ImageFolder's order
                 path = dirpath + os.sep + fname
-                found[split].append((path, c, (st.st_dev, st.st_ino)))
                 rel = unicodedata.normalize("NFC", path[len(class_dir) + 1:].replace(os.sep, "/"))
-                rows.append((split, name, rel, st.st_size))
+                found[split].append((path, c, (st.st_dev, st.st_ino), (name, rel, st.st_size)))
     if warn and links:
         warnings.warn(f"skipping {len(links)} linked folder(s) inside class folders (e.g. {links[0]}): "
                       "links to folders are not followed there; copy the folder in instead", stacklevel=2)
@@ -189,15 +199,40 @@ def list_images(root: Path, warn: bool = True) -> Listing:
         raise UserError(f"class folder(s) with no images in {root}: {', '.join(empty)} (images end in "
                         f"{', '.join(IMG_EXTENSIONS)}); put at least one image in every class folder or "
                         "remove the empty ones")
-    # The same file in both splits, by identity: a link or a hard link to a train image counts.
-    train_files = {key: path for path, _, key in found["train"]}
-    shared = [(path, train_files[key]) for path, _, key in found["val"] if key in train_files]
-    if warn and shared:
-        warnings.warn(f"{len(shared)} val images are also train images (e.g. {shared[0][0]} is "
-                      f"{shared[0][1]}); val accuracy will be optimistic", stacklevel=2)
+    if val_split:
+        found["train"], found["val"] = split_val(found["train"], val_split, classes)
+    # The same file in two splits, by identity: a link or a hard link to a train image counts.
+    train_files = {key: path for path, _, key, _ in found["train"]}
+    for split in [s for s in found if s != "train"]:
+        shared = [(path, train_files[key]) for path, _, key, _ in found[split] if key in train_files]
+        if warn and shared:
+            warnings.warn(f"{len(shared)} {split} images are also train images (e.g. {shared[0][0]} is "
+                          f"{shared[0][1]}); {split} accuracy will be optimistic", stacklevel=2)
+    # A split-out val counts as val: the split is part of the set's identity. No test/, no test rows.
+    rows = [(split, *row) for split, files in found.items() for *_, row in files]
     digest = hashlib.sha256(json.dumps(sorted(rows)).encode()).hexdigest()
-    return Listing(classes, *([(path, c) for path, c, _ in found[s]] for s in ("train", "val")),
-                   fingerprint=f"sha256:{digest}")
+    return Listing(classes, *([(path, c) for path, c, *_ in found[s]] for s in ("train", "val")),
+                   fingerprint=f"sha256:{digest}", test=[(path, c) for path, c, *_ in found.get("test", [])])
+
+
+def split_val(train: list, fraction: float, classes: list[str]) -> tuple[list, list]:
+    """Hold out `fraction` of each class (rounded, at least one image) from train as val, the same on
+    every machine and for every seed: the files whose sha256 of "class/relative path" comes first.
+    Items are list_images' (path, class, file identity, (class, relative path, size)); both parts
+    keep train's order."""
+    def rank(item):
+        name, rel, _ = item[3]
+        return hashlib.sha256(f"{name}/{rel}".encode()).hexdigest()
+
+    held = set()
+    for c, name in enumerate(classes):
+        items = [item for item in train if item[1] == c]
+        n = max(1, round(fraction * len(items)))
+        if n >= len(items):
+            raise UserError(f"--val-split {fraction} leaves no train image of class {name} ({len(items)} image(s) "
+                            "in train/): put more images in it, or give the data set a val/ folder")
+        held.update(item[0] for item in sorted(items, key=rank)[:n])
+    return [i for i in train if i[0] not in held], [i for i in train if i[0] in held]
 
 
 def _scan_class(class_dir: str, links: list, odd: list) -> list:
@@ -363,9 +398,9 @@ def stream_split(samples: list[tuple[str, int]], image_size: int, train: bool, m
 
 def decoded_bytes(listing: Listing, image_size: int, train_size: int) -> int:
     """An upper bound on the memory path's decoded pixels: train images with the shorter side at
-    2x the crop (4:3), val at the crop."""
+    2x the crop (4:3), val and test at the crop."""
     side = 2 * max(image_size, train_size)
-    return len(listing.train) * side * side * 4 // 3 * 3 + len(listing.val) * image_size * image_size * 3
+    return len(listing.train) * side * side * 4 // 3 * 3 + (len(listing.val) + len(listing.test)) * image_size ** 2 * 3
 
 
 def available_memory() -> int:
@@ -402,19 +437,36 @@ def train_transform(image_size: int):
     return v2.Compose([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()])
 
 
+PAD = -100  # the label of a repeated image: F.cross_entropy's default ignore_index, never counted
+
+
+class ShardSampler(DistributedSampler):
+    """DistributedSampler (shuffled, every process the same number of images, so the same number of
+    steps) whose padding is marked: a repeated image comes as index -1 - i, which datasets return
+    with the PAD label, so an epoch trains on and counts each image exactly once at any world size."""
+
+    def __iter__(self):
+        n, world = len(self.dataset), self.num_replicas
+        return iter(i if self.rank + k * world < n else -1 - i for k, i in enumerate(super().__iter__()))
+
+
 def make_loaders(train_set: Dataset, val_set: Dataset, batch_size: int, num_workers: int, seed: int,
                  rank: int, world: int, batchnorm_training: bool = False, collate_fn=None):
     """Train: shuffled and sharded by DistributedSampler (call set_epoch on it and on an ImageSet
     every epoch). Val: a strided shard per process with no padding, so every image counts once."""
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    sampler = ShardSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed)
     # BatchNorm cannot train on a batch of one image: then leave out the odd one (a different one each epoch).
     drop_last = batchnorm_training and len(sampler) % batch_size == 1 and len(sampler) > 1
     # No persistent workers: fresh ones each epoch get the dataset's new epoch (set_epoch).
     train_loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                               drop_last=drop_last, pin_memory=torch.cuda.is_available(), collate_fn=collate_fn)
-    val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world)), batch_size=max(batch_size, 32),
-                            num_workers=num_workers)
-    return train_loader, sampler, val_loader
+    return train_loader, sampler, eval_loader(val_set, max(batch_size, 32), num_workers, rank, world)
+
+
+def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, rank: int, world: int) -> DataLoader:
+    """This process's strided shard of a set to evaluate (tl.eval.gather_in_order): no padding."""
+    return DataLoader(Subset(dataset, range(rank, len(dataset), world)), batch_size=batch_size,
+                      num_workers=num_workers)
 
 
 def skip_batches(loader: DataLoader, sampler, batches: int) -> DataLoader:

@@ -30,3 +30,28 @@ def evaluate(model, loader, accelerator, total: int) -> torch.Tensor:
     different lengths make different numbers of forward calls.
     """
     return gather_in_order(lambda x: model(x).float().softmax(1), loader, accelerator, total)
+
+
+def confusion_matrix(targets: torch.Tensor, preds: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Counts, true class by row, predicted class by column."""
+    counts = torch.bincount(targets * num_classes + preds, minlength=num_classes ** 2)
+    return counts.view(num_classes, num_classes)
+
+
+def top5_correct(probs: torch.Tensor, targets: torch.Tensor) -> int | None:
+    """Images whose class is among their 5 most probable; None up to 5 classes, where every one is."""
+    if probs.shape[1] <= 5:
+        return None
+    return int((probs.topk(5, dim=1).indices == targets[:, None]).any(1).sum())
+
+
+def class_scores(confusion: torch.Tensor, classes: list[str], prefix: str = "") -> dict[str, dict[str, float]]:
+    """Per class: accuracy (its recall), precision, recall and F1 from a confusion matrix; 0 where a
+    class has no image or no prediction."""
+    confusion = confusion.double()  # exact counts: a/b rounds as Python's int division does
+    hits = confusion.diag()
+    recall = hits / confusion.sum(1).clamp_min(1)
+    precision = hits / confusion.sum(0).clamp_min(1)
+    f1 = torch.where(hits > 0, 2 * precision * recall / (precision + recall), 0.0)
+    return {f"{prefix}per_class_{name}": dict(zip(classes, values.tolist()))
+            for name, values in (("acc", recall), ("precision", precision), ("recall", recall), ("f1", f1))}

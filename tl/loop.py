@@ -6,9 +6,11 @@ exit path. Only the main process writes files and prints.
 """
 
 import dataclasses
+import functools
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,20 +18,23 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, gather_object, set_seed
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from tl import checkpoint, provenance, shards
 from tl import run as rundir
-from tl import shards
 from tl.augment import DeviceAugment
 from tl.augment import collate as padded_batches
 from tl.checkpoint import Checkpointer, Identity, Progress
 from tl.config import Config
 from tl.data import (
+    PAD,
     ImageSet,
+    Split,
     center_view,
     choose_data_mode,
     ensure_data,
+    eval_loader,
     list_images,
     load_split,
     make_loaders,
@@ -40,9 +45,10 @@ from tl.data import (
     usable_cpus,
 )
 from tl.errors import UserError
-from tl.eval import evaluate
-from tl.features import backbone_features
-from tl.model import build_model, weights_id
+from tl.eval import class_scores, confusion_matrix, evaluate, top5_correct
+from tl.features import FeatureRows, backbone_features, feature_loaders, remove_files
+from tl.model import build_model, set_frozen, weights_id
+from tl.optim import build_optimizer, build_scheduler, describe, param_groups
 from tl.pictures import pick_examples, save_confusion, save_curves, save_image_grid, save_predictions
 from tl.run import RunDir
 from tl.stop import Stopper, StopRequested
@@ -118,6 +124,10 @@ class Setup:
     skipped: list[str]
     frozen: bool
     cached: bool
+    groups: list[dict] = dataclasses.field(default_factory=list)  # the optimizer's parameter groups, described
+    open_test: Callable[[], Split] | None = None  # test/, read only at the end (evaluate_test)
+    workers: int = 0  # DataLoader workers of image loaders
+    record: dict = dataclasses.field(default_factory=dict)  # config.json's reproduction keys (main process only)
 
 
 def setup(cfg: Config, accelerator: Accelerator, out: Path, resuming: bool) -> tuple[Setup, Checkpointer]:
@@ -129,7 +139,10 @@ def setup(cfg: Config, accelerator: Accelerator, out: Path, resuming: bool) -> t
         raise UserError(f"--output-dir {out} is inside --data-dir {root}: the run's pictures would become images "
                         "of the next run; pass an --output-dir outside the data set")
     pack = shards.open_pack(root) if shards.is_pack(root) else None  # a packed set (python -m tl.pack)
-    listing = on_main(accelerator, lambda: pack.listing() if pack else list_images(root))
+    if pack and cfg.val_split:
+        raise UserError(f"--val-split holds out part of train/, but {root} is a pack, which holds its own val split; "
+                        "drop --val-split, or pass the ImageFolder itself")
+    listing = on_main(accelerator, lambda: pack.listing() if pack else list_images(root, val_split=cfg.val_split))
     frozen = cfg.mode == "feature-extract"
     if frozen and cfg.weights.lower() == "none" and main:
         warnings.warn("feature-extract with --weights none trains a head on a frozen random backbone, which "
@@ -145,9 +158,9 @@ def setup(cfg: Config, accelerator: Accelerator, out: Path, resuming: bool) -> t
                         base_weights=weights_id(cfg.weights, cfg.model), weights=cfg.weights, head=head_name,
                         image_size=cfg.image_size, seed=cfg.seed, data=listing.fingerprint, recipe=recipe)
     net = model.get_submodule(head_name) if frozen and cfg.feature_cache == "on" else model
-    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=cfg.lr, momentum=cfg.momentum)
-    # Not prepared: Accelerate would step an epoch scheduler once per process.
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+    groups = param_groups(net, model.get_submodule(head_name), cfg)
+    optimizer = build_optimizer(groups, cfg)
+    scheduler = build_scheduler(optimizer, cfg)  # not prepared: Accelerate would step it once per process
     checkpointer = Checkpointer(None, identity, model, optimizer, scheduler, {})
     if resuming:  # before the slow decoding: a resume that cannot be exact is refused now
         checkpointer.check_resumable(out / rundir.STATE, cfg.epochs)
@@ -176,17 +189,25 @@ def setup(cfg: Config, accelerator: Accelerator, out: Path, resuming: bool) -> t
         t0 = time.perf_counter()
         model.to(accelerator.device).eval()
         shown = ImageSet(train_split, lambda x: center_view(x, cfg.image_size))
-        features = [backbone_features(model, head_name, images, val_loader.batch_size, accelerator, workers)
-                    for images in (shown, val_set)]
-        train_set = TensorDataset(features[0], torch.tensor(train_split.targets))
-        train_loader, sampler, val_loader = make_loaders(train_set, TensorDataset(features[1], val_targets),
-                                                         cfg.batch_size, 0, cfg.seed, rank, world)
+        parts = backbone_features(model, head_name, {"train": shown, "val": val_set}, val_loader.batch_size,
+                                  accelerator, out / rundir.FEATURES, workers)
+        train_set = FeatureRows(parts["train"], torch.tensor(train_split.targets))
+        own_val = FeatureRows([parts["val"][rank]], val_targets[rank::world])  # what this process evaluates
+        train_loader, sampler, val_loader = feature_loaders(train_set, own_val, cfg.batch_size, val_loader.batch_size,
+                                                            cfg.seed, accelerator)
         accelerator.print(f"feature cache: backbone features of {len(shown)} train (center view, no augmentation) "
-                          f"and {len(val_split.images)} val images in {time.perf_counter() - t0:.1f}s")
+                          f"and {len(val_split.images)} val images in {time.perf_counter() - t0:.1f}s, "
+                          + (f"on {accelerator.device}" if train_loader.dataset.device.type == "cuda"
+                             else f"memory-mapped from {out / rundir.FEATURES}"))
     checkpointer.best_meta = {"mixed_precision": accelerator.mixed_precision, "eval_batch_size": val_loader.batch_size}
     setup = Setup(identity, model, net, optimizer, scheduler, train_set, sampler, train_loader, val_loader, val_targets,
                   shown, device_augment, val_split.images, len(train_split.images),
-                  train_split.skipped + val_split.skipped, frozen, cached)
+                  train_split.skipped + val_split.skipped, frozen, cached, groups=describe(groups), workers=workers)
+    if listing.test:  # read at the end: its images are not held through training
+        setup.open_test = functools.partial(open_split, accelerator, root, pack, listing, "test", mode, cfg.image_size,
+                                            False, cfg.strict_images)
+    if main:
+        setup.record = provenance.record(listing, pack)
     return setup, checkpointer
 
 
@@ -198,7 +219,7 @@ def open_split(accelerator: Accelerator, root: Path, pack, listing, split: str, 
     if pack:
         load = shards.load_packed_split if mode == "memory" else shards.stream_packed_split
         return load(root, split, size, train, main, strict, pack)
-    samples = listing.train if train else listing.val
+    samples = getattr(listing, split)
     if mode == "memory":
         return load_split(samples, size, train, main, strict)
     return on_main(accelerator, lambda: stream_split(samples, size, train, True, strict))
@@ -210,7 +231,7 @@ NO_BAD_STEP = -(1 << 40)
 
 def train_epoch(model, loader, optimizer, accelerator, stopper: Stopper, epoch: int, epochs: int,
                 augment: DeviceAugment | None = None, start: int = 0, partial=(0.0, 0, 0), save=None,
-                save_every_s: float = 0.0):
+                save_every_s: float = 0.0, label_smoothing: float = 0.0):
     """One pass over this process's shard; returns loss, accuracy and images over all processes.
 
     The steps queue work on the device without waiting for it: totals stay on the device, and every
@@ -222,20 +243,22 @@ def train_epoch(model, loader, optimizer, accelerator, stopper: Stopper, epoch: 
     loss_sum = torch.tensor(float(partial[0]), device=device)  # a resume inside the epoch goes on from its totals
     correct = torch.tensor(int(partial[1]), device=device, dtype=torch.long)
     bad = torch.full((), NO_BAD_STEP, device=device, dtype=torch.long)  # -(first non-finite step)
-    images, last, saved_at = int(partial[2]), start + len(loader), time.monotonic()
+    images = torch.tensor(int(partial[2]), device=device, dtype=torch.long)
+    last, saved_at = start + len(loader), time.monotonic()
     bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", disable=not accelerator.is_main_process, leave=False,
                initial=start, total=last)
     for step, (x, y) in enumerate(bar, start + 1):
         x, y = augment(*x) if augment else to_input(x, device), y.to(device, non_blocking=True)
         logits = model(x)
-        loss = F.cross_entropy(logits, y)
-        bad = torch.where(torch.isfinite(loss) | (bad != NO_BAD_STEP), bad, -step)
+        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)  # the mean over all but PAD labels
+        real = (y != PAD).sum()  # a batch of only repeated images: loss nan, gradient 0, counted as nothing
+        bad = torch.where(torch.isfinite(loss) | (real == 0) | (bad != NO_BAD_STEP), bad, -step)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         optimizer.step()
-        loss_sum += loss.detach().float() * len(y)
+        loss_sum += torch.where(real > 0, loss.detach().float(), 0.0) * real
         correct += (logits.argmax(1) == y).sum()
-        images += len(y)
+        images += real
         if step % AGREE_EVERY == 0 or step == last:
             due = accelerator.is_main_process and 0 < save_every_s <= time.monotonic() - saved_at
             signum, first_bad, save_now = stopper.agree(bad, torch.tensor(int(due)))
@@ -246,11 +269,11 @@ def train_epoch(model, loader, optimizer, accelerator, stopper: Stopper, epoch: 
             if step == last:
                 break  # the epoch's end saves it; a stop signal is honoured after that
             if (signum or save_now) and save:
-                save(step, [loss_sum.item(), int(correct.item()), images])  # a host sync only when saving
+                save(step, [loss_sum.item(), int(correct.item()), int(images.item())])  # a host sync only when saving
                 saved_at = time.monotonic()
             if signum:
                 raise StopRequested(signum)
-    totals = torch.stack([loss_sum, correct.float(), torch.tensor(float(images), device=device)])
+    totals = torch.stack([loss_sum, correct.float(), images.float()])
     loss_sum, correct, n = accelerator.reduce(totals, "sum").tolist()
     return loss_sum / n, int(correct) / int(n), int(n)
 
@@ -297,38 +320,75 @@ def run_epoch(s: Setup, net, optimizer, accelerator, stopper: Stopper, epoch: in
         checkpointer.save_step(step, [t for t, _ in gathered], generators, time.perf_counter() - started)
 
     lr = optimizer.param_groups[0]["lr"]
-    net.train(not s.frozen)  # frozen: BatchNorm statistics stay the base's
+    frozen = s.frozen or epoch <= cfg.freeze_epochs  # --freeze-epochs: the first epochs as feature-extract
+    if cfg.freeze_epochs:
+        set_frozen(s.model, s.identity.head, frozen)  # from the epoch alone: a resume at any point agrees
+    net.train(not frozen)  # frozen: BatchNorm statistics stay the base's
     train_loss, train_acc, n_train = train_epoch(net, loader, optimizer, accelerator, stopper, epoch, cfg.epochs,
-                                                 s.device_augment, start, partial, save, cfg.save_every * 60)
+                                                 s.device_augment, start, partial, save, cfg.save_every * 60,
+                                                 cfg.label_smoothing)
     train_seconds = time.perf_counter() - t0
     s.scheduler.step()
     net.eval()
     probs = evaluate(accelerator.unwrap_model(net), s.val_loader, accelerator, len(s.val_targets))
     confidence, preds = probs.max(1)
     correct = int((preds == s.val_targets).sum())
+    top5 = top5_correct(probs, s.val_targets)  # None up to 5 classes
     row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
            "val_loss": F.nll_loss(probs.clamp_min(1e-12).log(), s.val_targets).item(),
-           "val_acc": correct / len(preds), "lr": lr, "train_images": n_train, "val_images": len(preds),
+           "val_acc": correct / len(preds), **({"val_top5": top5 / len(preds)} if top5 is not None else {}),
+           "lr": lr, "train_images": n_train, "val_images": len(preds),
            "train_images_per_s": n_train / train_seconds, "seconds": time.perf_counter() - t0}
     return row, preds.tolist(), [round(c, 4) for c in confidence.tolist()], correct
 
 
-def finish(cfg: Config, s: Setup, p: Progress, run: RunDir | None, tracker: Tracker | None, started: float) -> dict:
+def stop_reason(p: Progress, cfg: Config) -> str | None:
+    """Why training is over after p's epochs: "epochs" (all done), "patience" (val accuracy has not
+    improved for --patience epochs: read from the saved progress, so a resume knows it too), or None."""
+    if p.epoch >= cfg.epochs:
+        return "epochs"
+    if cfg.patience and p.epoch - p.best_epoch >= cfg.patience:
+        return "patience"
+    return None
+
+
+def evaluate_test(s: Setup, accelerator: Accelerator, out: Path, batch_size: int) -> tuple[torch.Tensor, Split]:
+    """The best epoch's weights on test/, once: every image counted once at any world size, evaluated
+    as tl.predict evaluates best.safetensors (the whole model under the run's mixed precision)."""
+    split = s.open_test()
+    accelerator.wait_for_everyone()  # best.safetensors is the main process's write
+    tensors, _ = checkpoint.load(out / rundir.BEST)
+    s.model.load_state_dict(tensors, strict=not s.frozen)
+    loader = eval_loader(ImageSet(split), batch_size, s.workers, accelerator.process_index, accelerator.num_processes)
+    with accelerator.autocast():
+        probs = evaluate(s.model.eval(), loader, accelerator, len(split.targets))
+    return probs, split
+
+
+def finish(cfg: Config, s: Setup, p: Progress, run: RunDir | None, tracker: Tracker | None, started: float,
+           test: tuple[torch.Tensor, Split] | None = None) -> dict:
     """The summary on every process; the main process draws the pictures and writes the summary."""
     classes = s.identity.classes
-    preds = torch.tensor(p.best_preds)
-    confusion = torch.bincount(s.val_targets * len(classes) + preds, minlength=len(classes) ** 2)
-    confusion = confusion.view(len(classes), len(classes))
+    confusion = confusion_matrix(s.val_targets, torch.tensor(p.best_preds), len(classes))
     correct = int(confusion.diag().sum())
     rows = p.history
+    best_row = rows[p.best_epoch - 1]
     summary = {"best_val_acc": p.best_val_acc, "best_epoch": p.best_epoch, "val_correct": correct,
-               "epochs": p.epoch, "num_train": s.num_train, "num_val": len(s.val_targets), "classes": classes,
-               "per_class_acc": {c: int(confusion[i, i]) / max(int(confusion[i].sum()), 1)
-                                 for i, c in enumerate(classes)},
+               **({"val_top5": best_row["val_top5"]} if "val_top5" in best_row else {}),
+               "epochs": p.epoch, "stop_reason": stop_reason(p, cfg), "num_train": s.num_train,
+               "num_val": len(s.val_targets), "classes": classes, **class_scores(confusion, classes),
                "skipped_images": s.skipped, "total_seconds": None,
                "train_images_per_s": sum(r["train_images"] for r in rows) / sum(
                    r["train_images"] / r["train_images_per_s"] for r in rows),
                "output_dir": str(run.path) if run else None}
+    if test:
+        probs, split = test
+        targets = torch.tensor(split.targets)
+        test_confusion = confusion_matrix(targets, probs.argmax(1), len(classes))
+        test_correct, top5 = int(test_confusion.diag().sum()), top5_correct(probs, targets)
+        summary |= {"test_acc": test_correct / len(targets), "test_correct": test_correct, "test_total": len(targets),
+                    **({"test_top5": top5 / len(targets)} if top5 is not None else {}),
+                    **class_scores(test_confusion, classes, "test_"), "skipped_images": s.skipped + split.skipped}
     if run is None:
         return summary
     truth = s.val_targets.tolist()
@@ -341,16 +401,26 @@ def finish(cfg: Config, s: Setup, p: Progress, run: RunDir | None, tracker: Trac
                      f"{len(shown)} shown, {mistakes} of them mistakes")
     save_curves(rows, run.file(rundir.PICTURES["curves"]), f"{cfg.mode} {cfg.model}: {run.path.name}")
     save_confusion(confusion, classes, run.file(rundir.PICTURES["confusion"]))
+    pictures = {n: run.file(f) for n, f in rundir.PICTURES.items()}
+    if test:
+        pictures["test_confusion"] = run.file(rundir.TEST_CONFUSION)
+        save_confusion(test_confusion, classes, pictures["test_confusion"], "test confusion matrix (best epoch)")
     summary["total_seconds"] = time.perf_counter() - started
     run.write_json(rundir.SUMMARY, summary)
     per_class = ", ".join(f"{c} {a:.3f}" for c, a in list(summary["per_class_acc"].items())[:10])
     more = f" (and {len(classes) - 10} more in summary.json)" if len(classes) > 10 else ""
+    if summary["stop_reason"] == "patience":
+        print(f"stopped early after epoch {p.epoch}: val accuracy has not improved for {p.epoch - p.best_epoch} epochs "
+              f"(--patience {cfg.patience})")
+    if test:
+        print(f"test acc {summary['test_acc']:.4f} ({summary['test_correct']}/{summary['test_total']}) with the "
+              f"best epoch's weights; per class in {rundir.SUMMARY}, {rundir.TEST_CONFUSION}")
     print(f"best val acc {p.best_val_acc:.4f} at epoch {p.best_epoch} ({correct}/{len(truth)}); per class: "
           f"{per_class}{more}\n{summary['total_seconds']:.1f} s wall, {summary['train_images_per_s']:.1f} train "
           f"images/s; outputs in {run.path}/: {rundir.BEST}, {', '.join(rundir.PICTURES.values())}, "
           f"{rundir.METRICS}, {rundir.SUMMARY}")
     if tracker:
-        tracker.finish(summary, {n: run.file(f) for n, f in rundir.PICTURES.items()}, truth, p.best_preds, classes,
+        tracker.finish(summary, pictures, truth, p.best_preds, classes,
                        run.file(rundir.BEST) if cfg.wandb_log_model else None)
     return summary
 
@@ -397,21 +467,29 @@ def train(cfg: Config, stopper: Stopper | None = None) -> tuple[dict, torch.nn.M
     frozen = cfg.mode == "feature-extract"
     # Frozen BatchNorm buffers are equal everywhere: no need to broadcast them every step. Gradients
     # as views of DDP's buckets save a copy and the memory of one gradient set.
-    ddp = DistributedDataParallelKwargs(broadcast_buffers=not frozen, gradient_as_bucket_view=True)
+    # --freeze-epochs: DDP wraps every layer, and while the backbone is frozen it finds it unused each step.
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=not frozen, gradient_as_bucket_view=True,
+                                        find_unused_parameters=cfg.freeze_epochs > 0)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=resolve_precision(cfg.precision),
                               kwargs_handlers=[ddp])
     torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest convolution once
     main = accelerator.is_main_process
-    run, tracker, checkpointer, failed = None, None, None, True
+    run, out, tracker, checkpointer, failed = None, None, None, None, True
     try:
         run, out, resuming = open_run(cfg, accelerator)
         s, checkpointer = setup(cfg, accelerator, out, resuming)
         checkpointer.run = run
         p = checkpointer.restore(out / rundir.STATE) if resuming else checkpointer.progress
-        done = rundir.read_summary(out) if resuming and p.epoch >= cfg.epochs else None
-        if done:
+        over = stop_reason(p, cfg)
+        done = rundir.read_summary(out) if resuming and over else None
+        if done and over == "patience":
+            accelerator.print(f"nothing to do: {out} stopped early after epoch {p.epoch}, val accuracy not improved "
+                              f"since epoch {p.best_epoch} (--patience {cfg.patience}; see {rundir.SUMMARY}); pass a "
+                              "larger --patience, or 0, to train further")
+        elif done:
             accelerator.print(f"nothing to do: {out} has trained all {p.epoch} epochs (see {rundir.SUMMARY}); "
                               f"pass --epochs {p.epoch + 1} or more to train further")
+        if done:
             failed = False
             return done, s.model
         net, optimizer = accelerator.prepare(torch.compile(s.net) if cfg.compile else s.net, s.optimizer)
@@ -421,13 +499,17 @@ def train(cfg: Config, stopper: Stopper | None = None) -> tuple[dict, torch.nn.M
                 run.write_rows(p.history)
             config = dataclasses.asdict(cfg) | s.identity.meta() | {
                 "output_dir": str(out), "mixed_precision": accelerator.mixed_precision,
-                "num_processes": accelerator.num_processes, "device": str(accelerator.device)}
+                "num_processes": accelerator.num_processes, "device": str(accelerator.device), "param_groups": s.groups
+            } | s.record
             run.write_json(rundir.CONFIG, config)
-            tracker = Tracker(run, config, cfg.wandb, cfg.wandb_project, cfg.wandb_entity, cfg.wandb_name, resuming)
+            tracker = Tracker(run, config, cfg.wandb, cfg.wandb_project, cfg.wandb_entity, cfg.wandb_name, resuming,
+                              group=cfg.wandb_group)
             announce(cfg, s, run, net, accelerator, p.epoch if resuming else None)
         stopper.defer(accelerator)
         started -= p.seconds  # a resumed run's wall time includes the earlier attempts
         for epoch in range(p.epoch + 1, cfg.epochs + 1):
+            if stop_reason(p, cfg):  # --patience: no improvement for that many epochs
+                break
             row, preds, confidence, correct = run_epoch(s, net, optimizer, accelerator, stopper, epoch, cfg,
                                                         checkpointer, started)
             improved = checkpointer.end_epoch(row, preds, confidence, correct, time.perf_counter() - started)
@@ -437,7 +519,8 @@ def train(cfg: Config, stopper: Stopper | None = None) -> tuple[dict, torch.nn.M
                       f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  lr {row['lr']:.2g}  "
                       f"{row['seconds']:.1f}s{'  *best*' if improved else ''}")
             stopper.check()
-        summary = finish(cfg, s, p, run, tracker, started)
+        test = evaluate_test(s, accelerator, out, checkpointer.best_meta["eval_batch_size"]) if s.open_test else None
+        summary = finish(cfg, s, p, run, tracker, started, test)
         failed = False
         return summary, s.model
     except StopRequested as e:
@@ -448,6 +531,8 @@ def train(cfg: Config, stopper: Stopper | None = None) -> tuple[dict, torch.nn.M
         stopper.restore()
         if tracker:
             tracker.close(exit_code=1 if failed else 0)
+        if out:  # before the lock goes: a next run in the dir writes files of the same names
+            remove_files(out / rundir.FEATURES, accelerator.process_index, accelerator.num_processes)
         if run:
             run.close(failed)
         accelerator.end_training()

@@ -101,10 +101,15 @@ def build_model(name: str, weights: str, num_classes: int, mode: str) -> tuple[n
     head_name, old = linears[-1]
     head = nn.Linear(old.in_features, num_classes)
     model.set_submodule(head_name, head)
-    if mode == "feature-extract":
-        model.requires_grad_(False)
-        head.requires_grad_(True)
+    set_frozen(model, head_name, mode == "feature-extract")
     return model, head_name
+
+
+def set_frozen(model: nn.Module, head_name: str, frozen: bool) -> None:
+    """Frozen: only the head gets gradients (the loop also keeps the model in eval mode, so BatchNorm
+    statistics stay the base's); else every layer trains."""
+    model.requires_grad_(not frozen)
+    model.get_submodule(head_name).requires_grad_(True)
 
 
 def head_state(model: nn.Module, head_name: str) -> dict[str, torch.Tensor]:

@@ -4,9 +4,11 @@
 
 A feature-extract checkpoint holds only the head: the backbone is rebuilt from the base weights it
 names (the torchvision weights, or the local file passed with --weights, checked by sha256).
+--checkpoint may also be a model written by tl.export (ONNX or TorchScript), recognized by its content.
 """
 
 import argparse
+import warnings
 from pathlib import Path
 
 import torch
@@ -17,7 +19,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from tl import checkpoint
 from tl.checkpoint import Identity
-from tl.data import ImageSet, load_split
+from tl.data import ImageSet, Split, list_images, load_split
 from tl.errors import UserError, run_cli
 from tl.eval import evaluate
 from tl.model import build_model, weights_id
@@ -75,20 +77,53 @@ def image_files(paths: list[str]) -> list[Path]:
     return files
 
 
-def predict(checkpoint_path, paths: list[str], weights: str | None = None, png: str | None = None,
-            batch_size: int | None = None) -> dict:
-    """Print each image's class and probability; with labelled folders (class/img.jpg) the accuracy."""
-    model, meta = load_model(checkpoint_path, weights)
-    classes = meta["classes"]
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              mixed_precision=meta.get("mixed_precision", "no"))
+def read_images(paths: list[str], classes: list[str], image_size: int) -> Split:
+    """The images as tl evaluates them; the parent folder names the true class when it is one of
+    `classes` (a val/ folder), else the label is -1."""
     files = image_files(paths)
-    # The parent folder names the true class when it is one of the checkpoint's (a val/ folder).
-    split = load_split([(str(f), classes.index(f.parent.name) if f.parent.name in classes else -1)
-                        for f in files], meta["image_size"], False, False)
-    loader = DataLoader(ImageSet(split), batch_size=batch_size or meta.get("eval_batch_size", 32))
+    return load_split([(str(f), classes.index(f.parent.name) if f.parent.name in classes else -1)
+                       for f in files], image_size, False, False)
+
+
+def probabilities(model, loader: DataLoader, mixed_precision: str = "no", cpu: bool = False) -> torch.Tensor:
+    """A checkpoint's model over the loader's images, evaluated as a run does (under its mixed precision)."""
+    accelerator = Accelerator(cpu=cpu or not torch.cuda.is_available(), mixed_precision=mixed_precision)
     model = accelerator.prepare(model.to(memory_format=torch.channels_last))
-    probs = evaluate(model, loader, accelerator, len(split.images))
+    return evaluate(model, loader, accelerator, len(loader.dataset))
+
+
+def val_images(data_dir: str, meta: dict) -> list[tuple[str, int]]:
+    """The images a run on data_dir validated on: its val/ folder, or the part of train/ that the run's
+    --val-split (recorded in the checkpoint) held out."""
+    listing = list_images(Path(data_dir), warn=False, val_split=meta.get("recipe", {}).get("val_split", 0.0))
+    if listing.classes != meta["classes"]:
+        raise UserError(f"--val-of {data_dir} holds the classes {listing.classes}, the checkpoint {meta['classes']}; "
+                        "pass the data set the run trained on")
+    if meta.get("data") and listing.fingerprint != meta["data"]:
+        warnings.warn(f"the files of {data_dir} differ from the run's: its val images may not be the run's",
+                      stacklevel=2)
+    return listing.val
+
+
+def predict(checkpoint_path, paths: list[str], weights: str | None = None, png: str | None = None,
+            batch_size: int | None = None, val_of: str | None = None) -> dict:
+    """Print each image's class and probability; with labelled folders (class/img.jpg) the accuracy.
+    The checkpoint may also be a model written by tl.export (ONNX or TorchScript). With val_of (a
+    data dir) the images are the run's val images of it (val_images)."""
+    if bool(paths) == bool(val_of):
+        raise UserError("pass image files or folders, or --val-of DATA_DIR for a run's val images (one of them)")
+    from tl.export import open_exported  # here: tl.export builds on this module
+
+    exported = open_exported(checkpoint_path)
+    if exported is not None and weights is not None:
+        warnings.warn(f"--weights is not needed: {checkpoint_path} holds the whole model; ignoring it", stacklevel=1)
+    model, meta = (exported, exported.meta) if exported is not None else load_model(checkpoint_path, weights)
+    classes = meta["classes"]
+    split = (load_split(val_images(val_of, meta), meta["image_size"], False, False) if val_of
+             else read_images(paths, classes, meta["image_size"]))
+    loader = DataLoader(ImageSet(split), batch_size=batch_size or meta.get("eval_batch_size", 32))
+    probs = (exported.probabilities(loader) if exported is not None
+             else probabilities(model, loader, meta.get("mixed_precision", "no")))
     conf, preds = probs.max(1)
     for path, c, p in zip(split.paths, preds.tolist(), conf.tolist()):
         print(f"{path}\t{classes[c]}\t{p:.4f}")
@@ -112,15 +147,18 @@ def predict(checkpoint_path, paths: list[str], weights: str | None = None, png: 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m tl.predict", description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="a run's best.safetensors")
+    parser.add_argument("--checkpoint", required=True, help="a run's best.safetensors, or a .onnx / "
+                        ".torchscript.pt file written by python -m tl.export")
     parser.add_argument("--weights", help="the base weights file a feature-extract run used, when it "
                         "was a local file (torchvision weights are found by name)")
     parser.add_argument("--png", help="also write a picture of 16 of the images (across the classes, "
                         "mistakes included) titled with their predictions")
     parser.add_argument("--batch-size", type=int, help="default: the run's evaluation batch size")
-    parser.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    parser.add_argument("--val-of", metavar="DATA_DIR", help="instead of images: the run's val images of this data "
+                        "set (its val/ folder, or what the run's --val-split held out of train/)")
+    parser.add_argument("images", nargs="*", help="image files or folders (searched recursively)")
     args = parser.parse_args(argv)
-    run_cli(lambda: predict(args.checkpoint, args.images, args.weights, args.png, args.batch_size))
+    run_cli(lambda: predict(args.checkpoint, args.images, args.weights, args.png, args.batch_size, args.val_of))
 
 
 if __name__ == "__main__":

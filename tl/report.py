@@ -28,7 +28,7 @@ from tl.run import write_atomic
 REPORT_MD, REPORT_CSV, REPORT_PNG = "report.md", "report.csv", "report.png"
 # Options that never change a run's numbers or speed, or that every run has its own value of.
 NOISE = {"output_dir", "resume", "overwrite", "data_zip", "wandb", "wandb_project", "wandb_entity", "wandb_name",
-         "wandb_log_model", "recipe", "classes", "head"}  # recipe, classes, head: repeat other keys
+         "wandb_group", "wandb_log_model", "slurm", "recipe", "classes", "head", "param_groups"}  # these repeat others
 
 
 @dataclass

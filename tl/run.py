@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from tl.errors import UserError
+from tl.provenance import check_array_task
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -27,10 +28,14 @@ STATE = "state.safetensors"
 WANDB_ID = "wandb_run_id"
 WANDB_DIR = "wandb"
 PICTURES = {name: f"{name}.png" for name in ("predictions", "curves", "confusion", "batch")}
-RUN_FILES = (CONFIG, METRICS, SUMMARY, BEST, STATE, *PICTURES.values(), WANDB_ID, WANDB_DIR)
+TEST_CONFUSION = "test_confusion.png"  # only with a test/ folder
+RUN_FILES = (CONFIG, METRICS, SUMMARY, BEST, STATE, *PICTURES.values(), TEST_CONFUSION, WANDB_ID, WANDB_DIR)
 LOCK = ".tl-lock"
 ASIDE = ".tl-overwritten"  # an --overwrite'n run waits here until the new run saves its first epoch
 MOVING = ".tl-overwritten.moving"  # files on their way to or from ASIDE: they belong at the top
+# The feature cache's per-process files (tl.features): live only while a run is, so never in RUN_FILES
+# (a dir holding only these holds no run) and never moved aside or kept.
+FEATURES = ".tl-features"
 
 HEARTBEAT_S = 30.0
 
@@ -98,7 +103,7 @@ class DirLock:
         self.path = directory / LOCK
         self.me = {"host": socket.gethostname(), "pid": os.getpid(), "machine": _machine(),
                    "start": _start_time(os.getpid()), "job": os.environ.get("SLURM_JOB_ID"),
-                   "restart": os.environ.get("SLURM_RESTART_COUNT", "0"),
+                   "restart": os.environ.get("SLURM_RESTART_COUNT", "0"), "task": _array_task(),
                    "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         self.token = json.dumps(self.me, sort_keys=True)
         self.lost: dict | None = None
@@ -140,6 +145,11 @@ class DirLock:
             holder = None  # being written right now, or damaged
         age = time.time() - mtime
         if self._alive(holder, age):
+            mine, theirs = self.me["task"], (holder or {}).get("task")
+            if mine and theirs and mine.split("_")[0] == theirs.split("_")[0]:  # tasks of one array
+                raise UserError(f"{self.path.parent} is in use by {describe(holder)}, another task of this array "
+                                "job: give every array task its own output dir, e.g. "
+                                "OUTPUT_DIR='runs/x-$SLURM_ARRAY_TASK_ID', or use slurm/sweep.sbatch")
             raise UserError(f"{self.path.parent} is in use by {describe(holder)}; wait for it to end or pass "
                             f"another --output-dir (a holder that is gone is detected by itself: a dead "
                             f"process at once, another node {stale_after_s():.0f} s after its last heartbeat)")
@@ -189,10 +199,16 @@ class DirLock:
                 self.path.unlink()
 
 
+def _array_task() -> str | None:
+    """<array job>_<task> of a SLURM array task (its SLURM_JOB_ID is its own, not the array's)."""
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    return f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if array else None
+
+
 def describe(holder: dict | None) -> str:
     if not holder:
         return "a run that is starting (its lock file names no holder yet)"
-    job = f", SLURM job {holder['job']}" if holder.get("job") else ""
+    job = f", SLURM job {holder.get('task') or holder['job']}" if holder.get("job") else ""
     return f"pid {holder['pid']} on {holder['host']}{job} (since {holder['since']})"
 
 
@@ -208,6 +224,8 @@ class RunDir:
         if aside and has_state:
             self._drop_aside()  # a kill came between the first saved epoch and this cleanup
             aside = False
+        if CONFIG in present:  # before --resume, which launch.sh adds to any existing dir
+            check_array_task(path / CONFIG)
         if present and not (resume or overwrite):
             raise UserError(f"{path} already holds a run ({', '.join(sorted(present))}); pass --resume to "
                             "continue it, --overwrite to replace it, or another --output-dir")

@@ -38,7 +38,7 @@ def wandb_command() -> str:
 
 class Tracker:
     def __init__(self, run: rundir.RunDir, config: dict, mode: str, project: str, entity: str | None,
-                 name: str | None, resume: bool):
+                 name: str | None, resume: bool, group: str | None = None):
         self.dir, self.run = run.path, None
         mode = wandb_mode(mode)
         if mode == "disabled":
@@ -46,7 +46,7 @@ class Tracker:
         try:
             import wandb  # only when used: it takes a second to import
 
-            kwargs = dict(project=project, entity=entity, name=name or self.dir.name, config=config,
+            kwargs = dict(project=project, entity=entity, name=name or self.dir.name, group=group, config=config,
                           dir=str(self.dir), id=self._run_id(resume), resume="allow",
                           settings=wandb.Settings(console="off", x_disable_stats=True, save_code=False,
                                                   init_timeout=20, silent=True))

@@ -1,0 +1,158 @@
+"""The recipe beyond the tutorial: freeze then unfreeze, per-group learning rates, AdamW and weight
+decay, cosine with warmup, label smoothing; each changes what it says and resumes exactly."""
+
+import json
+import math
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import FAST, ROOT, make_imagefolder, run_cli
+from safetensors.torch import load_file
+from test_checkpoint import metrics_without_timings, wait_for_epochs
+
+from tl import checkpoint
+from tl.config import parse_args
+from tl.loop import train
+from tl.optim import build_optimizer, build_scheduler, param_groups
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_imagefolder(tmp_path_factory.mktemp("optim") / "d", n_train=16, n_val=6, size=72)
+
+
+def run(tmp_path, data, base_weights, name, *extra, epochs=2):
+    out = tmp_path / name
+    train(parse_args(["--data-dir", str(data), "--output-dir", str(out), "--epochs", str(epochs), "--lr", "0.01",
+                      "--weights", str(base_weights), *FAST, *extra]))
+    return out
+
+
+def backbone(tensors: dict, prefix: str = "") -> dict:
+    """resnet18's tensors but the head's (fc.), their names without prefix."""
+    names = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+    return {k: v for k, v in names.items() if not k.startswith("fc.")}
+
+
+def test_frozen_epochs_leave_the_backbone_bit_identical_then_it_trains(tmp_path, data, base_weights):
+    base = torch.load(base_weights, weights_only=True)
+    out = run(tmp_path, data, base_weights, "run", "--freeze-epochs", "2")
+    state, _ = checkpoint.load(out / "state.safetensors")
+    frozen = backbone(state, "model.")
+    assert frozen.keys() == backbone(base).keys()
+    # Weights and BatchNorm statistics alike: the frozen epochs ran the backbone as feature-extract does.
+    assert all(torch.equal(frozen[k], base[k]) for k in frozen)
+    assert not torch.equal(state["model.fc.weight"], torch.zeros_like(state["model.fc.weight"]))
+    train(parse_args(["--data-dir", str(data), "--output-dir", str(out), "--epochs", "3", "--lr", "0.01",
+                      "--weights", str(base_weights), *FAST, "--freeze-epochs", "2", "--resume"]))
+    state, _ = checkpoint.load(out / "state.safetensors")
+    after = backbone(state, "model.")
+    assert not torch.equal(after["layer1.0.conv1.weight"], base["layer1.0.conv1.weight"])
+    assert not torch.equal(after["bn1.running_mean"], base["bn1.running_mean"])  # BatchNorm trains again
+
+
+def test_groups_learning_rates_and_weight_decay_are_as_configured(tmp_path, data, base_weights):
+    out = run(tmp_path, data, base_weights, "run", "--backbone-lr-scale", "0.1", "--optimizer", "adamw",
+              "--weight-decay", "0.05", epochs=1)
+    groups = {g["name"]: g for g in json.loads((out / "config.json").read_text())["param_groups"]}
+    assert list(groups) == ["head", "head.no_decay", "backbone", "backbone.no_decay"]
+    assert groups["head"]["lr"] == 0.01 and groups["backbone"]["lr"] == pytest.approx(0.001)
+    assert groups["head"]["weight_decay"] == 0.05 and groups["backbone.no_decay"]["weight_decay"] == 0
+    assert groups["head"]["tensors"] == 1 and groups["head.no_decay"]["tensors"] == 1  # fc.weight, fc.bias
+    assert sum(g["parameters"] for g in groups.values()) == 11_177_538  # resnet18 with a 2-class head
+    state, _ = checkpoint.load(out / "state.safetensors")
+    assert any(k.endswith(".exp_avg_sq") for k in state)  # AdamW's state, saved for a resume
+
+
+def test_backbone_lr_scale_scales_how_far_the_backbone_moves(tmp_path, data, base_weights):
+    base = backbone(torch.load(base_weights, weights_only=True))
+
+    def moved(name, *extra):
+        tensors = load_file(run(tmp_path, data, base_weights, name, *extra, epochs=1) / "best.safetensors")
+        return sum((tensors[k].float() - base[k].float()).norm() for k in base if k.endswith("conv1.weight"))
+
+    assert moved("small", "--backbone-lr-scale", "0.01") < 0.1 * moved("same")
+
+
+def test_cosine_schedule_with_warmup_follows_the_formula(tmp_path, data, base_weights):
+    out = run(tmp_path, data, base_weights, "run", "--schedule", "cosine", "--warmup-epochs", "1", epochs=4)
+    lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    expected = [0.005, 0.01] + [0.01 * (1 + math.cos(math.pi * k / 3)) / 2 for k in (1, 2)]
+    assert lrs == pytest.approx(expected)
+
+
+def test_step_schedule_with_warmup_steps_after_it():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    cfg = parse_args(["--warmup-epochs", "2", "--step-size", "2", "--lr", "1"])
+    optimizer = build_optimizer(param_groups(model, model[1], cfg), cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    lrs = []
+    for _ in range(6):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([1 / 3, 2 / 3, 1, 1, 0.1, 0.1])
+
+
+def test_label_smoothing_changes_the_training_loss(tmp_path, data, base_weights):
+    def first_loss(name, *extra):
+        out = run(tmp_path, data, base_weights, name, "--mode", "feature-extract", *extra, epochs=1)
+        return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["train_loss"]
+
+    plain, smoothed = first_loss("plain"), first_loss("smooth", "--label-smoothing", "0.5")
+    assert smoothed != plain
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mode", "feature-extract", "--freeze-epochs", "2"], "--freeze-epochs is for --mode finetune"),
+    (["--label-smoothing", "1"], "--label-smoothing must be"),
+    (["--schedule", "cosine", "--warmup-epochs", "3", "--epochs", "3"], "leaves no epoch of the cosine"),
+    (["--backbone-lr-scale", "0"], "--backbone-lr-scale must be positive"),
+    (["--weight-decay", "-1"], "--weight-decay must be 0 or more"),
+])
+def test_bad_recipe_options_are_one_line_errors(args, message):
+    from tl.errors import UserError
+    with pytest.raises(UserError, match=message):
+        parse_args(args)
+
+
+def test_cosine_spans_epochs_so_a_resume_keeps_them(tmp_path, data, base_weights):
+    out = run(tmp_path, data, base_weights, "run", "--mode", "feature-extract", "--schedule", "cosine", epochs=2)
+    proc = run_cli("train.py", "--mode", "feature-extract", "--data-dir", str(data), "--output-dir", str(out),
+                   "--epochs", "3", "--lr", "0.01", "--weights", str(base_weights), *FAST, "--schedule", "cosine",
+                   "--resume")
+    assert proc.returncode == 2 and "--epochs (3, not 2)" in proc.stderr, proc.stderr[-2000:]
+
+
+RECIPE = ["--freeze-epochs", "3", "--optimizer", "adamw", "--weight-decay", "0.05", "--schedule", "cosine",
+          "--warmup-epochs", "1", "--backbone-lr-scale", "0.1", "--label-smoothing", "0.1"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data):
+    ref = tmp_path_factory.mktemp("recipe") / "ref"
+    proc = run_cli("train.py", "--data-dir", str(data), "--output-dir", str(ref), *RECIPE, *ARGS)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return ref
+
+
+ARGS = ["--epochs", "5", "--image-size", "64", "--batch-size", "4", "--lr", "0.01", "--weights", "none"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("killed_after", [2, 3, 4])  # epochs: before, at and after the freeze ends
+def test_sigkill_around_the_unfreeze_then_resume_matches_an_uninterrupted_run(tmp_path, data, reference,
+                                                                              killed_after):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--data-dir", str(data), "--output-dir", str(out),
+                             *RECIPE, *ARGS], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_epochs(out, killed_after, proc)  # the row appears: its best and state being written, or after
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    resumed = run_cli("train.py", "--data-dir", str(data), "--output-dir", str(out), *RECIPE, *ARGS, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert metrics_without_timings(out) == metrics_without_timings(reference)
+    assert (out / "best.safetensors").read_bytes() == (reference / "best.safetensors").read_bytes()

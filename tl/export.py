@@ -1,0 +1,329 @@
+"""Export a tl checkpoint to ONNX or TorchScript, checked against the run's val accuracy.
+
+    python -m tl.export --checkpoint runs/X/best.safetensors --format onnx|torchscript [--output PATH]
+                        [--weights BASE] [--check VAL_DIR | --no-check]
+
+The exported model is the whole classifier (a feature-extract checkpoint is rebuilt with its base,
+as tl.predict does) taking uint8 RGB images, NCHW, already resized (shorter side to the resize
+size) and center-cropped to the image size, any batch size; it normalizes them itself exactly as
+tl does and returns float32 class probabilities. Its metadata (ONNX: metadata_props["tl"];
+TorchScript: the extra file tl.json) is one JSON document: the preprocessing, the classes, the
+run's identity and the checkpoint's sha256. Before anything is written the exported model runs
+over the run's val folder (or --check VAL_DIR) and must reproduce the run's best val accuracy; an
+existing output is kept when it holds this export, and a different file is never overwritten.
+"""
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from tl import checkpoint
+from tl import run as rundir
+from tl.data import IMAGENET_MEAN, IMAGENET_STD, ImageSet, Split, load_split
+from tl.errors import UserError, run_cli
+from tl.predict import load_model, probabilities, read_images, val_images
+
+FORMAT = "tl-export"
+FORMAT_VERSION = 1
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
+TORCHSCRIPT_META = "tl.json"  # the extra file in a TorchScript archive
+INPUT, OUTPUT = "images", "probabilities"
+CARRIED = ("epoch", "val_acc", "val_correct", "mixed_precision", "eval_batch_size")  # from the checkpoint
+INSTALL = "pip install -e .[export]"
+NAMES = {"onnx": "an ONNX", "torchscript": "a TorchScript"}
+
+
+class Classifier(nn.Module):
+    """What an exported file holds: uint8 center views in, class probabilities out."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 255  # the operations of tl.data.to_input, so the model sees the same floats
+        return self.model((x - self.mean) / self.std).float().softmax(1)
+
+
+@contextlib.contextmanager
+def quiet_deprecations():
+    """torch >= 2.9 calls TorchScript and the TorchScript-based ONNX exporter deprecated in a warning
+    per call (a FutureWarning or a DeprecationWarning, by version); both still work, and they are
+    what writes and reads these formats."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated")
+        warnings.filterwarnings("ignore", r"You are using the legacy TorchScript-based ONNX export", DeprecationWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+        yield
+
+
+def file_kind(path) -> str:
+    """checkpoint, onnx, torchscript or unknown, from the file's first bytes (a suffix can lie)."""
+    path = Path(path)
+    if not path.is_file():
+        return "checkpoint"  # which says that it does not exist
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] == b"PK\x03\x04":  # torch.jit.save writes a zip
+        return "torchscript"
+    if head[8:9] == b"{":  # safetensors: an 8-byte length, then the JSON header
+        return "checkpoint"
+    if head[:1] == b"\x08":  # an ONNX ModelProto begins with its ir_version field
+        return "onnx"
+    return {".safetensors": "checkpoint", ".onnx": "onnx", ".pt": "torchscript"}.get(path.suffix.lower(), "unknown")
+
+
+def _neither(path) -> UserError:
+    return UserError(f"{path} is neither a tl checkpoint nor a model written by tl.export; pass a run's "
+                     "best.safetensors, or a .onnx / .torchscript.pt file from python -m tl.export")
+
+
+class Exported:
+    """A file written by tl.export, run on the CPU: `meta` (its JSON metadata) and probabilities()."""
+
+    def __init__(self, kind: str, source, name):
+        """source: the file's path or its bytes; name: what messages call it."""
+        self.kind, self.name = kind, name
+        if kind == "onnx":
+            self._open_onnx(source)
+        else:
+            self._open_torchscript(source)
+        try:
+            meta = json.loads(self.meta_json)
+        except ValueError:
+            meta = None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise UserError(f"{name} is {NAMES[kind]} model but not one written by tl.export (it has no tl metadata); "
+                            "export the run's best.safetensors with python -m tl.export")
+        if not isinstance(meta.get("format_version"), int) or meta["format_version"] > FORMAT_VERSION:
+            raise UserError(f"{name} has export format {meta.get('format_version')!r}, newer than this tl reads "
+                            f"({FORMAT_VERSION}); upgrade tl")
+        self.meta = meta
+
+    def _open_onnx(self, source):
+        try:
+            import onnxruntime
+        except ImportError:
+            raise UserError(f"running the ONNX model {self.name} needs onnxruntime: {INSTALL}") from None
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3  # errors only: they become our one line
+        try:
+            self.session = onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001  onnxruntime raises its own types for damaged or foreign files
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"{self.name} is not a readable ONNX model ({first}); export it again with "
+                            "python -m tl.export, or pass the run's best.safetensors") from None
+        self.meta_json = self.session.get_modelmeta().custom_metadata_map.get("tl", "")
+
+    def _open_torchscript(self, source):
+        files = {TORCHSCRIPT_META: ""}
+        try:
+            with quiet_deprecations():
+                self.module = torch.jit.load(io.BytesIO(source) if isinstance(source, bytes) else str(source),
+                                             map_location="cpu", _extra_files=files)
+        except Exception as e:  # noqa: BLE001  RuntimeError, ValueError, zip errors for damaged files
+            first = str(e).strip().split(". ")[0] if str(e).strip() else type(e).__name__  # then torch's advice
+            raise UserError(f"{self.name} is not a readable TorchScript model ({first}); export it again with "
+                            "python -m tl.export, or pass the run's best.safetensors") from None
+        self.meta_json = files[TORCHSCRIPT_META]
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 NCHW center views -> float32 probabilities."""
+        if self.kind == "onnx":
+            return torch.from_numpy(self.session.run([OUTPUT], {INPUT: images.numpy()})[0])
+        return self.module(images)
+
+    def probabilities(self, loader: DataLoader) -> torch.Tensor:
+        return torch.cat([self(x) for x, _ in loader])
+
+
+def open_exported(path) -> Exported | None:
+    """The exported model in `path`; None for a tl checkpoint (or a missing file), which tl.checkpoint reads."""
+    kind = file_kind(path)
+    if kind == "checkpoint":
+        return None
+    if kind == "unknown":
+        raise _neither(path)
+    return Exported(kind, Path(path), path)
+
+
+def _onnx_model(model: nn.Module, example: torch.Tensor):
+    try:
+        import onnx
+    except ImportError:
+        raise UserError(f"exporting to ONNX needs the onnx package: {INSTALL}") from None
+    buffer = io.BytesIO()
+    # The TorchScript-based exporter: no onnxscript needed, and it runs on every torch tl supports.
+    with quiet_deprecations():
+        torch.onnx.export(model, (example,), buffer, dynamo=False, input_names=[INPUT], output_names=[OUTPUT],
+                          dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}, opset_version=17)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _serialize(kind: str, artifact, meta: dict) -> bytes:
+    """The file's bytes with `meta` as its metadata."""
+    text = json.dumps(meta, sort_keys=True)
+    if kind == "onnx":
+        del artifact.metadata_props[:]
+        artifact.metadata_props.add(key="tl", value=text)
+        return artifact.SerializeToString()
+    buffer = io.BytesIO()
+    with quiet_deprecations():
+        torch.jit.save(artifact, buffer, _extra_files={TORCHSCRIPT_META: text})
+    return buffer.getvalue()
+
+
+def run_val_images(checkpoint_path: Path, meta: dict) -> tuple[str, list] | None:
+    """The run's val images (its val/ folder, or what its --val-split held out of train/), through the
+    config.json next to the checkpoint; None when that data is not here."""
+    try:
+        data_dir = json.loads((checkpoint_path.parent / rundir.CONFIG).read_text())["data_dir"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not (Path(data_dir) / "train").is_dir():
+        return None
+    return data_dir, val_images(data_dir, meta)
+
+
+def check_images(val_dir, meta: dict) -> Split:
+    """--check VAL_DIR: its images, every one in a class folder."""
+    classes = meta["classes"]
+    if not Path(val_dir).is_dir():
+        raise UserError(f"--check {val_dir} is not a folder; pass the run's val/ folder (one sub-folder per class)")
+    split = read_images([str(val_dir)], classes, meta["image_size"])
+    stray = [path for path, label in zip(split.paths, split.targets) if label < 0]
+    if stray:
+        raise UserError(f"--check {val_dir}: {stray[0]} is not in a class folder ({', '.join(classes)}); pass a val/ "
+                        "folder with one sub-folder per class")
+    return split
+
+
+def check(exported: Exported, model: nn.Module, meta: dict, split: Split, where: str) -> dict:
+    """Run the exported model over the split as tl evaluates; it must reproduce the run's best val
+    accuracy, or, where the run evaluated otherwise (bf16 autocast, a GPU), give the same prediction
+    as the checkpoint's model in fp32 on every image."""
+    labels = torch.tensor(split.targets)
+    loader = DataLoader(ImageSet(split), batch_size=meta.get("eval_batch_size", 32))
+    preds = exported.probabilities(loader).argmax(1)
+    correct, n = int((preds == labels).sum()), len(labels)
+    reproduced = correct / n == meta.get("val_acc") and correct == meta.get("val_correct", correct)
+    out = {"val": where, "images": n, "correct": correct, "accuracy": correct / n,
+           "reproduces_best_val_acc": reproduced}
+    if not out["reproduces_best_val_acc"]:
+        reference = probabilities(model, loader, "no", cpu=True).argmax(1)
+        differ = (preds != reference).nonzero().flatten().tolist()
+        out["differs_from_fp32_model"] = len(differ)
+        if differ:
+            raise UserError(f"parity check failed: the exported model gets {correct}/{n} over {where}, the run "
+                            f"recorded {meta.get('val_acc')}, and it disagrees with the checkpoint's model (fp32) on "
+                            f"{len(differ)} of {n} images (e.g. {split.paths[differ[0]]}); nothing was written. Pass "
+                            "--no-check to write it anyway")
+    return out
+
+
+def describe(parity: dict, meta: dict) -> str:
+    head = f"parity over {parity['val']}: {parity['correct']}/{parity['images']} = {parity['accuracy']:.4f}"
+    if parity["reproduces_best_val_acc"]:
+        return f"{head}, exactly the run's best val accuracy (epoch {meta.get('epoch')})"
+    why = (f" (the run evaluated under {meta['mixed_precision']} autocast)"
+           if meta.get("mixed_precision", "no") != "no" else "")
+    return (f"{head}; the run recorded {meta.get('val_acc')}{why}; the checkpoint's model in fp32 on this machine "
+            "gives the same prediction on every image")
+
+
+def export(checkpoint_path, kind: str, output=None, weights: str | None = None, val_dir=None,
+           check_parity: bool = True) -> dict:
+    """Write the export; returns its path, size, metadata and whether it was already there."""
+    checkpoint_path = Path(checkpoint_path)
+    if file_kind(checkpoint_path) in NAMES:
+        raise UserError(f"{checkpoint_path} is {NAMES[file_kind(checkpoint_path)]} model, not a tl checkpoint; pass "
+                        "the run's best.safetensors")
+    output = Path(output) if output else checkpoint_path.with_name(checkpoint_path.stem + SUFFIXES[kind])
+    model, ckpt_meta = load_model(checkpoint_path, weights)
+    sha256 = "sha256:" + hashlib.sha256(checkpoint_path.read_bytes()).hexdigest()
+    if output.exists():
+        existing = None
+        if output.is_file() and file_kind(output) == kind:
+            try:
+                existing = Exported(kind, output, output).meta
+            except UserError:
+                pass
+        if existing and existing.get("checkpoint_sha256") == sha256 and existing["format_version"] == FORMAT_VERSION:
+            print(f"{output} already holds this export of {checkpoint_path}; nothing to do")
+            return {"output": str(output), "bytes": output.stat().st_size, "meta": existing, "already": True}
+        raise UserError(f"{output} exists and is not the {kind} export of {checkpoint_path}; refusing to overwrite "
+                        "it: pass another --output, or delete that file first")
+    split = where = None
+    if check_parity and val_dir is not None:
+        split, where = check_images(val_dir, ckpt_meta), str(val_dir)
+    elif check_parity:
+        found = run_val_images(checkpoint_path, ckpt_meta)
+        if found is None:
+            print(f"no parity check: no config.json next to {checkpoint_path} naming the run's data, or that data "
+                  "is not here; pass --check VAL_DIR")
+        else:
+            split, where = load_split(found[1], ckpt_meta["image_size"], False, False), f"the val images of {found[0]}"
+
+    identity = checkpoint.identity_of(checkpoint_path, ckpt_meta)
+    size = identity.image_size
+    meta = identity.meta() | {k: ckpt_meta[k] for k in CARRIED if k in ckpt_meta} | {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "export_format": kind, "checkpoint_sha256": sha256,
+        "image_size": size, "resize_size": round(size * 256 / 224),
+        "preprocess": "RGB; resize the shorter side to resize_size (bilinear, antialiased); center-crop to "
+                      "image_size; uint8 NCHW. The model divides by 255 and normalizes by mean and std itself",
+        "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+        "input": {"name": INPUT, "dtype": "uint8", "layout": "NCHW", "channels": "RGB",
+                  "shape": ["batch", 3, size, size]},
+        "output": {"name": OUTPUT, "dtype": "float32", "shape": ["batch", len(identity.classes)],
+                   "meaning": "class probabilities (softmax), in the order of classes"},
+        "torch": torch.__version__, "parity": None}
+
+    wrapper = Classifier(model).eval()
+    example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
+    with torch.no_grad(), quiet_deprecations():
+        artifact = (_onnx_model(wrapper, example) if kind == "onnx"
+                    else torch.jit.trace(wrapper, example, check_trace=False))
+    data = _serialize(kind, artifact, meta)
+    if split is not None:  # checked as written, before anything is on disk
+        meta["parity"] = check(Exported(kind, data, output), model, meta, split, where)
+        data = _serialize(kind, artifact, meta)
+    try:
+        rundir.write_atomic(output, data)
+    except UserError as e:  # its advice is for runs
+        raise UserError(str(e).split(", then continue")[0] + ", or pass another --output") from None
+    print(f"wrote {output} ({kind}, {len(data) / 1e6:.1f} MB): uint8 RGB NCHW {size}x{size} center views in, "
+          f"probabilities of {len(identity.classes)} classes out")
+    if meta["parity"]:
+        print(describe(meta["parity"], meta))
+    return {"output": str(output), "bytes": len(data), "meta": meta, "already": False}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m tl.export", description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="a run's best.safetensors")
+    parser.add_argument("--format", required=True, choices=sorted(SUFFIXES), dest="kind")
+    parser.add_argument("--output", help="the file to write (default: next to the checkpoint, best.onnx or "
+                        "best.torchscript.pt); an existing different file is never overwritten")
+    parser.add_argument("--weights", help="the base weights file a feature-extract run used, when it was a "
+                        "local file (torchvision weights are found by name)")
+    parity = parser.add_mutually_exclusive_group()
+    parity.add_argument("--check", metavar="VAL_DIR", help="the val folder to check the export on (default: "
+                        "the val/ of the run's --data-dir, from config.json next to the checkpoint)")
+    parity.add_argument("--no-check", action="store_true", help="write without the parity check")
+    args = parser.parse_args(argv)
+    run_cli(lambda: export(args.checkpoint, args.kind, args.output, args.weights, args.check, not args.no_check))
+
+
+if __name__ == "__main__":
+    main()
