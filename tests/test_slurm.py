@@ -73,7 +73,7 @@ def test_job_completes_with_exact_counts(cluster, data, tmp_path, script, nodes,
     out = tmp_path / "run"
     job = submit(script, out, data, 2, f"--nodes={nodes}", GPUS_PER_NODE=str(per_node))
     wait_for(lambda: job_state(job) in ("COMPLETED", "FAILED", "CANCELLED"), 300, "the job")
-    log = Path(f"{out}.log").read_text()
+    log = Path(f"{out}.log").read_text(errors="replace")
     assert job_state(job) == "COMPLETED", log[-3000:]
     assert "2 process(es)" in log and json.loads((out / "config.json").read_text())["num_processes"] == 2
     assert [(r["train_images"], r["val_images"]) for r in epochs_of(out)] == [(24, 13), (24, 13)]
@@ -88,7 +88,7 @@ def test_preempted_job_requeues_and_resumes_exactly_with_workers(cluster, data, 
     # What `#SBATCH --signal=B:USR1@120` does before the time limit, sent now.
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=ENV, check=True)
     wait_for(lambda: job_state(job) in ("COMPLETED", "FAILED", "CANCELLED"), 300, "the requeued job")
-    log = Path(f"{out}.log").read_text()
+    log = Path(f"{out}.log").read_text(errors="replace")
     assert job_state(job) == "COMPLETED", log[-3000:]
     assert "stopped by SIGTERM" in log and "restart 1" in log and "resuming after epoch" in log
     assert [r["epoch"] for r in epochs_of(out)] == [1, 2, 3, 4, 5, 6]  # one continuous record
@@ -129,7 +129,7 @@ def test_killed_rank_requeues_and_resumes(cluster, data, tmp_path):
     assert len(pids) == 2, pids  # one rank per node
     os.kill(pids[-1], 9)  # a rank dies hard: OOM killer, segfault, a lost node
     wait_for(lambda: finished(job), 300, "the requeued job")
-    log = Path(f"{out}.log").read_text()
+    log = Path(f"{out}.log").read_text(errors="replace")
     assert job_state(job) == "COMPLETED", log[-3000:]
     assert job_field(job, "Restarts") == "1", log[-3000:]
     assert "requeueing (restart 1 of at most 3)" in log and "restart 1" in log and "resuming after epoch" in log
@@ -146,7 +146,7 @@ def test_killed_rank_past_restart_bound_fails(cluster, data, tmp_path):
     assert len(pids) == 2, pids
     os.kill(pids[0], 9)
     wait_for(lambda: finished(job), 300, "the job")
-    log = Path(f"{out}.log").read_text()
+    log = Path(f"{out}.log").read_text(errors="replace")
     assert job_state(job) == "FAILED" and job_field(job, "Restarts") == "0", log[-3000:]
     assert "not requeueing: restart bound reached (0 requeues, MAX_RESTARTS=0)" in log
 
@@ -155,7 +155,7 @@ def test_user_error_fails_without_requeue(cluster, tmp_path):
     out = tmp_path / "run"
     job = submit("multi_node.sbatch", out, tmp_path / "no-such-data", 2)
     wait_for(lambda: finished(job), 300, "the job")
-    log = Path(f"{out}.log").read_text()
+    log = Path(f"{out}.log").read_text(errors="replace")
     assert job_state(job) == "FAILED", log[-3000:]
     assert job_field(job, "Restarts") == "0" and job_field(job, "ExitCode") == "2:0", log[-3000:]
     assert "does not exist" in log and "not requeueing: tl stopped with a user error" in log
@@ -181,7 +181,8 @@ def test_sweep_array_with_one_task_preempted(cluster, data, tmp_path):
     wait_for(lambda: (runs[1] / "metrics.jsonl").exists() and len(epochs_of(runs[1])) >= 1, 300, "task 1's epoch 1")
     subprocess.run(["scancel", "--signal=USR1", "--batch", tasks[1]], env=ENV, check=True)
     wait_for(lambda: all(finished(t) for t in tasks), 400, "the sweep's tasks")
-    logs = [(tmp_path / f"task-{i}.log").read_text() for i in range(3)]
+    # errors="replace": a process killed mid-write (the preemption) can leave half a progress bar's UTF-8 character.
+    logs = [(tmp_path / f"task-{i}.log").read_text(errors="replace") for i in range(3)]
     for i, task in enumerate(tasks):
         assert job_state(task) == "COMPLETED", logs[i][-3000:]
         assert job_field(task, "Restarts") == ("1" if i == 1 else "0"), logs[i][-3000:]
@@ -227,7 +228,7 @@ def test_array_tasks_given_one_output_dir_one_trains(cluster, data, tmp_path):
                  TRAIN_ARGS="--epochs 2 --image-size 112 --batch-size 4 --weights none --seed $SLURM_ARRAY_TASK_ID")
     tasks = [f"{job}_{i}" for i in range(3)]
     wait_for(lambda: all(finished(t) for t in tasks), 300, "the array's tasks")
-    logs = [(tmp_path / f"task-{i}.log").read_text() for i in range(3)]
+    logs = [(tmp_path / f"task-{i}.log").read_text(errors="replace") for i in range(3)]
     states = [job_state(t) for t in tasks]
     assert states.count("COMPLETED") == 1, logs
     winner = states.index("COMPLETED")
