@@ -160,7 +160,7 @@ def run_tl(mode: str, seed: int, args, work: Path, variant: int = 0) -> dict:
     cached = mode == "feature-extract" and config.get("feature_cache", "off") == "on"
     return {**measured, **epoch_figures(measured, epochs), "best_val_acc": summary["best_val_acc"],
             "batch_size": config["batch_size"], "precision": precision, "feature_cache": cached,
-            "crop": config.get("train_size") or config["image_size"], "output_dir": str(out)}
+            "crop": config["recipe"]["train_size"], "output_dir": str(out)}
 
 
 HEAD_CHECK = """

@@ -201,6 +201,7 @@ def child(cfg: dict) -> dict:
     mem = TreeMemory()
     mem.start()
     size, mode, root = cfg["image_size"], cfg["mode"], Path(cfg["root"])
+    pre = tldata.Preprocess.tutorial(size)
     # tl's own defaults (tl.loop.setup): no workers in memory mode, else the usable cores shared out.
     workers = cfg["workers"] if cfg["workers"] >= 0 else \
         0 if mode == "memory" else max(1, tldata.usable_cpus() // node_processes)
@@ -210,12 +211,12 @@ def child(cfg: dict) -> dict:
     pack = shards.open_pack(data) if mode == "packed" else None
     listing = on_main(accelerator, lambda: pack.listing() if pack else tldata.list_images(root))
     t_list = time.time()
-    auto = tldata.choose_data_mode("auto", listing, size, size, node_processes)
+    auto = tldata.choose_data_mode("auto", listing, pre, node_processes)
     data_mode = "memory" if mode == "memory" else "stream"
-    train_split = open_split(accelerator, data, pack, listing, "train", data_mode, size, True, False)
-    val_split = open_split(accelerator, data, pack, listing, "val", data_mode, size, False, False)
+    train_split = open_split(accelerator, data, pack, listing, "train", data_mode, pre, True, False)
+    val_split = open_split(accelerator, data, pack, listing, "val", data_mode, pre, False, False)
     t_load = time.time()
-    train_set = tldata.ImageSet(train_split, tldata.train_transform(size), seed=0)
+    train_set = tldata.ImageSet(train_split, tldata.train_transform(pre), seed=0)
     val_set = tldata.ImageSet(val_split)
     train_loader, sampler, _ = tldata.make_loaders(train_set, val_set, cfg["batch_size"], workers, 0, rank, world,
                                                    batchnorm_training=True)
@@ -243,11 +244,11 @@ def child(cfg: dict) -> dict:
     if mode == "packed":
         listing = tldata.list_images(root, warn=False)
     paths = [listing.train[i][0] for i in list(sampler)[:cfg["plain_images"]]]
-    transform = tldata.train_transform(size)
+    transform = tldata.train_transform(pre)
     torch.manual_seed(0)
     k, t_plain = 0, time.perf_counter()
     for path in paths:
-        transform(tldata.decode(path, size, True))
+        transform(tldata.decode(path, pre, True))
         k += 1
         if time.perf_counter() - t_plain > cfg["plain_seconds"]:
             break

@@ -180,7 +180,7 @@ def make_tl_loop(device: str, batch_size: int, crop: int, steps: int, short_side
 
     from tl.augment import DeviceAugment
     from tl.augment import collate as padded_batches
-    from tl.data import ImageSet, make_loaders, train_transform
+    from tl.data import ImageSet, Preprocess, make_loaders, train_transform
     from tl.model import build_model
     from tl.stop import Stopper
 
@@ -192,7 +192,7 @@ def make_tl_loop(device: str, batch_size: int, crop: int, steps: int, short_side
     model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     split = synthetic_split(batch_size * steps, classes, short_side)
-    train_set = ImageSet(split, None if on_device else train_transform(crop), seed=0)
+    train_set = ImageSet(split, None if on_device else train_transform(Preprocess.tutorial(crop)), seed=0)
     loader, sampler, _ = make_loaders(train_set, ImageSet(split), batch_size, workers, 0, accelerator.process_index,
                                       accelerator.num_processes, True, padded_batches if on_device else None)
     net, optimizer = accelerator.prepare(model, optimizer)

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as TF
 
 from tl.augment import DeviceAugment, batch_augment, collate, crop_boxes, crop_resize, pad_batch
-from tl.data import IMAGENET_MEAN, IMAGENET_STD, decode
+from tl.data import IMAGENET_MEAN, IMAGENET_STD, Preprocess, decode
 
 MEAN, STD = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
 DRAWS = 20_000
@@ -222,7 +222,7 @@ def test_close_to_v2_on_real_photos():
     """roi_align's crop+resize vs v2's crop + antialiased resize, on real train photos and boxes."""
     with zipfile.ZipFile(HYMENOPTERA_ZIP) as z:
         names = sorted(n for n in z.namelist() if n.startswith("hymenoptera_data/train/") and n.endswith(".jpg"))
-        imgs = [decode(io.BytesIO(z.read(n)), 224, train=True) for n in names[::25][:8]]
+        imgs = [decode(io.BytesIO(z.read(n)), Preprocess.tutorial(224), train=True) for n in names[::25][:8]]
     g, diffs = gen(10), []
     for img in imgs:
         h, w = img.shape[-2:]

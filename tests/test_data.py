@@ -17,7 +17,17 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 
 import tl.data
-from tl.data import ImageSet, Split, ensure_data, list_images, load_split, make_loaders, to_input, train_transform
+from tl.data import (
+    ImageSet,
+    Preprocess,
+    Split,
+    ensure_data,
+    list_images,
+    load_split,
+    make_loaders,
+    to_input,
+    train_transform,
+)
 from tl.errors import UserError
 
 
@@ -35,21 +45,21 @@ def test_local_zip_is_extracted_next_to_the_data_dir(tmp_path):
 
 def test_decoding_matches_the_tutorial_shapes(tiny_data):
     listing = list_images(tiny_data)
-    val = load_split(listing.val, 64, False, False)
-    train = load_split(listing.train, 64, True, False)
+    val = load_split(listing.val, Preprocess.tutorial(64), False, False)
+    train = load_split(listing.train, Preprocess.tutorial(64), True, False)
     assert listing.classes == ["blue", "red"] and val.targets == [0] * 6 + [1] * 6
     assert all(x.shape == (3, 64, 64) and x.dtype == torch.uint8 for x in val.images)
     assert all(min(x.shape[1:]) == 80 for x in train.images)  # kept whole: under the 2x cap
-    loader, _, _ = make_loaders(ImageSet(train, train_transform(64)), ImageSet(val), 5, 0, 0, 0, 1)
+    loader, _, _ = make_loaders(ImageSet(train, train_transform(Preprocess.tutorial(64))), ImageSet(val), 5, 0, 0, 0, 1)
     x, y = next(iter(loader))
     assert x.shape == (5, 3, 64, 64) and x.dtype == torch.uint8 and y.shape == (5,)
-    assert ImageSet(train, train_transform(40))[0][0].shape == (3, 40, 40)  # --train-size
+    assert ImageSet(train, train_transform(Preprocess.tutorial(40)))[0][0].shape == (3, 40, 40)  # --train-size
 
 
 def test_shards_cover_every_image_once(tiny_data):
     listing = list_images(tiny_data)
-    val = load_split(listing.val, 32, False, False)
-    train = load_split(listing.train, 32, True, False)
+    val = load_split(listing.val, Preprocess.tutorial(32), False, False)
+    train = load_split(listing.train, Preprocess.tutorial(32), True, False)
     seen_val, seen_train = [], []
     for rank in range(5):
         train_loader, sampler, val_loader = make_loaders(ImageSet(train), ImageSet(val), 4, 0, 0, rank, 5)
@@ -73,12 +83,12 @@ def test_unreadable_images_are_skipped_with_a_warning(tmp_path):
     Image.new("L", (50, 40), 128).save(root / "train" / "blue" / "gray.png")
     listing = list_images(root)
     with pytest.warns(UserWarning, match="skipping unreadable image"):
-        train = load_split(listing.train, 32, True, True)
+        train = load_split(listing.train, Preprocess.tutorial(32), True, True)
     assert len(train.images) == 7 and len(train.skipped) == 2
     assert all(x.shape[0] == 3 for x in train.images)  # grayscale converted to RGB
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # other processes than the main one stay quiet
-        assert load_split(listing.train, 32, True, False).skipped == train.skipped
+        assert load_split(listing.train, Preprocess.tutorial(32), True, False).skipped == train.skipped
 
 
 @pytest.mark.parametrize("breakage, message", [
@@ -158,7 +168,8 @@ def test_only_regular_files_are_images(tmp_path):
     assert len(listing.train) == 6 and len(listing.val) == 5 and str(root / "val" / "red" / "linked.jpg") in paths
     assert warned == [f"skipping 2 image name(s) that are not regular files (e.g. {root}/train/blue/gone.jpg: "
                       "a broken link); replace them with the image files"]
-    assert len(load_split(listing.train, 32, True, False).images) == 6  # and start-up does not block
+    # and start-up does not block
+    assert len(load_split(listing.train, Preprocess.tutorial(32), True, False).images) == 6
 
 
 def test_val_images_that_are_train_images_are_reported(tmp_path):
@@ -266,7 +277,7 @@ def slow_decodes(monkeypatch) -> list[str]:
     """Decoding takes 50 ms an image on two threads; returns the paths decoded so far."""
     decoded = []
 
-    def slow_decode(path, image_size, train):
+    def slow_decode(path, pre, train):
         time.sleep(0.05)
         decoded.append(path)
         if path == "bad.jpg":
@@ -295,7 +306,7 @@ def test_a_stop_signal_while_decoding_returns_at_once(monkeypatch):
     started = time.perf_counter()
     try:
         with pytest.raises(Stop):
-            load_split([(f"{i}.jpg", 0) for i in range(200)], 8, True, False)  # 5 s of decoding
+            load_split([(f"{i}.jpg", 0) for i in range(200)], Preprocess.tutorial(8), True, False)  # 5 s of decoding
     finally:
         signal.signal(signal.SIGALRM, previous)
     assert time.perf_counter() - started < 1.5
@@ -307,7 +318,8 @@ def test_a_strict_error_does_not_wait_for_the_rest(monkeypatch):
     decoded = slow_decodes(monkeypatch)
     started = time.perf_counter()
     with pytest.raises(UserError, match="unreadable image bad.jpg"):
-        load_split([("bad.jpg", 0)] + [(f"{i}.jpg", 0) for i in range(200)], 8, True, False, strict=True)
+        load_split([("bad.jpg", 0)] + [(f"{i}.jpg", 0) for i in range(200)], Preprocess.tutorial(8), True, False,
+                   strict=True)
     assert time.perf_counter() - started < 1.5
     time.sleep(0.2)
     assert len(decoded) < 20
@@ -321,7 +333,7 @@ def random_split(n=12):
 
 def test_augmentation_is_the_same_with_any_worker_count():
     def epochs(workers):
-        images = ImageSet(random_split(), train_transform(32), seed=3)
+        images = ImageSet(random_split(), train_transform(Preprocess.tutorial(32)), seed=3)
         loader, sampler, _ = make_loaders(images, ImageSet(random_split()), 4, workers, 0, 0, 1)
         assert not loader.persistent_workers  # fresh workers see each epoch's set_epoch
         out = []
@@ -337,7 +349,7 @@ def test_augmentation_is_the_same_with_any_worker_count():
 
 
 def test_augmentation_depends_on_seed_epoch_and_index_only(monkeypatch):
-    images = ImageSet(random_split(), train_transform(32), seed=3)
+    images = ImageSet(random_split(), train_transform(Preprocess.tutorial(32)), seed=3)
     state = torch.get_rng_state()
     monkeypatch.setattr(torch.cuda, "manual_seed_all", None)  # a GPU's RNG is not touched either
     images.set_epoch(1)
@@ -349,7 +361,8 @@ def test_augmentation_depends_on_seed_epoch_and_index_only(monkeypatch):
     assert not torch.equal(images[0][0], first)
     images.set_epoch(1)
     assert torch.equal(images[0][0], first)
-    assert not torch.equal(ImageSet(random_split(), train_transform(32), seed=4).__getitem__(0)[0], first)
+    other_seed = ImageSet(random_split(), train_transform(Preprocess.tutorial(32)), seed=4)
+    assert not torch.equal(other_seed.__getitem__(0)[0], first)
 
 
 def test_normalization_constants_are_built_once_per_device(monkeypatch):
@@ -396,7 +409,7 @@ def test_stream_start_up_check_reads_signatures(tmp_path):
     listing = list_images(root)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        split = tl.data.stream_split(listing.train, 32, True, main=True)
+        split = tl.data.stream_split(listing.train, Preprocess.tutorial(32), True, main=True)
     assert sorted(os.path.basename(p) for p in split.skipped) == ["empty.jpg", "page.jpg", "tiny.jpg"]
     assert len(caught) == 3 and any("an empty file" in str(w.message) for w in caught)
     assert len(split.targets) == len(split.images) == 6

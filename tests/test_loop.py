@@ -83,7 +83,7 @@ def test_smaller_train_crops_still_validate_at_image_size(tmp_path, tiny_data, b
     proc = run_cli("train.py", "--mode", "finetune", "--data-dir", str(tiny_data), "--epochs", "8", "--lr", "0.01",
                    "--weights", str(base_weights), "--output-dir", str(tmp_path / "out"), *FAST, "--train-size", "48")
     assert proc.returncode == 0, proc.stderr
-    assert "(48 px train crops, 64 px val)" in proc.stdout
+    assert "(48 px train crops, 64 px val; the tutorial's preprocessing)" in proc.stdout
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["best_val_acc"] >= 0.9
     meta = checkpoint.read_metadata(tmp_path / "out" / "best.safetensors")
@@ -146,14 +146,14 @@ def test_streaming_gives_the_same_run_as_decoding_into_memory(tmp_path, tiny_dat
 
 
 def test_auto_data_mode_streams_what_would_not_fit(tmp_path):
-    from tl.data import Listing, choose_data_mode
+    from tl.data import Listing, Preprocess, choose_data_mode
 
     small = Listing(["a", "b"], [("x", 0)] * 244, [("y", 1)] * 153, "sha256:0")
-    mode, why = choose_data_mode("auto", small, 224, 224, 1)
+    mode, why = choose_data_mode("auto", small, Preprocess.tutorial(224), 1)
     assert mode == "memory" and why.startswith("auto: at most 0.") and "GiB available" in why
     imagenet = Listing(["a", "b"], [("x", 0)] * 1_281_167, [("y", 1)] * 50_000, "sha256:0")
-    assert choose_data_mode("auto", imagenet, 224, 224, 8)[0] == "stream"
-    assert choose_data_mode("memory", imagenet, 224, 224, 8)[0] == "memory"  # asked for: honoured
+    assert choose_data_mode("auto", imagenet, Preprocess.tutorial(224), 8)[0] == "stream"
+    assert choose_data_mode("memory", imagenet, Preprocess.tutorial(224), 8)[0] == "memory"  # asked for: honoured
 
 
 @pytest.mark.slow

@@ -1,15 +1,20 @@
 """Model: names, weights from the weights API or a file, the new head, the freeze."""
 
+import json
 import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from conftest import run_cli
 from safetensors.torch import save_file
+from torch.utils.data import DataLoader
 
+from tl.data import IMAGENET_MEAN, IMAGENET_STD, ImageSet, Preprocess, list_images, load_split
 from tl.errors import UserError
-from tl.model import build_model, weights_id
+from tl.model import build_model, check_input_size, preprocess_for, weights_id
+from tl.predict import load_model, predict, probabilities
 
 
 @pytest.mark.parametrize("name, head", [
@@ -91,3 +96,71 @@ def test_unreachable_weights_download_names_the_cache_path(tmp_path, tiny_data):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "could not download ResNet18_Weights.IMAGENET1K_V1" in proc.stderr
     assert str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in proc.stderr
+
+
+# --- --preprocess ---
+
+@pytest.mark.parametrize("name,weights,image_size,train_size,expected", [
+    ("resnet18", "DEFAULT", 0, 0, (224, 256, 224, "bilinear")),  # the tutorial's own
+    ("resnet50", "DEFAULT", 0, 0, (224, 232, 224, "bilinear")),  # IMAGENET1K_V2
+    ("efficientnet_b3", "DEFAULT", 0, 0, (300, 320, 300, "bicubic")),
+    ("vit_b_16", "IMAGENET1K_SWAG_E2E_V1", 0, 0, (384, 384, 384, "bicubic")),
+    ("resnet50", "DEFAULT", 160, 128, (160, 166, 128, "bilinear")),  # the weights' resize ratio at --image-size
+])
+def test_preprocess_weights_takes_each_entrys_own_transforms(name, weights, image_size, train_size, expected):
+    pre, source = preprocess_for("weights", name, weights, None, image_size, train_size)
+    assert (pre.crop, pre.resize, pre.train_crop, pre.interpolation) == expected
+    assert (pre.mean, pre.std) == (IMAGENET_MEAN, IMAGENET_STD) and "_Weights." in source
+    tutorial, _ = preprocess_for("tutorial", name, weights, None, image_size, train_size)
+    assert tutorial == Preprocess.tutorial(image_size or 224, train_size)
+
+
+def test_a_local_file_has_its_entrys_preprocessing_when_named_as_torchvision_names_it(tmp_path):
+    named = tmp_path / "efficientnet_b0_rwightman-7f5810bc.pth"  # as torchvision downloads IMAGENET1K_V1
+    pre, source = preprocess_for("weights", "efficientnet_b0", str(named), None)
+    assert (pre.crop, pre.resize, pre.interpolation) == (224, 256, "bicubic")
+    assert source == "preprocessing of EfficientNet_B0_Weights.IMAGENET1K_V1"
+    pre, source = preprocess_for("weights", "efficientnet_b0", str(tmp_path / "mine.pth"), None)
+    assert pre == Preprocess.tutorial() and source.startswith("note: --preprocess weights: the file mine.pth")
+    assert "efficientnet_b0_rwightman-7f5810bc.pth" in source  # says which name would have worked
+
+
+def test_a_model_that_takes_one_input_size_works_at_it_or_stops_in_one_line(tmp_path, tiny_data):
+    check_input_size(torchvision.models.vit_b_16(), "vit_b_16", Preprocess.tutorial(224))  # passes
+    proc = run_cli("train.py", "--model", "vit_b_16", "--weights", "none", "--data-dir", str(tiny_data),
+                   "--image-size", "64", "--epochs", "1", "--output-dir", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "--model vit_b_16 does not take 64 px images (Wrong image height! Expected 224" \
+        in error[0], proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
+def test_preprocess_weights_trains_and_evaluates_with_the_weights_own_view(tmp_path, tiny_data):
+    """regnet_x_400mf's IMAGENET1K_V2 resizes to 232/224 of the crop, not 256/224: the run's val loss is
+    that view's, and tl.predict, which reads the checkpoint's preprocessing, reproduces it."""
+    weights = tmp_path / "regnet_x_400mf-62229a5f.pth"  # as torchvision downloads IMAGENET1K_V2
+    torch.manual_seed(0)
+    torch.save(torchvision.models.regnet_x_400mf().state_dict(), weights)
+    out = tmp_path / "out"
+    proc = run_cli("train.py", "--mode", "feature-extract", "--model", "regnet_x_400mf", "--weights", str(weights),
+                   "--preprocess", "weights", "--image-size", "64", "--precision", "no", "--epochs", "1",
+                   "--data-dir", str(tiny_data), "--output-dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "64 px val; preprocessing of RegNet_X_400MF_Weights.IMAGENET1K_V2)" in proc.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["preprocess"] == "weights" and config["preprocessing"] == {
+        "crop": 64, "resize": 66, "train_crop": 64, "interpolation": "bilinear",
+        "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    val_loss = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["val_loss"]
+    model, meta = load_model(out / "best.safetensors", str(weights))
+    samples = list_images(tiny_data).val
+    targets = torch.tensor([y for _, y in samples])
+
+    def loss(pre):
+        loader = DataLoader(ImageSet(load_split(samples, pre, False, False)), batch_size=32)
+        return F.nll_loss(probabilities(model, loader, "no", pre=pre).log(), targets).item()
+
+    assert loss(Preprocess.from_meta(meta)) == pytest.approx(val_loss, abs=1e-5)
+    assert abs(loss(Preprocess.tutorial(64)) - val_loss) > 1e-4  # resized to 73: other pixels, another loss
+    assert predict(out / "best.safetensors", [str(tiny_data / "val")], str(weights))["accuracy"] == meta["val_acc"]

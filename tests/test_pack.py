@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import tl.pack
-from tl.data import ImageSet, decode, list_images, load_split
+from tl.data import ImageSet, Preprocess, decode, list_images, load_split
 from tl.errors import UserError
 from tl.pack import pack
 from tl.shards import VERSION, PackedSplit, decode_bytes, is_pack, load_packed_split, open_pack, stream_packed_split
@@ -105,17 +105,17 @@ def test_unreadable_files_are_listed_not_packed(tmp_path, capsys):
     assert info.counts == {"train": 8, "val": 4} and info.unreadable["train"] == unreadable
     # What tl.data skips when training on the folder is exactly what the pack left out.
     listing = list_images(src)
-    split = load_split(listing.train, 64, True, False)
+    split = load_split(listing.train, Preprocess.tutorial(64), True, False)
     assert sorted(os.path.relpath(p, src) for p in split.skipped) == unreadable
     ds = PackedSplit(tmp_path / "dst", "train")
     assert [ds[i][0] for i in range(len(ds))] == [Path(p).read_bytes() for p in split.paths]
     assert ds.targets == split.targets
-    packed_split = load_packed_split(tmp_path / "dst", "train", 64, True, False)
+    packed_split = load_packed_split(tmp_path / "dst", "train", Preprocess.tutorial(64), True, False)
     assert packed_split.skipped == unreadable and packed_split.targets == split.targets
     assert all(torch.equal(a, b) for a, b in zip(packed_split.images, split.images))
     with pytest.raises(UserError, match="left out 2 unreadable train image.*drop --strict-images"):
-        load_packed_split(tmp_path / "dst", "train", 64, True, False, strict=True)
-    streamed = stream_packed_split(tmp_path / "dst", "train", 64, True, False)
+        load_packed_split(tmp_path / "dst", "train", Preprocess.tutorial(64), True, False, strict=True)
+    streamed = stream_packed_split(tmp_path / "dst", "train", Preprocess.tutorial(64), True, False)
     assert streamed.paths == packed_split.paths and streamed.skipped == unreadable
     assert streamed.targets == split.targets and len(streamed.images) == len(split.images)
     assert all(torch.equal(streamed.images[i], split.images[i]) for i in range(len(split.images)))
@@ -170,9 +170,10 @@ def test_distributed_sampler_covers_each_index_once(packed):
                     seen.append((data, target))
         assert len(seen) == 24
         assert sorted(seen) == sorted(ds[i] for i in range(24))  # each sample exactly once
-    streamed = ImageSet(stream_packed_split(packed, "val", 64, False, False))  # decoded in 2 workers
+    pre = Preprocess.tutorial(64)
+    streamed = ImageSet(stream_packed_split(packed, "val", pre, False, False))  # decoded in 2 workers
     batches = [x for x, _ in DataLoader(streamed, batch_size=4, num_workers=2)]
-    assert torch.equal(torch.cat(batches), torch.stack(load_packed_split(packed, "val", 64, False, False).images))
+    assert torch.equal(torch.cat(batches), torch.stack(load_packed_split(packed, "val", pre, False, False).images))
     val = PackedSplit(packed, "val")
     shards = [Subset(val, range(rank, len(val), 2)) for rank in range(2)]  # tl's strided val shards
     assert sorted(x for s in shards for x in s) == sorted(val[i] for i in range(len(val)))
@@ -190,7 +191,8 @@ def test_decode_bytes_equals_decode(src, tmp_path):
     for path in [*paths, str(big), str(palette), str(gray)]:
         data = Path(path).read_bytes()
         for size, train in ((64, True), (64, False), (224, True), (224, False)):
-            got, want = decode_bytes(data, size, train), decode(path, size, train)
+            pre = Preprocess.tutorial(size)
+            got, want = decode_bytes(data, pre, train), decode(path, pre, train)
             assert got.dtype == torch.uint8 and torch.equal(got, want), (path, size, train)
 
 

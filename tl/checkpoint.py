@@ -31,13 +31,14 @@ class Identity:
     model: str
     mode: str
     classes: list[str]
-    base_weights: str  # a torchvision weights name, "none", or sha256:<hex> of a local file
+    base_weights: str  # a torchvision weights name, timm:ARCH.TAG, "none", or sha256:<hex> of a local file
     weights: str  # the --weights value as given: names the local file in messages
     head: str
     image_size: int
     seed: int
     data: str = ""  # the data set's fingerprint
     recipe: dict = field(default_factory=dict)  # every option that changes the numbers
+    preprocessing: dict = field(default_factory=dict)  # --preprocess resolved (Preprocess.meta()); {}: tutorial's
 
     # How a user changes each part; parts not listed here (weights, head) follow from others.
     OPTIONS = {"model": "--model", "mode": "--mode", "classes": "the class folders of --data-dir",

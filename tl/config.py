@@ -19,15 +19,15 @@ MODES = ("finetune", "feature-extract")
 IDENTITY = ("model", "mode", "weights", "image_size", "seed")
 RECIPE = ("batch_size", "lr", "momentum", "step_size", "gamma", "train_size", "feature_cache", "compile", "augment",
           "val_split", "optimizer", "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "freeze_epochs",
-          "backbone_lr_scale")
+          "backbone_lr_scale", "preprocess")
 RESUME_FREE = ("data_dir", "data_zip", "data_mode", "save_every", "epochs", "strict_images", "precision", "output_dir",
                "resume", "overwrite", "wandb", "wandb_project", "wandb_entity", "wandb_name", "wandb_group",
                "wandb_log_model",
                "num_workers", "patience")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 # What a run's config.json holds besides the options (tl.loop.train writes them): --config skips them.
-RECORDED = ("classes", "base_weights", "head", "data", "recipe", "mixed_precision", "num_processes", "device",
-            "param_groups", "tl_version", "tl_commit", "data_files", "data_sample", "slurm")
+RECORDED = ("classes", "base_weights", "head", "data", "recipe", "preprocessing", "mixed_precision", "num_processes",
+            "device", "param_groups", "tl_version", "tl_commit", "data_files", "data_sample", "slurm")
 # Where a run goes and whether it continues: said by each command, not kept in a file. A run's
 # config.json records them (resume: true after a resume), and a re-run from it must not resume it.
 ACTIONS = ("output_dir", "resume", "overwrite")
@@ -46,7 +46,8 @@ class Config:
                          "(python -m tl.pack)")
     data_zip: str | None = _opt(None, "local zip of the data set, extracted next to --data-dir "
                                 "when that is missing (for machines without internet)")
-    model: str = _opt("resnet18", "any torchvision classification model name")
+    model: str = _opt("resnet18", "any torchvision classification model name, or timm/NAME for a timm model "
+                      "(pip install -e '.[timm]'; NAME may carry a pretrained tag, e.g. timm/resnet18.a1_in1k)")
     weights: str = _opt("DEFAULT", "torchvision weights name (DEFAULT, IMAGENET1K_V1, ...), "
                         "'none' for random init, or a path to a local .pth/.safetensors state dict")
     epochs: int = _opt(25, "number of epochs")
@@ -81,8 +82,13 @@ class Config:
                             "val (0: off; at least one image a class), the same images for every --seed and "
                             "machine; python -m tl.predict --val-of DATA_DIR predicts them")
     strict_images: bool = _opt(False, "stop at the first unreadable image instead of skipping it with a warning")
-    image_size: int = _opt(224, "crop size for training and validation (val resizes to "
-                           "size*256/224 first, as the tutorial does)")
+    image_size: int = _opt(0, "crop size for training and validation; 0: the --preprocess one's (224 for tutorial). "
+                           "Val resizes first, to size*256/224 (tutorial) or in the weights' own ratio")
+    preprocess: str = _opt("tutorial", "tutorial: ImageNet mean/std, bilinear, val Resize(256)+CenterCrop(224); "
+                           "weights: the pretrained weights' own (torchvision's weights.transforms(), timm's data "
+                           "config): crop and resize sizes, interpolation, mean and std. A local --weights file "
+                           "has them when named as torchvision downloads it, else ImageNet's are used, with a note",
+                           choices=("tutorial", "weights"))
     train_size: int = _opt(0, "crop size for training only (RandomResizedCrop); 0: --image-size. Smaller "
                            "trains faster, about (train-size/image-size)^2 of the compute, and validation "
                            "stays at --image-size; check the accuracy (see the README's Speed section)")
@@ -123,7 +129,7 @@ class Config:
         return {name: getattr(self, name) for name in RECIPE} | cosine
 
     def validate(self) -> "Config":
-        for name in ("epochs", "batch_size", "step_size", "image_size"):
+        for name in ("epochs", "batch_size", "step_size"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got "
                                 f"{getattr(self, name)}")
@@ -136,6 +142,8 @@ class Config:
             raise UserError("--output-dir is empty; pass a directory name, or leave it out for runs/<mode>-<time>")
         if self.resume and not self.output_dir:
             raise UserError("--resume needs --output-dir naming the run to continue")
+        if self.image_size < 0:
+            raise UserError(f"--image-size must be positive, or 0 for the --preprocess one's, got {self.image_size}")
         if self.train_size < 0:
             raise UserError(f"--train-size must be positive, or 0 for --image-size, got {self.train_size}")
         if self.save_every < 0:

@@ -7,6 +7,7 @@ tensor op; normalization happens on the device. `memory` keeps every decoded ima
 about 150 MB a process); `stream` decodes in DataLoader workers every epoch, the same pixels.
 """
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -36,6 +37,45 @@ HYMENOPTERA_URL = "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
 DEFAULT_DATA_DIR = "data/hymenoptera_data"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = {m.value: m for m in (v2.InterpolationMode.BILINEAR, v2.InterpolationMode.BICUBIC,
+                                       v2.InterpolationMode.NEAREST)}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image becomes model input: val resizes its shorter side to `resize` and center-crops
+    `crop`; train takes a RandomResizedCrop of `train_crop`; both normalize by mean and std. The
+    tutorial's (tutorial()) or the pretrained weights' own (tl.model.preprocess_for)."""
+    crop: int = 224
+    resize: int = 256
+    train_crop: int = 224
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @classmethod
+    def tutorial(cls, crop: int = 224, train_crop: int = 0) -> "Preprocess":
+        """Resize(crop*256/224) + CenterCrop(crop), bilinear, ImageNet statistics: the tutorial's."""
+        return cls(crop, round(crop * 256 / 224), train_crop or crop)
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "Preprocess":
+        """A checkpoint's (tl.checkpoint.Identity): its `preprocessing`, or the tutorial's at its image_size
+        for runs saved before tl recorded one."""
+        saved = meta.get("preprocessing") or {}
+        if not saved:
+            return cls.tutorial(meta["image_size"], meta.get("recipe", {}).get("train_size", 0))
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+
+    def meta(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @property
+    def mode(self) -> v2.InterpolationMode:
+        return INTERPOLATIONS[self.interpolation]
+
+
+TUTORIAL = Preprocess()  # at 224 px
 
 
 def ensure_data(data_dir: str, data_zip: str | None = None) -> Path:
@@ -273,26 +313,27 @@ def file_kind(path: str) -> str:
             else "a device" if stat.S_ISBLK(mode) or stat.S_ISCHR(mode) else "not a regular file")
 
 
-def decode(path: str, image_size: int, train: bool) -> torch.Tensor:
-    """Decode one file to uint8 RGB: val as the tutorial's Resize+CenterCrop, train shrunk to at
-    most 2x the crop on its shorter side."""
+def decode(path: str, pre: Preprocess, train: bool) -> torch.Tensor:
+    """Decode one file to uint8 RGB: val as center_view, train shrunk to at most 2x the larger of the
+    train and val crops on its shorter side (the feature cache takes its center view of them)."""
     with Image.open(path) as img:
-        side = 2 * round(image_size * 256 / 224)  # JPEG: decode big photos at a reduced scale, no smaller
-        img.draft("RGB", (side, side))
+        keep = max(pre.crop, pre.train_crop)
+        side = 2 * (max(pre.resize, round(keep * 256 / 224)) if train else pre.resize)
+        img.draft("RGB", (side, side))  # JPEG: decode big photos at a reduced scale, no smaller than this
         img = img.convert("RGB")
         if train:
-            return TF.pil_to_tensor(TF.resize(img, 2 * image_size) if min(img.size) > 2 * image_size else img)
-        return TF.pil_to_tensor(center_view(img, image_size))
+            return TF.pil_to_tensor(TF.resize(img, 2 * keep) if min(img.size) > 2 * keep else img)
+        return TF.pil_to_tensor(center_view(img, pre))
 
 
-def center_view(img, image_size: int):
-    """The tutorial's deterministic view: Resize(size*256/224) then CenterCrop(size)."""
-    return TF.center_crop(TF.resize(img, round(image_size * 256 / 224)), image_size)
+def center_view(img, pre: Preprocess):
+    """The deterministic view (val, test, the feature cache): Resize(pre.resize) then CenterCrop(pre.crop)."""
+    return TF.center_crop(TF.resize(img, pre.resize, interpolation=pre.mode, antialias=True), pre.crop)
 
 
-def _decode_or_error(path: str, image_size: int, train: bool):
+def _decode_or_error(path: str, pre: Preprocess, train: bool):
     try:
-        return decode(path, image_size, train)
+        return decode(path, pre, train)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         return e
 
@@ -332,26 +373,26 @@ def _read_all(samples: list[tuple[str, int]], read, verb: str, train: bool, main
     return split
 
 
-def load_split(samples: list[tuple[str, int]], image_size: int, train: bool, main: bool,
+def load_split(samples: list[tuple[str, int]], pre: Preprocess, train: bool, main: bool,
                strict: bool = False) -> Split:
     """Decode (path, label) pairs, e.g. a Listing's train, into memory; unreadable files are skipped
     with a warning, or with strict, end the run."""
-    return _read_all(samples, lambda path: _decode_or_error(path, image_size, train), "decode", train, main, strict)
+    return _read_all(samples, lambda path: _decode_or_error(path, pre, train), "decode", train, main, strict)
 
 
 class LazyImages:
     """A split's images decoded on access (in DataLoader workers): memory does not grow with the set.
     Decoding is tl.data.decode, exactly as the memory path's, so both give the same pixels."""
 
-    def __init__(self, paths: list[str], image_size: int, train: bool):
-        self.paths, self.image_size, self.train = paths, image_size, train
+    def __init__(self, paths: list[str], pre: Preprocess, train: bool):
+        self.paths, self.pre, self.train = paths, pre, train
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
         try:
-            return decode(self.paths[i], self.image_size, self.train)
+            return decode(self.paths[i], self.pre, self.train)
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise UserError(f"unreadable image {self.paths[i]} while streaming ({e}); replace it or remove it and "
                             "start the run afresh (a resume refuses a changed data set); --data-mode memory and "
@@ -387,20 +428,20 @@ def _signatures() -> list:
     return [Image.OPEN[i][1] for i in ids if Image.OPEN[i][1]]
 
 
-def stream_split(samples: list[tuple[str, int]], image_size: int, train: bool, main: bool,
+def stream_split(samples: list[tuple[str, int]], pre: Preprocess, train: bool, main: bool,
                  strict: bool = False) -> Split:
     """Like load_split, but only each file's signature is checked now; the pixels are decoded every
     epoch by whoever indexes the split (DataLoader workers)."""
     checked = _read_all(samples, _signature_or_error, "check", train, main, strict, threads=False)
-    checked.images = LazyImages(checked.paths, image_size, train)
+    checked.images = LazyImages(checked.paths, pre, train)
     return checked
 
 
-def decoded_bytes(listing: Listing, image_size: int, train_size: int) -> int:
+def decoded_bytes(listing: Listing, pre: Preprocess) -> int:
     """An upper bound on the memory path's decoded pixels: train images with the shorter side at
     2x the crop (4:3), val and test at the crop."""
-    side = 2 * max(image_size, train_size)
-    return len(listing.train) * side * side * 4 // 3 * 3 + (len(listing.val) + len(listing.test)) * image_size ** 2 * 3
+    side = 2 * max(pre.crop, pre.train_crop)
+    return len(listing.train) * side * side * 4 // 3 * 3 + (len(listing.val) + len(listing.test)) * pre.crop ** 2 * 3
 
 
 def available_memory() -> int:
@@ -413,12 +454,11 @@ def available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def choose_data_mode(requested: str, listing: Listing, image_size: int, train_size: int,
-                     processes_on_node: int) -> tuple[str, str]:
+def choose_data_mode(requested: str, listing: Listing, pre: Preprocess, processes_on_node: int) -> tuple[str, str]:
     """memory (decode once, keep it: fastest when it fits) or stream (decode every epoch in workers);
     auto picks memory while every process's copy fits in half the available memory. Returns the
     mode and why, for the run to say."""
-    need, free = decoded_bytes(listing, image_size, train_size), available_memory()
+    need, free = decoded_bytes(listing, pre), available_memory()
     why = (f"at most {need / 2**30:.2f} GiB of decoded images per process, {processes_on_node} process(es) on "
            f"this node, {free / 2**30:.1f} GiB available")
     if requested != "auto":
@@ -433,8 +473,9 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def train_transform(image_size: int):
-    return v2.Compose([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()])
+def train_transform(pre: Preprocess):
+    return v2.Compose([v2.RandomResizedCrop(pre.train_crop, interpolation=pre.mode, antialias=True),
+                       v2.RandomHorizontalFlip()])
 
 
 PAD = -100  # the label of a repeated image: F.cross_entropy's default ignore_index, never counted
@@ -477,18 +518,17 @@ def skip_batches(loader: DataLoader, sampler, batches: int) -> DataLoader:
                       drop_last=loader.drop_last, pin_memory=loader.pin_memory, collate_fn=loader.collate_fn)
 
 
-def to_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A batch -> model input on the device: uint8 NCHW images become normalized float, channels_last
-    for faster convolutions; anything else (cached features) is moved as it is."""
+def to_input(x: torch.Tensor, device: torch.device, pre: Preprocess = TUTORIAL) -> torch.Tensor:
+    """A batch -> model input on the device: uint8 NCHW images become float normalized by pre's mean
+    and std, channels_last for faster convolutions; anything else (cached features) is moved as it is."""
     if x.dtype != torch.uint8:
         return x.to(device, non_blocking=True)
-    device = torch.device(device)
-    if device not in _NORMALIZE:  # once per device: two host-to-device copies per batch add up
-        _NORMALIZE[device] = tuple(torch.tensor(v, device=device).view(1, 3, 1, 1)
-                                   for v in (IMAGENET_MEAN, IMAGENET_STD))
-    mean, std = _NORMALIZE[device]
+    key = (torch.device(device), pre.mean, pre.std)
+    if key not in _NORMALIZE:  # once per device: two host-to-device copies per batch add up
+        _NORMALIZE[key] = tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (pre.mean, pre.std))
+    mean, std = _NORMALIZE[key]
     x = x.to(device, non_blocking=True).float().div_(255)
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
-_NORMALIZE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_NORMALIZE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}

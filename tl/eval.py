@@ -3,17 +3,17 @@
 import torch
 from accelerate.utils import gather_object
 
-from tl.data import to_input
+from tl.data import TUTORIAL, Preprocess, to_input
 
 
 @torch.inference_mode()
-def gather_in_order(fn, loader, accelerator, total: int) -> torch.Tensor:
+def gather_in_order(fn, loader, accelerator, total: int, pre: Preprocess = TUTORIAL) -> torch.Tensor:
     """fn(batch) for every item of a set, as float32 rows in set order on the CPU of every process.
 
     `loader` holds this process's strided shard of the set (items rank, rank+world, ...) with no
     padding, possibly none at all, so each item counts exactly once at any world size.
     """
-    rows = [fn(to_input(x, accelerator.device)).float().cpu() for x, _ in loader]
+    rows = [fn(to_input(x, accelerator.device, pre)).float().cpu() for x, _ in loader]
     shards = gather_object([torch.cat(rows) if rows else None])  # one entry per process, in rank order
     world = len(shards)
     order = [i for rank, shard in enumerate(shards) if shard is not None
@@ -23,13 +23,13 @@ def gather_in_order(fn, loader, accelerator, total: int) -> torch.Tensor:
     return out[torch.tensor(order).argsort()]
 
 
-def evaluate(model, loader, accelerator, total: int) -> torch.Tensor:
+def evaluate(model, loader, accelerator, total: int, pre: Preprocess = TUTORIAL) -> torch.Tensor:
     """Class probabilities for every image of the set, in order, on every process.
 
     Pass the unwrapped model: DDP's forward may talk to the other processes, and shards of
     different lengths make different numbers of forward calls.
     """
-    return gather_in_order(lambda x: model(x).float().softmax(1), loader, accelerator, total)
+    return gather_in_order(lambda x: model(x).float().softmax(1), loader, accelerator, total, pre)
 
 
 def confusion_matrix(targets: torch.Tensor, preds: torch.Tensor, num_classes: int) -> torch.Tensor:

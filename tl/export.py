@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from tl import checkpoint
 from tl import run as rundir
-from tl.data import IMAGENET_MEAN, IMAGENET_STD, ImageSet, Split, load_split
+from tl.data import ImageSet, Preprocess, Split, load_split
 from tl.errors import UserError, run_cli
 from tl.predict import load_model, probabilities, read_images, val_images
 
@@ -44,11 +44,11 @@ NAMES = {"onnx": "an ONNX", "torchscript": "a TorchScript"}
 class Classifier(nn.Module):
     """What an exported file holds: uint8 center views in, class probabilities out."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, pre: Preprocess):
         super().__init__()
         self.model = model
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        self.register_buffer("mean", torch.tensor(pre.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(pre.std).view(1, 3, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float() / 255  # the operations of tl.data.to_input, so the model sees the same floats
@@ -201,7 +201,7 @@ def check_images(val_dir, meta: dict) -> Split:
     classes = meta["classes"]
     if not Path(val_dir).is_dir():
         raise UserError(f"--check {val_dir} is not a folder; pass the run's val/ folder (one sub-folder per class)")
-    split = read_images([str(val_dir)], classes, meta["image_size"])
+    split = read_images([str(val_dir)], classes, Preprocess.from_meta(meta))
     stray = [path for path, label in zip(split.paths, split.targets) if label < 0]
     if stray:
         raise UserError(f"--check {val_dir}: {stray[0]} is not in a class folder ({', '.join(classes)}); pass a val/ "
@@ -221,7 +221,7 @@ def check(exported: Exported, model: nn.Module, meta: dict, split: Split, where:
     out = {"val": where, "images": n, "correct": correct, "accuracy": correct / n,
            "reproduces_best_val_acc": reproduced}
     if not out["reproduces_best_val_acc"]:
-        reference = probabilities(model, loader, "no", cpu=True).argmax(1)
+        reference = probabilities(model, loader, "no", cpu=True, pre=Preprocess.from_meta(meta)).argmax(1)
         differ = (preds != reference).nonzero().flatten().tolist()
         out["differs_from_fp32_model"] = len(differ)
         if differ:
@@ -251,6 +251,7 @@ def export(checkpoint_path, kind: str, output=None, weights: str | None = None, 
                         "the run's best.safetensors")
     output = Path(output) if output else checkpoint_path.with_name(checkpoint_path.stem + SUFFIXES[kind])
     model, ckpt_meta = load_model(checkpoint_path, weights)
+    pre = Preprocess.from_meta(ckpt_meta)
     sha256 = "sha256:" + hashlib.sha256(checkpoint_path.read_bytes()).hexdigest()
     if output.exists():
         existing = None
@@ -273,23 +274,21 @@ def export(checkpoint_path, kind: str, output=None, weights: str | None = None, 
             print(f"no parity check: no config.json next to {checkpoint_path} naming the run's data, or that data "
                   "is not here; pass --check VAL_DIR")
         else:
-            split, where = load_split(found[1], ckpt_meta["image_size"], False, False), f"the val images of {found[0]}"
+            split, where = load_split(found[1], pre, False, False), f"the val images of {found[0]}"
 
     identity = checkpoint.identity_of(checkpoint_path, ckpt_meta)
-    size = identity.image_size
+    size = pre.crop
     meta = identity.meta() | {k: ckpt_meta[k] for k in CARRIED if k in ckpt_meta} | {
         "format": FORMAT, "format_version": FORMAT_VERSION, "export_format": kind, "checkpoint_sha256": sha256,
-        "image_size": size, "resize_size": round(size * 256 / 224),
-        "preprocess": "RGB; resize the shorter side to resize_size (bilinear, antialiased); center-crop to "
-                      "image_size; uint8 NCHW. The model divides by 255 and normalizes by mean and std itself",
-        "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+        "image_size": size, "resize_size": pre.resize, "interpolation": pre.interpolation,
+        "mean": list(pre.mean), "std": list(pre.std),
         "input": {"name": INPUT, "dtype": "uint8", "layout": "NCHW", "channels": "RGB",
                   "shape": ["batch", 3, size, size]},
         "output": {"name": OUTPUT, "dtype": "float32", "shape": ["batch", len(identity.classes)],
                    "meaning": "class probabilities (softmax), in the order of classes"},
         "torch": torch.__version__, "parity": None}
 
-    wrapper = Classifier(model).eval()
+    wrapper = Classifier(model, pre).eval()
     example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
     with torch.no_grad(), quiet_deprecations():
         artifact = (_onnx_model(wrapper, example) if kind == "onnx"

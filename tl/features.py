@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from tl.data import PAD, ShardSampler, to_input
+from tl.data import PAD, TUTORIAL, Preprocess, ShardSampler, to_input
 from tl.errors import UserError
 
 
@@ -30,7 +30,7 @@ def part_path(folder: Path, split: str, rank: int, world: int) -> Path:
 
 
 def backbone_features(model, head_name: str, splits: dict[str, Dataset], batch_size: int, accelerator,
-                      folder: Path, num_workers: int = 0) -> dict[str, list[torch.Tensor]]:
+                      folder: Path, num_workers: int = 0, pre: Preprocess = TUTORIAL) -> dict[str, list[torch.Tensor]]:
     """What the frozen backbone feeds the head, for every image of each split, computed once: this
     process writes its parts, then maps every process's (float32 rows, split order as above)."""
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -49,7 +49,7 @@ def backbone_features(model, head_name: str, splits: dict[str, Dataset], batch_s
         for split, images in splits.items():
             loader = DataLoader(Subset(images, range(rank, len(images), world)), batch_size=batch_size,
                                 num_workers=num_workers)
-            write_part(model, loader, accelerator, part_path(folder, split, rank, world))
+            write_part(model, loader, accelerator, part_path(folder, split, rank, world), pre)
     finally:
         model.set_submodule(head_name, head)
     accelerator.wait_for_everyone()  # every part is complete
@@ -58,14 +58,14 @@ def backbone_features(model, head_name: str, splits: dict[str, Dataset], batch_s
 
 
 @torch.inference_mode()
-def write_part(model, loader: DataLoader, accelerator, path: Path) -> None:
+def write_part(model, loader: DataLoader, accelerator, path: Path, pre: Preprocess = TUTORIAL) -> None:
     """This process's rows, streamed to an .npy file under a temporary name until complete."""
     tmp = path.with_suffix(".tmp")
     try:
         with open(tmp, "wb") as f, accelerator.autocast():
             dim = 0
             for x, _ in loader:
-                rows = model(to_input(x, accelerator.device)).float().cpu()
+                rows = model(to_input(x, accelerator.device, pre)).float().cpu()
                 if not dim:  # the header needs the width, known from the first batch
                     dim = rows.shape[1]
                     write_header(f, len(loader.dataset), dim)

@@ -29,7 +29,9 @@ from tl.checkpoint import Checkpointer, Identity, Progress
 from tl.config import Config
 from tl.data import (
     PAD,
+    TUTORIAL,
     ImageSet,
+    Preprocess,
     Split,
     center_view,
     choose_data_mode,
@@ -47,7 +49,7 @@ from tl.data import (
 from tl.errors import UserError
 from tl.eval import class_scores, confusion_matrix, evaluate, top5_correct
 from tl.features import FeatureRows, backbone_features, feature_loaders, remove_files
-from tl.model import build_model, set_frozen, weights_id
+from tl.model import build_model, check_input_size, preprocess_for, set_frozen, weights_id
 from tl.optim import build_optimizer, build_scheduler, describe, param_groups
 from tl.pictures import pick_examples, save_confusion, save_curves, save_image_grid, save_predictions
 from tl.run import RunDir
@@ -128,6 +130,8 @@ class Setup:
     open_test: Callable[[], Split] | None = None  # test/, read only at the end (evaluate_test)
     workers: int = 0  # DataLoader workers of image loaders
     record: dict = dataclasses.field(default_factory=dict)  # config.json's reproduction keys (main process only)
+    pre: Preprocess = TUTORIAL  # sizes, interpolation, mean and std of the model's input
+    pre_source: str = "the tutorial's preprocessing"
 
 
 def setup(cfg: Config, accelerator: Accelerator, out: Path, resuming: bool) -> tuple[Setup, Checkpointer]:
@@ -150,13 +154,17 @@ def setup(cfg: Config, accelerator: Accelerator, out: Path, resuming: bool) -> t
     set_seed(cfg.seed)  # the same new head on every process, and on resume
     with accelerator.local_main_process_first():  # one weights download per node
         model, head_name = build_model(cfg.model, cfg.weights, len(listing.classes), cfg.mode)
-    train_size = cfg.train_size or cfg.image_size
+    pre, pre_source = preprocess_for(cfg.preprocess, cfg.model, cfg.weights, model, cfg.image_size, cfg.train_size)
+    if pre_source.startswith("note:") and main:
+        print(pre_source)
+    check_input_size(model, cfg.model, pre)
     augment = cfg.augment if cfg.augment != "auto" else "device" if accelerator.device.type == "cuda" else "cpu"
-    recipe = cfg.recipe() | {"train_size": train_size, "precision": accelerator.mixed_precision, "processes": world,
+    recipe = cfg.recipe() | {"train_size": pre.train_crop, "precision": accelerator.mixed_precision, "processes": world,
                              "augment": augment}
     identity = Identity(model=cfg.model, mode=cfg.mode, classes=listing.classes,
                         base_weights=weights_id(cfg.weights, cfg.model), weights=cfg.weights, head=head_name,
-                        image_size=cfg.image_size, seed=cfg.seed, data=listing.fingerprint, recipe=recipe)
+                        image_size=pre.crop, seed=cfg.seed, data=listing.fingerprint, recipe=recipe,
+                        preprocessing=pre.meta())
     net = model.get_submodule(head_name) if frozen and cfg.feature_cache == "on" else model
     groups = param_groups(net, model.get_submodule(head_name), cfg)
     optimizer = build_optimizer(groups, cfg)
@@ -166,19 +174,19 @@ def setup(cfg: Config, accelerator: Accelerator, out: Path, resuming: bool) -> t
         checkpointer.check_resumable(out / rundir.STATE, cfg.epochs)
 
     node_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    mode, why = choose_data_mode(cfg.data_mode, listing, cfg.image_size, train_size, node_processes)
+    mode, why = choose_data_mode(cfg.data_mode, listing, pre, node_processes)
     workers = cfg.num_workers if cfg.num_workers >= 0 else \
         0 if mode == "memory" else max(1, usable_cpus() // node_processes)
     accelerator.print(f"data: {mode} ({why}), {workers} DataLoader worker(s) per process")
     # Train images are kept big enough for both the train crop and the feature cache's center view.
-    train_split = open_split(accelerator, root, pack, listing, "train", mode, max(cfg.image_size, train_size), True,
-                             cfg.strict_images)
-    val_split = open_split(accelerator, root, pack, listing, "val", mode, cfg.image_size, False, cfg.strict_images)
+    train_split = open_split(accelerator, root, pack, listing, "train", mode, pre, True, cfg.strict_images)
+    val_split = open_split(accelerator, root, pack, listing, "val", mode, pre, False, cfg.strict_images)
     cached = net is not model
     on_device = augment == "device" and not cached
-    device_augment = DeviceAugment(train_size, accelerator.device, cfg.seed, rank) if on_device else None
+    device_augment = (DeviceAugment(pre.train_crop, accelerator.device, cfg.seed, rank, mean=pre.mean, std=pre.std)
+                      if on_device else None)
     # On the device: the loader only pads each batch's uint8 images; crops come in one batched kernel.
-    train_set = ImageSet(train_split, None if on_device else train_transform(train_size), seed=cfg.seed)
+    train_set = ImageSet(train_split, None if on_device else train_transform(pre), seed=cfg.seed)
     val_set = ImageSet(val_split)
     val_targets = torch.tensor(val_split.targets)
     train_loader, sampler, val_loader = make_loaders(train_set, val_set, cfg.batch_size, workers, cfg.seed, rank,
@@ -188,9 +196,9 @@ def setup(cfg: Config, accelerator: Accelerator, out: Path, resuming: bool) -> t
     if cached:  # a frozen backbone always gives the same features: compute them once
         t0 = time.perf_counter()
         model.to(accelerator.device).eval()
-        shown = ImageSet(train_split, lambda x: center_view(x, cfg.image_size))
+        shown = ImageSet(train_split, lambda x: center_view(x, pre))
         parts = backbone_features(model, head_name, {"train": shown, "val": val_set}, val_loader.batch_size,
-                                  accelerator, out / rundir.FEATURES, workers)
+                                  accelerator, out / rundir.FEATURES, workers, pre)
         train_set = FeatureRows(parts["train"], torch.tensor(train_split.targets))
         own_val = FeatureRows([parts["val"][rank]], val_targets[rank::world])  # what this process evaluates
         train_loader, sampler, val_loader = feature_loaders(train_set, own_val, cfg.batch_size, val_loader.batch_size,
@@ -202,27 +210,28 @@ def setup(cfg: Config, accelerator: Accelerator, out: Path, resuming: bool) -> t
     checkpointer.best_meta = {"mixed_precision": accelerator.mixed_precision, "eval_batch_size": val_loader.batch_size}
     setup = Setup(identity, model, net, optimizer, scheduler, train_set, sampler, train_loader, val_loader, val_targets,
                   shown, device_augment, val_split.images, len(train_split.images),
-                  train_split.skipped + val_split.skipped, frozen, cached, groups=describe(groups), workers=workers)
+                  train_split.skipped + val_split.skipped, frozen, cached, groups=describe(groups), workers=workers,
+                  pre=pre, pre_source=pre_source)
     if listing.test:  # read at the end: its images are not held through training
-        setup.open_test = functools.partial(open_split, accelerator, root, pack, listing, "test", mode, cfg.image_size,
-                                            False, cfg.strict_images)
+        setup.open_test = functools.partial(open_split, accelerator, root, pack, listing, "test", mode, pre, False,
+                                            cfg.strict_images)
     if main:
         setup.record = provenance.record(listing, pack)
     return setup, checkpointer
 
 
-def open_split(accelerator: Accelerator, root: Path, pack, listing, split: str, mode: str, size: int, train: bool,
-               strict: bool):
+def open_split(accelerator: Accelerator, root: Path, pack, listing, split: str, mode: str, pre: Preprocess,
+               train: bool, strict: bool):
     """One split of an ImageFolder or a pack: decoded into memory by every process, or checked for
     streaming by the main process for all."""
     main = accelerator.is_main_process
     if pack:
         load = shards.load_packed_split if mode == "memory" else shards.stream_packed_split
-        return load(root, split, size, train, main, strict, pack)
+        return load(root, split, pre, train, main, strict, pack)
     samples = getattr(listing, split)
     if mode == "memory":
-        return load_split(samples, size, train, main, strict)
-    return on_main(accelerator, lambda: stream_split(samples, size, train, True, strict))
+        return load_split(samples, pre, train, main, strict)
+    return on_main(accelerator, lambda: stream_split(samples, pre, train, True, strict))
 
 
 AGREE_EVERY = 16  # steps between the processes' one host sync: a stop signal, a non-finite loss
@@ -231,7 +240,7 @@ NO_BAD_STEP = -(1 << 40)
 
 def train_epoch(model, loader, optimizer, accelerator, stopper: Stopper, epoch: int, epochs: int,
                 augment: DeviceAugment | None = None, start: int = 0, partial=(0.0, 0, 0), save=None,
-                save_every_s: float = 0.0, label_smoothing: float = 0.0):
+                save_every_s: float = 0.0, label_smoothing: float = 0.0, pre: Preprocess = TUTORIAL):
     """One pass over this process's shard; returns loss, accuracy and images over all processes.
 
     The steps queue work on the device without waiting for it: totals stay on the device, and every
@@ -248,7 +257,7 @@ def train_epoch(model, loader, optimizer, accelerator, stopper: Stopper, epoch: 
     bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", disable=not accelerator.is_main_process, leave=False,
                initial=start, total=last)
     for step, (x, y) in enumerate(bar, start + 1):
-        x, y = augment(*x) if augment else to_input(x, device), y.to(device, non_blocking=True)
+        x, y = augment(*x) if augment else to_input(x, device, pre), y.to(device, non_blocking=True)
         logits = model(x)
         loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)  # the mean over all but PAD labels
         real = (y != PAD).sum()  # a batch of only repeated images: loss nan, gradient 0, counted as nothing
@@ -326,11 +335,11 @@ def run_epoch(s: Setup, net, optimizer, accelerator, stopper: Stopper, epoch: in
     net.train(not frozen)  # frozen: BatchNorm statistics stay the base's
     train_loss, train_acc, n_train = train_epoch(net, loader, optimizer, accelerator, stopper, epoch, cfg.epochs,
                                                  s.device_augment, start, partial, save, cfg.save_every * 60,
-                                                 cfg.label_smoothing)
+                                                 cfg.label_smoothing, s.pre)
     train_seconds = time.perf_counter() - t0
     s.scheduler.step()
     net.eval()
-    probs = evaluate(accelerator.unwrap_model(net), s.val_loader, accelerator, len(s.val_targets))
+    probs = evaluate(accelerator.unwrap_model(net), s.val_loader, accelerator, len(s.val_targets), s.pre)
     confidence, preds = probs.max(1)
     correct = int((preds == s.val_targets).sum())
     top5 = top5_correct(probs, s.val_targets)  # None up to 5 classes
@@ -361,7 +370,7 @@ def evaluate_test(s: Setup, accelerator: Accelerator, out: Path, batch_size: int
     s.model.load_state_dict(tensors, strict=not s.frozen)
     loader = eval_loader(ImageSet(split), batch_size, s.workers, accelerator.process_index, accelerator.num_processes)
     with accelerator.autocast():
-        probs = evaluate(s.model.eval(), loader, accelerator, len(split.targets))
+        probs = evaluate(s.model.eval(), loader, accelerator, len(split.targets), s.pre)
     return probs, split
 
 
@@ -435,8 +444,8 @@ def announce(cfg: Config, s: Setup, run: RunDir, net, accelerator, resumed_after
         images = s.device_augment.preview(images, 1)
     save_image_grid(images, [s.identity.classes[y] for _, y in first], run.file(rundir.PICTURES["batch"]))
     print(f"{cfg.mode} {cfg.model} on {s.num_train} train / {len(s.val_targets)} val images "
-          f"({cfg.image_size if s.cached else s.identity.recipe['train_size']} px train crops, {cfg.image_size} px "
-          f"val), classes {s.identity.classes}, {accelerator.num_processes} process(es) on {accelerator.device}, "
+          f"({s.pre.crop if s.cached else s.pre.train_crop} px train crops, {s.pre.crop} px val; {s.pre_source}), "
+          f"classes {s.identity.classes}, {accelerator.num_processes} process(es) on {accelerator.device}, "
           f"precision {accelerator.mixed_precision}"
           + (f", resuming after epoch {resumed_after}" if resumed_after is not None else ""))
     if hasattr(net, "_get_ddp_logging_data"):  # what DDP itself reports it all-reduces

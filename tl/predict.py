@@ -19,7 +19,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from tl import checkpoint
 from tl.checkpoint import Identity
-from tl.data import ImageSet, Split, list_images, load_split
+from tl.data import TUTORIAL, ImageSet, Preprocess, Split, list_images, load_split
 from tl.errors import UserError, run_cli
 from tl.eval import evaluate
 from tl.model import build_model, weights_id
@@ -34,6 +34,8 @@ def base_weights_arg(identity: Identity, weights: str | None) -> str:
             used = f" ({identity.weights})" if identity.weights else ""
             raise UserError(f"this feature-extract checkpoint was trained on a local weights file{used}; pass "
                             "that file with --weights (its sha256 is checked)")
+        if base.startswith("timm:"):  # timm's pretrained weights of the tag load_model puts in the model name
+            return "DEFAULT"
         return "none" if base == "none" else base.rsplit(".", 1)[1]
     if weights_id(weights, identity.model) != base:
         used = f", the file {identity.weights}" if base.startswith("sha256:") and identity.weights else ""
@@ -52,7 +54,10 @@ def load_model(path, weights: str | None = None) -> tuple[torch.nn.Module, dict]
     base = base_weights_arg(identity, weights) if frozen else "none"
     if weights is not None and not frozen:
         weights_id(weights, identity.model)  # checked to exist, though a finetune checkpoint holds every weight
-    model, head = build_model(identity.model, base, len(classes), identity.mode)
+    # timm: the tag the run resolved (timm:ARCH.TAG), even if this timm's default tag for the name is another
+    timm_tag = frozen and identity.base_weights.startswith("timm:")
+    name = "timm/" + identity.base_weights.removeprefix("timm:") if timm_tag else identity.model
+    model, head = build_model(name, base, len(classes), identity.mode)
     try:
         missing, unexpected = model.load_state_dict(tensors, strict=not frozen)
     except RuntimeError as e:
@@ -77,19 +82,20 @@ def image_files(paths: list[str]) -> list[Path]:
     return files
 
 
-def read_images(paths: list[str], classes: list[str], image_size: int) -> Split:
+def read_images(paths: list[str], classes: list[str], pre: Preprocess) -> Split:
     """The images as tl evaluates them; the parent folder names the true class when it is one of
     `classes` (a val/ folder), else the label is -1."""
     files = image_files(paths)
     return load_split([(str(f), classes.index(f.parent.name) if f.parent.name in classes else -1)
-                       for f in files], image_size, False, False)
+                       for f in files], pre, False, False)
 
 
-def probabilities(model, loader: DataLoader, mixed_precision: str = "no", cpu: bool = False) -> torch.Tensor:
+def probabilities(model, loader: DataLoader, mixed_precision: str = "no", cpu: bool = False,
+                  pre: Preprocess = TUTORIAL) -> torch.Tensor:
     """A checkpoint's model over the loader's images, evaluated as a run does (under its mixed precision)."""
     accelerator = Accelerator(cpu=cpu or not torch.cuda.is_available(), mixed_precision=mixed_precision)
     model = accelerator.prepare(model.to(memory_format=torch.channels_last))
-    return evaluate(model, loader, accelerator, len(loader.dataset))
+    return evaluate(model, loader, accelerator, len(loader.dataset), pre)
 
 
 def val_images(data_dir: str, meta: dict) -> list[tuple[str, int]]:
@@ -119,11 +125,12 @@ def predict(checkpoint_path, paths: list[str], weights: str | None = None, png: 
         warnings.warn(f"--weights is not needed: {checkpoint_path} holds the whole model; ignoring it", stacklevel=1)
     model, meta = (exported, exported.meta) if exported is not None else load_model(checkpoint_path, weights)
     classes = meta["classes"]
-    split = (load_split(val_images(val_of, meta), meta["image_size"], False, False) if val_of
-             else read_images(paths, classes, meta["image_size"]))
+    pre = Preprocess.from_meta(meta)
+    split = (load_split(val_images(val_of, meta), pre, False, False) if val_of
+             else read_images(paths, classes, pre))
     loader = DataLoader(ImageSet(split), batch_size=batch_size or meta.get("eval_batch_size", 32))
     probs = (exported.probabilities(loader) if exported is not None
-             else probabilities(model, loader, meta.get("mixed_precision", "no")))
+             else probabilities(model, loader, meta.get("mixed_precision", "no"), pre=pre))
     conf, preds = probs.max(1)
     for path, c, p in zip(split.paths, preds.tolist(), conf.tolist()):
         print(f"{path}\t{classes[c]}\t{p:.4f}")

@@ -401,10 +401,10 @@ class PackedSplit(Dataset):
             self.close()
 
 
-def decode_bytes(data: bytes, image_size: int, train: bool) -> torch.Tensor:
+def decode_bytes(data: bytes, pre, train: bool) -> torch.Tensor:
     """tl.data.decode on an image file's bytes: the same uint8 CHW tensor as decoding the file."""
     from tl.data import decode
-    return decode(io.BytesIO(data), image_size, train)
+    return decode(io.BytesIO(data), pre, train)
 
 
 def _decode_or_error(args):
@@ -414,7 +414,7 @@ def _decode_or_error(args):
         return e
 
 
-def load_packed_split(path, split: str, image_size: int, train: bool, main: bool, strict: bool = False,
+def load_packed_split(path, split: str, pre, train: bool, main: bool, strict: bool = False,
                       info: PackInfo | None = None):
     """tl.data.load_split for a pack: every image of the split decoded into memory (a tl.data.Split,
     paths like `DIR/train-000000.tar#00000012`), shards read in order. The files the pack left out
@@ -453,7 +453,7 @@ def load_packed_split(path, split: str, image_size: int, train: bool, main: bool
                 out.paths.append(where)
 
         for i in tqdm(range(len(ds)), leave=False, desc=f"decode {split}", disable=not main):
-            pending.append((i, pool.submit(_decode_or_error, (ds.read(i), image_size, train))))
+            pending.append((i, pool.submit(_decode_or_error, (ds.read(i), pre, train))))
             if len(pending) >= 4 * workers:
                 finish(pending.pop(0))
         for item in pending:
@@ -473,8 +473,8 @@ class PackedImages:
     """A pack's split decoded on access (in DataLoader workers), like tl.data.LazyImages: item i is
     decode_bytes of sample i. Every image was fully decoded once when the pack was made."""
 
-    def __init__(self, split: PackedSplit, image_size: int, train: bool):
-        self.split, self.image_size, self.train = split, image_size, train
+    def __init__(self, split: PackedSplit, pre, train: bool):
+        self.split, self.pre, self.train = split, pre, train
 
     def __len__(self):
         return len(self.split)
@@ -482,13 +482,13 @@ class PackedImages:
     def __getitem__(self, i):
         data = self.split.read(i)
         try:
-            return decode_bytes(data, self.image_size, self.train)
+            return decode_bytes(data, self.pre, self.train)
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise UserError(f"unreadable image {self.split.where(i)} while streaming ({e}): the pack is damaged; "
                             "copy it again, or pack the source again with python -m tl.pack") from None
 
 
-def stream_packed_split(path, split: str, image_size: int, train: bool, main: bool, strict: bool = False,
+def stream_packed_split(path, split: str, pre, train: bool, main: bool, strict: bool = False,
                         info: PackInfo | None = None):
     """tl.data.stream_split for a pack: a tl.data.Split whose images decode on access (PackedImages);
     nothing is read now (the pack checked every image when it was made)."""
@@ -499,4 +499,4 @@ def stream_packed_split(path, split: str, image_size: int, train: bool, main: bo
     if strict and left_out:
         raise UserError(f"the pack {path} left out {len(left_out)} unreadable {split} image(s) of its source (e.g. "
                         f"{left_out[0]}); fix or remove them in the source and pack it again, or drop --strict-images")
-    return Split(PackedImages(ds, image_size, train), list(ds.targets), ds.info.names(split), skipped=list(left_out))
+    return Split(PackedImages(ds, pre, train), list(ds.targets), ds.info.names(split), skipped=list(left_out))
