@@ -12,7 +12,7 @@ import torchvision
 from safetensors.torch import load_file
 from torch import nn
 
-from tl.data import Preprocess
+from tl.data import INTERPOLATIONS, Preprocess
 from tl.errors import UserError
 
 CLASSIFIERS = torchvision.models.list_models(module=torchvision.models)
@@ -272,6 +272,9 @@ def preprocess_for(choice: str, name: str, weights: str, model: nn.Module, image
     if own is None:
         return (Preprocess.tutorial(image_size or 224, train_size),
                 f"note: --preprocess weights: {source}; using ImageNet's mean/std and the tutorial's sizes")
+    if own["interpolation"] not in INTERPOLATIONS:  # e.g. a timm config's lanczos: not one tensors resize with
+        source += f" (its {own['interpolation']} interpolation is not one tl has: bicubic instead)"
+        own["interpolation"] = "bicubic"
     crop = image_size or own["crop"]
     return Preprocess(crop, round(crop * own["resize"] / own["crop"]), train_size or crop, own["interpolation"],
                       tuple(own["mean"]), tuple(own["std"])), f"preprocessing of {source}"
