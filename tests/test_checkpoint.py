@@ -162,7 +162,7 @@ def test_resume_refuses_a_state_from_another_setup(tmp_path, data):
     before = (out / "state.safetensors").read_bytes()
     for extra, message in [(["--mode", "feature-extract"], "this command changes --mode"),
                            (["--model", "resnet34"], "this command changes --model"),
-                           (["--preprocess", "weights"], "this command changes --preprocess ('weights', not 'tutorial')")]:
+                           (["--preprocess", "weights"], "changes --preprocess ('weights', not 'tutorial')")]:
         proc = run_cli("train.py", "--data-dir", str(data), "--output-dir", str(out), *ARGS, *extra, "--resume")
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
     again = run_cli("train.py", "--data-dir", str(data), "--output-dir", str(out), *ARGS)

@@ -152,9 +152,15 @@ def test_preprocess_weights_trains_and_evaluates_with_the_weights_own_view(tmp_p
     assert config["preprocess"] == "weights" and config["preprocessing"] == {
         "crop": 64, "resize": 66, "train_crop": 64, "interpolation": "bilinear",
         "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    assert_evaluated_with_its_preprocessing(out, tiny_data, weights, Preprocess.tutorial(64))  # resized to 73
+
+
+def assert_evaluated_with_its_preprocessing(out, data, weights, other: Preprocess) -> None:
+    """The one-epoch run in `out` (--precision no) evaluated with the preprocessing its checkpoint
+    records: its val loss is that view's, not `other`'s, and tl.predict reproduces its accuracy."""
     val_loss = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["val_loss"]
     model, meta = load_model(out / "best.safetensors", str(weights))
-    samples = list_images(tiny_data).val
+    samples = list_images(data).val
     targets = torch.tensor([y for _, y in samples])
 
     def loss(pre):
@@ -162,5 +168,5 @@ def test_preprocess_weights_trains_and_evaluates_with_the_weights_own_view(tmp_p
         return F.nll_loss(probabilities(model, loader, "no", pre=pre).log(), targets).item()
 
     assert loss(Preprocess.from_meta(meta)) == pytest.approx(val_loss, abs=1e-5)
-    assert abs(loss(Preprocess.tutorial(64)) - val_loss) > 1e-4  # resized to 73: other pixels, another loss
-    assert predict(out / "best.safetensors", [str(tiny_data / "val")], str(weights))["accuracy"] == meta["val_acc"]
+    assert abs(loss(other) - val_loss) > 1e-4  # other pixels or statistics: another loss
+    assert predict(out / "best.safetensors", [str(data / "val")], str(weights))["accuracy"] == meta["val_acc"]

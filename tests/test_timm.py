@@ -179,12 +179,10 @@ def test_torchvision_models_never_import_timm():
 def test_preprocess_weights_uses_timms_data_config_in_training_predict_and_export(tmp_path, tiny_data, timm_weights):
     """test_resnet's data config normalizes by mean = std = 0.5 (not ImageNet's) and resizes to 168/160 of
     the crop: the run, tl.predict and the ONNX export all use it."""
-    import torch.nn.functional as F
-    from torch.utils.data import DataLoader
+    from test_model import assert_evaluated_with_its_preprocessing
 
-    from tl.data import ImageSet, Preprocess, list_images, load_split
+    from tl.data import Preprocess
     from tl.export import export
-    from tl.predict import probabilities
 
     out = tmp_path / "run"
     train_run(out, tiny_data, "--mode", "feature-extract", "--weights", str(timm_weights), "--preprocess", "weights",
@@ -192,18 +190,7 @@ def test_preprocess_weights_uses_timms_data_config_in_training_predict_and_expor
     meta = checkpoint.read_metadata(out / "best.safetensors")
     assert meta["preprocessing"] == {"crop": 32, "resize": 34, "train_crop": 32, "interpolation": "bilinear",
                                      "mean": [0.5] * 3, "std": [0.5] * 3}
-    val_loss = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["val_loss"]
-    model, _ = load_model(out / "best.safetensors", str(timm_weights))
-    samples = list_images(tiny_data).val
-    targets = torch.tensor([y for _, y in samples])
-
-    def loss(pre):
-        loader = DataLoader(ImageSet(load_split(samples, pre, False, False)), batch_size=32)
-        return F.nll_loss(probabilities(model, loader, "no", pre=pre).log(), targets).item()
-
-    assert loss(Preprocess.from_meta(meta)) == pytest.approx(val_loss, abs=1e-5)
-    assert abs(loss(Preprocess.tutorial(32)) - val_loss) > 1e-4  # ImageNet's statistics: another loss
-    assert predict(out / "best.safetensors", [str(tiny_data / "val")], str(timm_weights))["accuracy"] == meta["val_acc"]
+    assert_evaluated_with_its_preprocessing(out, tiny_data, timm_weights, Preprocess.tutorial(32))  # ImageNet's
     pytest.importorskip("onnxruntime")
     exported = export(out / "best.safetensors", "onnx", weights=str(timm_weights), val_dir=tiny_data / "val")
     assert exported["meta"]["parity"]["reproduces_best_val_acc"]
