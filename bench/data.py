@@ -6,11 +6,11 @@ Two parts:
   photo-like by default (about 500x375, smooth noise: 20-90 KB files), `--small` for ~64 px files
   (100k of them in a minute or two on 2 cores). A set already generated with the same parameters
   is reused (its `.tl-synth.json` marker);
-- a loader benchmark that runs tl's own path (tl.data.list_images, load_split or stream_split,
+- a loader benchmark that runs tl's own path (tl.listing.list_images, load_split or stream_split,
   ImageSet, make_loaders; packed: tl.shards) in a fresh process per configuration and measures the
   start-up to the first training batch, the loader's images/s over an epoch (no model), the peak
   RSS of the process and of its DataLoader workers, and in the same process a plain Python loop
-  (tl.data.decode + tl.data.train_transform over the same files, one thread) for reference.
+  (tl.preprocess.decode + tl.preprocess.train_transform over the same files, one thread) for reference.
   A two-process variant (RANK/WORLD_SIZE, DistributedSampler shards, as torchrun would run tl)
   shows each rank's memory in stream mode.
 
@@ -191,9 +191,12 @@ def child(cfg: dict) -> dict:
     import torch
     from accelerate import Accelerator
 
-    from tl import data as tldata
-    from tl import shards
-    from tl.loop import on_main, open_split
+    from tl.listing import list_images
+    from tl.loaders import ImageSet, make_loaders
+    from tl.pack_format import open_pack
+    from tl.preprocess import Preprocess, decode, train_transform
+    from tl.setup import on_main, open_split
+    from tl.splits import choose_data_mode, usable_cpus
     accelerator = Accelerator(cpu=True)  # with RANK/WORLD_SIZE set (2 procs): a gloo group, as under torchrun
     t_imports = time.time()
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -201,25 +204,25 @@ def child(cfg: dict) -> dict:
     mem = TreeMemory()
     mem.start()
     size, mode, root = cfg["image_size"], cfg["mode"], Path(cfg["root"])
-    pre = tldata.Preprocess.tutorial(size)
-    # tl's own defaults (tl.loop.setup): no workers in memory mode, else the usable cores shared out.
+    pre = Preprocess.tutorial(size)
+    # tl's own defaults (tl.setup.setup): no workers in memory mode, else the usable cores shared out.
     workers = cfg["workers"] if cfg["workers"] >= 0 else \
-        0 if mode == "memory" else max(1, tldata.usable_cpus() // node_processes)
+        0 if mode == "memory" else max(1, usable_cpus() // node_processes)
     t0 = time.time()
-    # tl.loop.setup's own path: the main process lists (and in stream mode checks) for all.
+    # tl.setup.setup's own path: the main process lists (and in stream mode checks) for all.
     data = Path(cfg["pack"]) if mode == "packed" else root
-    pack = shards.open_pack(data) if mode == "packed" else None
-    listing = on_main(accelerator, lambda: pack.listing() if pack else tldata.list_images(root))
+    pack = open_pack(data) if mode == "packed" else None
+    listing = on_main(accelerator, lambda: pack.listing() if pack else list_images(root))
     t_list = time.time()
-    auto = tldata.choose_data_mode("auto", listing, pre, node_processes)
+    auto = choose_data_mode("auto", listing, pre, node_processes)
     data_mode = "memory" if mode == "memory" else "stream"
     train_split = open_split(accelerator, data, pack, listing, "train", data_mode, pre, True, False)
     val_split = open_split(accelerator, data, pack, listing, "val", data_mode, pre, False, False)
     t_load = time.time()
-    train_set = tldata.ImageSet(train_split, tldata.train_transform(pre), seed=0)
-    val_set = tldata.ImageSet(val_split)
-    train_loader, sampler, _ = tldata.make_loaders(train_set, val_set, cfg["batch_size"], workers, 0, rank, world,
-                                                   batchnorm_training=True)
+    train_set = ImageSet(train_split, train_transform(pre), seed=0)
+    val_set = ImageSet(val_split)
+    train_loader, sampler, _ = make_loaders(train_set, val_set, cfg["batch_size"], workers, 0, rank, world,
+                                            batchnorm_training=True)
     sampler.set_epoch(1)
     train_set.set_epoch(1)
     t_loaders = time.time()
@@ -242,13 +245,13 @@ def child(cfg: dict) -> dict:
     # DataLoader worker does its work (workers run with one torch thread); same sampler order.
     torch.set_num_threads(1)
     if mode == "packed":
-        listing = tldata.list_images(root, warn=False)
+        listing = list_images(root, warn=False)
     paths = [listing.train[i][0] for i in list(sampler)[:cfg["plain_images"]]]
-    transform = tldata.train_transform(pre)
+    transform = train_transform(pre)
     torch.manual_seed(0)
     k, t_plain = 0, time.perf_counter()
     for path in paths:
-        transform(tldata.decode(path, pre, True))
+        transform(decode(path, pre, True))
         k += 1
         if time.perf_counter() - t_plain > cfg["plain_seconds"]:
             break
@@ -458,13 +461,13 @@ def report(res: dict) -> str:
         f"(no model){cap}. "
         f"Packed: {res['packed_note']}.\n",
         "Each row is a fresh process (two at once for `2 procs`). *start-up*: from the process's start (interpreter "
-        "and imports included) to the first train batch out of the DataLoader; *list*: tl.data.list_images (packed: "
-        "tl.shards.open_pack); *decode/check*: load_split decodes every image (memory), stream_split reads every "
+        "and imports included) to the first train batch out of the DataLoader; *list*: tl.listing.list_images (packed: "
+        "tl.pack_format.open_pack); *decode/check*: load_split decodes every image (memory), stream_split reads every "
         "header (stream), tl.shards.stream_packed_split reads nothing (packed); *first batch*: from iter() to "
         "the first batch (worker start-up "
         "included). *img/s per worker*: loader images/s after the first batch over max(1, workers). *plain loop*: "
-        "tl.data.decode + tl.data.train_transform over the same files in this process, one torch thread, no "
-        "DataLoader. *RSS per process*: the largest of the process and any of its DataLoader workers (ru_maxrss, "
+        "tl.preprocess.decode + tl.preprocess.train_transform over the same files in this process, one torch thread, "
+        "no DataLoader. *RSS per process*: the largest of the process and any of its DataLoader workers (ru_maxrss, "
         "exact; a forked worker counts the pages it shares with the main process); *tree PSS*: process + workers, "
         "shared pages divided among them (polled every 0.2 s). *other CPU*: cores busy with anything else during "
         "the row (noise from other work on the machine; above ~0.1 the row's speeds are disturbed).\n",

@@ -5,8 +5,8 @@ and results-gpu.json (bench/ by default, --out elsewhere). Sections, each in bud
 
 1. bare: ResNet-18 fwd+bwd+SGD on random tensors already on the GPU (batch 256, bf16 autocast,
    channels_last), the ceiling for any loop;
-2. tl loop: tl.loop.train_epoch on tl's memory-mode path (tl.data.ImageSet of uint8 images of
-   decoded-train size, tl.data.make_loaders, on CUDA tl.augment's padded collate + DeviceAugment),
+2. tl loop: tl.loop.train_epoch on tl's memory-mode path (tl.loaders.ImageSet of uint8 images of
+   decoded-train size, tl.loaders.make_loaders, on CUDA tl.augment's padded collate + DeviceAugment),
    steady-state epoch; and the same loop on batches collated in advance (loader cost removed),
    which splits what the loop costs from what the loader costs;
 3. host syncs per step in that steady-state epoch: on CUDA counted by
@@ -155,11 +155,11 @@ class PausedLoader:
 # --------------------------------------------------------------------------- tl's loop in this process
 
 def synthetic_split(n: int, classes: int, short_side: tuple[int, int], seed: int = 0):
-    """A tl.data.Split of random uint8 CHW images of the size tl.data.decode keeps for train images
+    """A tl.splits.Split of random uint8 CHW images of the size tl.preprocess.decode keeps for train images
     (short side up to 2x the crop, 4:3 or 3:4), as memory mode holds them."""
     import torch
 
-    from tl.data import Split
+    from tl.splits import Split
     g = torch.Generator().manual_seed(seed)
     images, targets = [], []
     for i in range(n):
@@ -173,15 +173,16 @@ def synthetic_split(n: int, classes: int, short_side: tuple[int, int], seed: int
 
 def make_tl_loop(device: str, batch_size: int, crop: int, steps: int, short_side, classes: int = 10,
                  workers: int = 0, precision: str = "bf16", augment: str = "auto"):
-    """Everything tl.loop.setup builds for finetune in memory mode, on synthetic images: the
+    """Everything tl.setup.setup builds for finetune in memory mode, on synthetic images: the
     accelerator, the prepared model and optimizer, the loader, the device augmentation, a Stopper."""
     import torch
     from accelerate import Accelerator
 
     from tl.augment import DeviceAugment
     from tl.augment import collate as padded_batches
-    from tl.data import ImageSet, Preprocess, make_loaders, train_transform
+    from tl.loaders import ImageSet, make_loaders
     from tl.model import build_model
+    from tl.preprocess import Preprocess, train_transform
     from tl.stop import Stopper
 
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=precision)

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as TF
 
 from tl.augment import DeviceAugment, batch_augment, collate, crop_boxes, crop_resize, pad_batch
-from tl.data import IMAGENET_MEAN, IMAGENET_STD, Preprocess, decode
+from tl.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, decode
 
 MEAN, STD = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
 DRAWS = 20_000

@@ -12,11 +12,13 @@ from conftest import FAST, PROXY_WEIGHTS, run_cli
 
 from tl import checkpoint
 from tl.config import parse_args
-from tl.data import to_input
 from tl.errors import UserError
-from tl.export import Exported, export, open_exported, quiet_deprecations
+from tl.export import export
+from tl.exported import Exported, open_exported, quiet_deprecations
 from tl.loop import train
-from tl.predict import load_model, predict
+from tl.predict import predict
+from tl.preprocess import to_input
+from tl.trained import load_model
 
 # Trains and exports real runs in a module fixture: a minute or two, so `make test` only.
 pytestmark = pytest.mark.slow

@@ -16,14 +16,16 @@ from conftest import FAST, ROOT, run_cli
 from torch.utils.data import TensorDataset
 
 from tl import features
-from tl import loop as tl_loop
+from tl import setup as tl_setup
 from tl.config import parse_args
-from tl.data import PAD, ImageSet, Split, make_loaders, to_input
 from tl.errors import UserError
 from tl.features import FeatureRows, backbone_features, feature_loaders, part_path, remove_files
+from tl.loaders import PAD, ImageSet, make_loaders
 from tl.loop import train
 from tl.model import build_model
+from tl.preprocess import to_input
 from tl.run import FEATURES
+from tl.splits import Split
 from tl.stop import StopRequested
 
 
@@ -222,7 +224,7 @@ def test_a_failing_run_removes_its_files(tmp_path, tiny_data, base_weights, monk
         assert all(len(part) for part in train_set.parts)
         raise error
 
-    monkeypatch.setattr(tl_loop, "feature_loaders", fail)
+    monkeypatch.setattr(tl_setup, "feature_loaders", fail)
     out = tmp_path / "run"
     out.mkdir()  # a dir the run did not create stays; only the run's own files go
     with pytest.raises((RuntimeError, UserError)):

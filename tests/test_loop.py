@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from tl import checkpoint
 from tl.config import parse_args
 from tl.loop import train
-from tl.predict import load_model, predict
+from tl.predict import predict
+from tl.trained import load_model
 
 
 def run(tmp_path, data, mode, *extra, epochs=8):
@@ -146,7 +147,9 @@ def test_streaming_gives_the_same_run_as_decoding_into_memory(tmp_path, tiny_dat
 
 
 def test_auto_data_mode_streams_what_would_not_fit(tmp_path):
-    from tl.data import Listing, Preprocess, choose_data_mode
+    from tl.listing import Listing
+    from tl.preprocess import Preprocess
+    from tl.splits import choose_data_mode
 
     small = Listing(["a", "b"], [("x", 0)] * 244, [("y", 1)] * 153, "sha256:0")
     mode, why = choose_data_mode("auto", small, Preprocess.tutorial(224), 1)

@@ -11,10 +11,14 @@ from conftest import run_cli
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from tl.data import IMAGENET_MEAN, IMAGENET_STD, ImageSet, Preprocess, list_images, load_split
 from tl.errors import UserError
+from tl.listing import list_images
+from tl.loaders import ImageSet
 from tl.model import build_model, check_input_size, preprocess_for, weights_id
-from tl.predict import load_model, predict, probabilities
+from tl.predict import predict
+from tl.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from tl.splits import load_split
+from tl.trained import load_model, probabilities
 
 
 @pytest.mark.parametrize("name, head", [

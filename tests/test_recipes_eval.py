@@ -8,8 +8,8 @@ from accelerate.state import AcceleratorState
 from conftest import FAST, HYMENOPTERA_ZIP, PROXY_WEIGHTS, make_imagefolder, run_cli
 
 from tl.config import parse_args
-from tl.data import list_images
 from tl.errors import UserError
+from tl.listing import list_images
 from tl.loop import train
 from tl.predict import predict
 

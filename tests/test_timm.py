@@ -15,7 +15,8 @@ from tl.config import parse_args
 from tl.errors import UserError
 from tl.loop import train
 from tl.model import build_model, timm_preprocess, weights_id
-from tl.predict import load_model, predict
+from tl.predict import predict
+from tl.trained import load_model
 
 timm = pytest.importorskip("timm")
 
@@ -181,8 +182,8 @@ def test_preprocess_weights_uses_timms_data_config_in_training_predict_and_expor
     the crop: the run, tl.predict and the ONNX export all use it."""
     from test_model import assert_evaluated_with_its_preprocessing
 
-    from tl.data import Preprocess
     from tl.export import export
+    from tl.preprocess import Preprocess
 
     out = tmp_path / "run"
     train_run(out, tiny_data, "--mode", "feature-extract", "--weights", str(timm_weights), "--preprocess", "weights",

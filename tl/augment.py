@@ -24,7 +24,7 @@ import math
 import torch
 from torchvision.ops import roi_align
 
-from tl.data import IMAGENET_MEAN, IMAGENET_STD
+from tl.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 SCALE = (0.08, 1.0)
 RATIO = (3 / 4, 4 / 3)

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tl.errors import UserError
-from tl.tracking import WANDB_MODES
 
 MODES = ("finetune", "feature-extract")
 # On --resume every option is honoured exactly or refused. These go into the run's Identity and
@@ -25,6 +24,7 @@ RESUME_FREE = ("data_dir", "data_zip", "data_mode", "save_every", "epochs", "str
                "wandb_log_model",
                "num_workers", "patience")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
 # What a run's config.json holds besides the options (tl.loop.train writes them): --config skips them.
 RECORDED = ("classes", "base_weights", "head", "data", "recipe", "preprocessing", "mixed_precision", "num_processes",
             "device", "param_groups", "tl_version", "tl_commit", "data_files", "data_sample", "slurm")

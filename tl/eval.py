@@ -3,7 +3,7 @@
 import torch
 from accelerate.utils import gather_object
 
-from tl.data import TUTORIAL, Preprocess, to_input
+from tl.preprocess import TUTORIAL, Preprocess, to_input
 
 
 @torch.inference_mode()

@@ -14,11 +14,9 @@ existing output is kept when it holds this export, and a different file is never
 """
 
 import argparse
-import contextlib
 import hashlib
 import io
 import json
-import warnings
 from pathlib import Path
 
 import torch
@@ -27,18 +25,28 @@ from torch.utils.data import DataLoader
 
 from tl import checkpoint
 from tl import run as rundir
-from tl.data import ImageSet, Preprocess, Split, load_split
 from tl.errors import UserError, run_cli
-from tl.predict import load_model, probabilities, read_images, val_images
+from tl.exported import (
+    FORMAT,
+    FORMAT_VERSION,
+    INPUT,
+    INSTALL,
+    NAMES,
+    OUTPUT,
+    TORCHSCRIPT_META,
+    Exported,
+    file_kind,
+    quiet_deprecations,
+)
+from tl.files import write_atomic
+from tl.image_files import read_images, val_images
+from tl.loaders import ImageSet
+from tl.preprocess import Preprocess
+from tl.splits import Split, load_split
+from tl.trained import load_model, probabilities
 
-FORMAT = "tl-export"
-FORMAT_VERSION = 1
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
-TORCHSCRIPT_META = "tl.json"  # the extra file in a TorchScript archive
-INPUT, OUTPUT = "images", "probabilities"
 CARRIED = ("epoch", "val_acc", "val_correct", "mixed_precision", "eval_batch_size")  # from the checkpoint
-INSTALL = "pip install -e .[export]"
-NAMES = {"onnx": "an ONNX", "torchscript": "a TorchScript"}
 
 
 class Classifier(nn.Module):
@@ -51,111 +59,8 @@ class Classifier(nn.Module):
         self.register_buffer("std", torch.tensor(pre.std).view(1, 3, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float() / 255  # the operations of tl.data.to_input, so the model sees the same floats
+        x = images.float() / 255  # the operations of tl.preprocess.to_input, so the model sees the same floats
         return self.model((x - self.mean) / self.std).float().softmax(1)
-
-
-@contextlib.contextmanager
-def quiet_deprecations():
-    """torch >= 2.9 calls TorchScript and the TorchScript-based ONNX exporter deprecated in a warning
-    per call (a FutureWarning or a DeprecationWarning, by version); both still work, and they are
-    what writes and reads these formats."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated")
-        warnings.filterwarnings("ignore", r"You are using the legacy TorchScript-based ONNX export", DeprecationWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
-        yield
-
-
-def file_kind(path) -> str:
-    """checkpoint, onnx, torchscript or unknown, from the file's first bytes (a suffix can lie)."""
-    path = Path(path)
-    if not path.is_file():
-        return "checkpoint"  # which says that it does not exist
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if head[:4] == b"PK\x03\x04":  # torch.jit.save writes a zip
-        return "torchscript"
-    if head[8:9] == b"{":  # safetensors: an 8-byte length, then the JSON header
-        return "checkpoint"
-    if head[:1] == b"\x08":  # an ONNX ModelProto begins with its ir_version field
-        return "onnx"
-    return {".safetensors": "checkpoint", ".onnx": "onnx", ".pt": "torchscript"}.get(path.suffix.lower(), "unknown")
-
-
-def _neither(path) -> UserError:
-    return UserError(f"{path} is neither a tl checkpoint nor a model written by tl.export; pass a run's "
-                     "best.safetensors, or a .onnx / .torchscript.pt file from python -m tl.export")
-
-
-class Exported:
-    """A file written by tl.export, run on the CPU: `meta` (its JSON metadata) and probabilities()."""
-
-    def __init__(self, kind: str, source, name):
-        """source: the file's path or its bytes; name: what messages call it."""
-        self.kind, self.name = kind, name
-        if kind == "onnx":
-            self._open_onnx(source)
-        else:
-            self._open_torchscript(source)
-        try:
-            meta = json.loads(self.meta_json)
-        except ValueError:
-            meta = None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise UserError(f"{name} is {NAMES[kind]} model but not one written by tl.export (it has no tl metadata); "
-                            "export the run's best.safetensors with python -m tl.export")
-        if not isinstance(meta.get("format_version"), int) or meta["format_version"] > FORMAT_VERSION:
-            raise UserError(f"{name} has export format {meta.get('format_version')!r}, newer than this tl reads "
-                            f"({FORMAT_VERSION}); upgrade tl")
-        self.meta = meta
-
-    def _open_onnx(self, source):
-        try:
-            import onnxruntime
-        except ImportError:
-            raise UserError(f"running the ONNX model {self.name} needs onnxruntime: {INSTALL}") from None
-        options = onnxruntime.SessionOptions()
-        options.log_severity_level = 3  # errors only: they become our one line
-        try:
-            self.session = onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-        except Exception as e:  # noqa: BLE001  onnxruntime raises its own types for damaged or foreign files
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"{self.name} is not a readable ONNX model ({first}); export it again with "
-                            "python -m tl.export, or pass the run's best.safetensors") from None
-        self.meta_json = self.session.get_modelmeta().custom_metadata_map.get("tl", "")
-
-    def _open_torchscript(self, source):
-        files = {TORCHSCRIPT_META: ""}
-        try:
-            with quiet_deprecations():
-                self.module = torch.jit.load(io.BytesIO(source) if isinstance(source, bytes) else str(source),
-                                             map_location="cpu", _extra_files=files)
-        except Exception as e:  # noqa: BLE001  RuntimeError, ValueError, zip errors for damaged files
-            first = str(e).strip().split(". ")[0] if str(e).strip() else type(e).__name__  # then torch's advice
-            raise UserError(f"{self.name} is not a readable TorchScript model ({first}); export it again with "
-                            "python -m tl.export, or pass the run's best.safetensors") from None
-        self.meta_json = files[TORCHSCRIPT_META]
-
-    @torch.inference_mode()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 NCHW center views -> float32 probabilities."""
-        if self.kind == "onnx":
-            return torch.from_numpy(self.session.run([OUTPUT], {INPUT: images.numpy()})[0])
-        return self.module(images)
-
-    def probabilities(self, loader: DataLoader) -> torch.Tensor:
-        return torch.cat([self(x) for x, _ in loader])
-
-
-def open_exported(path) -> Exported | None:
-    """The exported model in `path`; None for a tl checkpoint (or a missing file), which tl.checkpoint reads."""
-    kind = file_kind(path)
-    if kind == "checkpoint":
-        return None
-    if kind == "unknown":
-        raise _neither(path)
-    return Exported(kind, Path(path), path)
 
 
 def _onnx_model(model: nn.Module, example: torch.Tensor):
@@ -298,7 +203,7 @@ def export(checkpoint_path, kind: str, output=None, weights: str | None = None, 
         meta["parity"] = check(Exported(kind, data, output), model, meta, split, where)
         data = _serialize(kind, artifact, meta)
     try:
-        rundir.write_atomic(output, data)
+        write_atomic(output, data)
     except UserError as e:  # its advice is for runs
         raise UserError(str(e).split(", then continue")[0] + ", or pass another --output") from None
     print(f"wrote {output} ({kind}, {len(data) / 1e6:.1f} MB): uint8 RGB NCHW {size}x{size} center views in, "

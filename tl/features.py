@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from tl.data import PAD, TUTORIAL, Preprocess, ShardSampler, to_input
 from tl.errors import UserError
+from tl.loaders import PAD, ShardSampler
+from tl.preprocess import TUTORIAL, Preprocess, to_input
 
 
 def part_path(folder: Path, split: str, rank: int, world: int) -> Path:

@@ -12,8 +12,8 @@ import torchvision
 from safetensors.torch import load_file
 from torch import nn
 
-from tl.data import INTERPOLATIONS, Preprocess
 from tl.errors import UserError
+from tl.preprocess import INTERPOLATIONS, Preprocess
 
 CLASSIFIERS = torchvision.models.list_models(module=torchvision.models)
 TIMM = "timm/"  # --model timm/NAME: timm.create_model(NAME), NAME optionally with its pretrained tag

@@ -1,8 +1,8 @@
-"""Pack an ImageFolder set into WebDataset tar shards with wids indexes (see tl/shards.py).
+"""Pack an ImageFolder set into WebDataset tar shards with wids indexes (see tl/pack_format.py).
 
     python -m tl.pack SRC DST [--shard-size-mb 256] [--workers N]
 
-For train/ and val/ of SRC (listed exactly as training lists them: tl.data.list_images) this writes
+For train/ and val/ of SRC (listed exactly as training lists them: tl.listing.list_images) this writes
 DST/{split}-000000.tar, ... (each at most --shard-size-mb, 10^6 bytes, unless one image is larger),
 DST/{split}.json (the wids index), DST/{split}-offsets.npy (each image's offset and size in its
 shard, read back from each finished shard's tar headers: what tl reads by) and DST/tl-pack.json.
@@ -33,9 +33,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from tl.data import list_images, usable_cpus
 from tl.errors import UserError, run_cli
-from tl.shards import (
+from tl.listing import list_images
+from tl.pack_format import (
     BLOCK,
     FORMAT,
     KEY_DIGITS,
@@ -51,6 +51,8 @@ from tl.shards import (
     shard_name,
     tar_header,
 )
+from tl.splits import usable_cpus
+from tl.stop import Stopper
 
 TMP_PREFIX = ".tl-pack-tmp-"
 RECORD = 10240  # a stream-written tar ends on a 20-block record (BLOCK: a header, and the data unit)
@@ -93,7 +95,7 @@ def image_offsets(path: Path, first: int, count: int) -> np.ndarray:
 
 
 def check_image(data: bytes) -> None:
-    """Decode the whole file, as tl.data.decode would (JPEG at a reduced scale: every byte is still
+    """Decode the whole file, as tl.preprocess.decode would (JPEG at a reduced scale: every byte is still
     parsed, so a truncated or corrupt file fails here). Raises what PIL raises."""
     with Image.open(io.BytesIO(data)) as img:
         img.draft("RGB", (64, 64))
@@ -404,7 +406,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def work():
-        from tl.stop import Stopper
         Stopper()  # SIGINT/SIGTERM/SIGHUP/SIGUSR1: stop at once; the temporary folder is removed
         meta = pack(args.src, args.dst, args.shard_size_mb, args.workers)
         splits = meta["splits"]

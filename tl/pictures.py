@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from tl.run import write_atomic  # noqa: E402
+from tl.files import write_atomic  # noqa: E402
 
 # Class names in scripts the plot font lacks (CJK, ...) are drawn as boxes: one warning per glyph is noise.
 warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font")

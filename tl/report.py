@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tl import run as rundir
 from tl.errors import UserError, run_cli
-from tl.run import write_atomic
+from tl.files import write_atomic
 
 REPORT_MD, REPORT_CSV, REPORT_PNG = "report.md", "report.csv", "report.png"
 # Options that never change a run's numbers or speed, or that every run has its own value of.

@@ -1,5 +1,5 @@
-"""The run directory: its file names, one writer at a time, atomic writes, and the rule that an
-earlier run's files are touched only after the new run has checked every input.
+"""The run directory: its file names, one writer at a time, and the rule that an earlier run's
+files are touched only after the new run has checked every input.
 
 Only the main process opens a RunDir. The lock is a file created with O_EXCL (atomic on local
 disks, NFS and Lustre alike) naming its holder; a heartbeat thread keeps its mtime fresh. A lock
@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from tl.errors import UserError
+from tl.files import fsync_dir, write_atomic
 from tl.provenance import check_array_task
 
 CONFIG = "config.json"
@@ -44,40 +45,12 @@ def stale_after_s() -> float:
     return float(os.environ.get("TL_LOCK_STALE_S", "120"))
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a file so that a kill, a full disk or a crash leaves either the old or the new bytes."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise UserError(f"cannot write {path} ({e.strerror or e}); free disk space or make "
-                        f"{path.parent} writable, then continue with --resume") from None
-
-
 def read_summary(path: Path) -> dict | None:
     """A finished run's summary.json; None when it is missing or damaged (the run finishes again)."""
     try:
         return json.loads((path / SUMMARY).read_text())
     except (OSError, ValueError):
         return None
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems refuse fsync on a directory; the rename is still atomic
-        pass
-    finally:
-        os.close(fd)
 
 
 def _machine() -> str:
@@ -242,7 +215,7 @@ class RunDir:
 
     def _worth_keeping(self) -> bool:
         """Results beyond what a kill during the first epoch's saves leaves (its row, maybe its best)."""
-        from tl.checkpoint import read_metadata  # not at the top: checkpoint writes through this module
+        from tl.checkpoint import read_metadata  # here: it imports torch, which tl.report and tl.sweep do not need
 
         if (self.path / SUMMARY).exists():
             return True

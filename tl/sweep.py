@@ -32,6 +32,7 @@ from pathlib import Path
 from tl import run as rundir
 from tl.config import ACTIONS, Config, file_options, parse_args, read_mapping
 from tl.errors import UserError, run_cli
+from tl.stop import Stopper
 
 KEYS = ("name", "base", "grid", "runs")
 
@@ -157,8 +158,6 @@ def launch_args(sweep: Sweep, i: int) -> None:
 
 def train_one(sweep: Sweep, i: int) -> None:
     """Set i in this process, as train.py would run it (a started run resumes)."""
-    from tl.stop import Stopper
-
     path = sweep.run_dir(i)
     if sweep.status(i) == "done":
         print(f"sweep {sweep.name}: run {i + 1} of {len(sweep.sets)}, {path}: done already, skipped")

@@ -14,8 +14,7 @@ import warnings
 from pathlib import Path
 
 from tl import run as rundir
-
-WANDB_MODES = ("auto", "online", "offline", "disabled")
+from tl.files import write_atomic
 
 
 def wandb_mode(requested: str) -> str:
@@ -75,7 +74,7 @@ class Tracker:
             if re.fullmatch(r"[a-z0-9]{1,64}", saved):
                 return saved
         run_id = secrets.token_hex(4)
-        rundir.write_atomic(path, (run_id + "\n").encode())
+        write_atomic(path, (run_id + "\n").encode())
         return run_id
 
     def log_epoch(self, metrics: dict) -> None:

@@ -1,0 +1,35 @@
+"""Files written whole or not at all: atomic writes and directory fsyncs."""
+
+import contextlib
+import os
+from pathlib import Path
+
+from tl.errors import UserError
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a file so that a kill, a full disk or a crash leaves either the old or the new bytes."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise UserError(f"cannot write {path} ({e.strerror or e}); free disk space or make "
+                        f"{path.parent} writable, then continue with --resume") from None
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a directory; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,63 @@
+"""A run's trained classifier from its checkpoint: rebuilt (base weights checked), evaluated as the run evaluated."""
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+
+from tl import checkpoint
+from tl.checkpoint import Identity
+from tl.errors import UserError
+from tl.eval import evaluate
+from tl.model import build_model, weights_id
+from tl.preprocess import TUTORIAL, Preprocess
+
+
+def base_weights_arg(identity: Identity, weights: str | None) -> str:
+    """The --weights value that rebuilds the checkpoint's base, checked against its identity."""
+    base = identity.base_weights
+    if weights is None:
+        if base.startswith("sha256:"):
+            used = f" ({identity.weights})" if identity.weights else ""
+            raise UserError(f"this feature-extract checkpoint was trained on a local weights file{used}; pass "
+                            "that file with --weights (its sha256 is checked)")
+        if base.startswith("timm:"):  # timm's pretrained weights of the tag load_model puts in the model name
+            return "DEFAULT"
+        return "none" if base == "none" else base.rsplit(".", 1)[1]
+    if weights_id(weights, identity.model) != base:
+        used = f", the file {identity.weights}" if base.startswith("sha256:") and identity.weights else ""
+        raise UserError(f"--weights {weights} is not the base this checkpoint was trained on ({base}{used}); "
+                        "pass the same weights the run used")
+    return weights
+
+
+def load_model(path, weights: str | None = None) -> tuple[torch.nn.Module, dict]:
+    """The trained classifier a checkpoint describes, in eval mode, on the CPU."""
+    tensors, meta = checkpoint.load(path)
+    identity = checkpoint.identity_of(path, meta)
+    classes = identity.classes
+    frozen = identity.mode == "feature-extract"
+    set_seed(identity.seed)  # a random-init base is rebuilt from the run's seed
+    base = base_weights_arg(identity, weights) if frozen else "none"
+    if weights is not None and not frozen:
+        weights_id(weights, identity.model)  # checked to exist, though a finetune checkpoint holds every weight
+    # timm: the tag the run resolved (timm:ARCH.TAG), even if this timm's default tag for the name is another
+    timm_tag = frozen and identity.base_weights.startswith("timm:")
+    name = "timm/" + identity.base_weights.removeprefix("timm:") if timm_tag else identity.model
+    model, head = build_model(name, base, len(classes), identity.mode)
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=not frozen)
+    except RuntimeError as e:
+        raise UserError(f"checkpoint {path} does not fit {meta['model']}: "
+                        f"{str(e).splitlines()[1].strip()}") from None
+    if unexpected or any(k.startswith(head + ".") for k in missing):
+        raise UserError(f"checkpoint {path} does not hold the {head} head of {meta['model']}")
+    return model.eval(), meta
+
+
+def probabilities(model, loader: DataLoader, mixed_precision: str = "no", cpu: bool = False,
+                  pre: Preprocess = TUTORIAL) -> torch.Tensor:
+    """A checkpoint's model over the loader's images, evaluated as a run does (under its mixed precision)."""
+    accelerator = Accelerator(cpu=cpu or not torch.cuda.is_available(), mixed_precision=mixed_precision)
+    model = accelerator.prepare(model.to(memory_format=torch.channels_last))
+    return evaluate(model, loader, accelerator, len(loader.dataset), pre)
