@@ -12,7 +12,7 @@
 # Resubmitting: the default OUTPUT_DIR is runs/slurm-<jobid>, and a new submission gets a new job
 # id. To continue a run in a new job, submit with the same variables plus OUTPUT_DIR=runs/slurm-<old
 # id> (e.g. sbatch --export ALL,OUTPUT_DIR=runs/slurm-1234 slurm/multi_node.sbatch): launch.sh adds
-# --resume itself when OUTPUT_DIR exists, and tl continues after its last saved epoch.
+# --resume itself when OUTPUT_DIR holds a run, and tl continues after its last saved epoch.
 #
 # Array jobs: each task is its own job to SLURM; this script signals and requeues only its own task
 # (JOB below), and OUTPUT_DIR and TRAIN_ARGS may use the task's variables ($SLURM_ARRAY_TASK_ID, ...)
@@ -69,10 +69,11 @@ RESTART=${SLURM_RESTART_COUNT:-0}
 HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 PORT=${MAIN_PROCESS_PORT:-$((29500 + SLURM_JOB_ID % 1000))}
 
-# After a requeue (or a resubmission with the same OUTPUT_DIR) continue the run. Any existing dir
-# gets --resume: tl continues after the last saved epoch, or starts afresh when none was saved.
+# After a requeue (or a resubmission with the same OUTPUT_DIR) continue the run. A dir where a run
+# began (tl writes config.json first) gets --resume: tl continues after the last saved epoch, or
+# starts afresh when none was saved; an empty or new dir starts the run.
 resume=()
-[[ -d $OUTPUT_DIR ]] && resume=(--resume)
+[[ -f $OUTPUT_DIR/config.json ]] && resume=(--resume)
 echo "tl: job $JOB restart $RESTART, $SLURM_NNODES node(s) x $GPUS_PER_NODE," \
      "rendezvous $HEAD:$PORT, output $OUTPUT_DIR${resume:+ ${resume[*]}}" \
      "(to continue this run in a new job, submit it with OUTPUT_DIR=$OUTPUT_DIR)"

@@ -1,8 +1,13 @@
 """Shared fixtures: a tiny generated ImageFolder set, the real one when ../shared has it."""
 
+import contextlib
+import gc
+import importlib
+import io
 import os
 import subprocess
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -73,3 +78,38 @@ def run_cli(*args, env=None, cwd=ROOT, timeout=600) -> subprocess.CompletedProce
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     cmd = [sys.executable, *(str(ROOT / a) if a == "train.py" else a for a in args)]
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_here(entry: str, *args, env=None) -> subprocess.CompletedProcess:
+    """run_cli's twin in this process, seconds faster than a new Python: `entry` is train.py or a module
+    (tl.predict, ...), run through its own main() and tl.errors.run_cli; exit status and output captured.
+    Tests of what only a process shows (signals, exit codes of the launcher, start-up) use run_cli."""
+    from unittest import mock
+
+    argv = [str(a) for a in args]
+    if entry == "train.py":  # what train.py does, without importing the script
+        from tl.config import parse_args
+        from tl.errors import run_cli as tl_run_cli
+        from tl.loop import train
+        from tl.stop import Stopper
+
+        def main(argv):
+            stopper = Stopper()
+            try:
+                tl_run_cli(lambda: train(parse_args(argv), stopper))
+            finally:
+                stopper.restore()
+    else:
+        main = importlib.import_module(entry).main
+    out, err, code, shown = io.StringIO(), io.StringIO(), 0, warnings.showwarning
+    with mock.patch.dict(os.environ, env or {}), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            result = main(argv)
+            code = result if isinstance(result, int) else 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        finally:
+            warnings.showwarning = shown  # run_cli's one-line warnings are for a process of its own
+            gc.unfreeze()
+            AcceleratorState._reset_state(reset_partial_state=True)
+    return subprocess.CompletedProcess([entry, *argv], code, out.getvalue(), err.getvalue())

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -64,10 +65,19 @@ class Payload:
     ("pickle-payload", "refuses to unpickle"),
     ("bad-weights-name", "has no weights named 'IMAGENET9K'"),
     ("no-linear-head", "no nn.Linear final layer"),
+    ("bare-tensor", "holds a Tensor, not a state dict"),
+    ("a-list", "holds a list, not a state dict"),
+    ("training-checkpoint", "save its 'state_dict' entry on its own"),
+    ("wrong-shapes", "keys 1 of another shape (fc.weight)"),
 ])
 def test_bad_models_and_weights_are_user_errors(tmp_path, case, message):
     torch.save(torchvision.models.resnet34().state_dict(), tmp_path / "r34.pth")
     torch.save({"x": Payload()}, tmp_path / "evil.pth")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    torch.save([torch.zeros(3)], tmp_path / "list.pth")
+    r18 = torchvision.models.resnet18().state_dict()
+    torch.save({"state_dict": r18, "epoch": 3}, tmp_path / "ckpt.pth")
+    torch.save(r18 | {"fc.weight": torch.zeros(2, 512)}, tmp_path / "shapes.pth")
     name, weights = {
         "unknown-model": ("resnet1800", "none"),
         "missing-file": ("resnet18", str(tmp_path / "nope.pth")),
@@ -75,8 +85,12 @@ def test_bad_models_and_weights_are_user_errors(tmp_path, case, message):
         "pickle-payload": ("resnet18", str(tmp_path / "evil.pth")),
         "bad-weights-name": ("resnet18", "IMAGENET9K"),
         "no-linear-head": ("squeezenet1_0", "none"),
+        "bare-tensor": ("resnet18", str(tmp_path / "tensor.pth")),
+        "a-list": ("resnet18", str(tmp_path / "list.pth")),
+        "training-checkpoint": ("resnet18", str(tmp_path / "ckpt.pth")),
+        "wrong-shapes": ("resnet18", str(tmp_path / "shapes.pth")),
     }[case]
-    with pytest.raises(UserError, match=message.replace("resnet1800", name)):
+    with pytest.raises(UserError, match=re.escape(message.replace("resnet1800", name))):
         build_model(name, weights, 2, "finetune")
     assert not os.path.exists("/tmp/tl-pwned")
 

@@ -4,10 +4,12 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tl.cli import Parser
 from tl.errors import UserError
 
 MODES = ("finetune", "feature-extract")
@@ -91,7 +93,7 @@ class Config:
                            choices=("tutorial", "weights"))
     train_size: int = _opt(0, "crop size for training only (RandomResizedCrop); 0: --image-size. Smaller "
                            "trains faster, about (train-size/image-size)^2 of the compute, and validation "
-                           "stays at --image-size; check the accuracy (see the README's Speed section)")
+                           "stays at --image-size; check the accuracy (see docs/speed.md)")
     precision: str = _opt("auto", "mixed precision; auto: the accelerate config's choice, else "
                           "bf16 where the GPU or CPU supports it, else fp32", choices=PRECISIONS)
     augment: str = _opt("auto", "where train images are cropped, flipped and normalized: cpu (image by image, in the "
@@ -129,6 +131,9 @@ class Config:
         return {name: getattr(self, name) for name in RECIPE} | cosine
 
     def validate(self) -> "Config":
+        for f in dataclasses.fields(self):
+            if f.type is float and not math.isfinite(getattr(self, f.name)):
+                raise UserError(f"--{f.name.replace('_', '-')} must be a finite number, got {getattr(self, f.name)}")
         for name in ("epochs", "batch_size", "step_size"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got "
@@ -136,6 +141,10 @@ class Config:
         for name in ("lr", "gamma", "backbone_lr_scale"):
             if not getattr(self, name) > 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.momentum < 1:
+            raise UserError(f"--momentum must be at least 0 and below 1 (the tutorial's is 0.9), got {self.momentum}")
+        if not 0 <= self.seed < 2**32:
+            raise UserError(f"--seed must be from 0 to 2**32 - 1, got {self.seed}")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pass one of them")
         if self.output_dir is not None and not self.output_dir.strip():
@@ -173,11 +182,6 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default in (None, False) or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit 2, like every other user mistake
-        raise UserError(f"{message} (see --help)")
 
 
 def read_mapping(path: str, what: str = "--config") -> dict:
@@ -259,8 +263,8 @@ def file_options(data: dict, source: str) -> dict:
 
 
 def parse_args(argv=None) -> Config:
-    parser = _Parser(description="Transfer learning for a torchvision classifier on an "
-                     "ImageFolder data set.", formatter_class=_Formatter)
+    parser = Parser(description="Transfer learning for a torchvision classifier on an "
+                    "ImageFolder data set.", formatter_class=_Formatter)
     parser.add_argument("--config", metavar="FILE", help="take options from a YAML or JSON file (keys as the "
                         "options' names, e.g. batch_size: 8); flags given as well override it. A run's config.json "
                         "trains that run again as a new run: its output_dir, resume and overwrite are left out")

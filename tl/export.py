@@ -13,7 +13,6 @@ over the run's val folder (or --check VAL_DIR) and must reproduce the run's best
 existing output is kept when it holds this export, and a different file is never overwritten.
 """
 
-import argparse
 import hashlib
 import io
 import json
@@ -25,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from tl import checkpoint
 from tl import run as rundir
+from tl.cli import Parser
 from tl.errors import UserError, run_cli
 from tl.exported import (
     FORMAT,
@@ -214,7 +214,7 @@ def export(checkpoint_path, kind: str, output=None, weights: str | None = None, 
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m tl.export", description=__doc__.split("\n")[0])
+    parser = Parser(prog="python -m tl.export", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a run's best.safetensors")
     parser.add_argument("--format", required=True, choices=sorted(SUFFIXES), dest="kind")
     parser.add_argument("--output", help="the file to write (default: next to the checkpoint, best.onnx or "
@@ -225,8 +225,12 @@ def main(argv=None):
     parity.add_argument("--check", metavar="VAL_DIR", help="the val folder to check the export on (default: "
                         "the val/ of the run's --data-dir, from config.json next to the checkpoint)")
     parity.add_argument("--no-check", action="store_true", help="write without the parity check")
-    args = parser.parse_args(argv)
-    run_cli(lambda: export(args.checkpoint, args.kind, args.output, args.weights, args.check, not args.no_check))
+
+    def go():
+        args = parser.parse_args(argv)
+        return export(args.checkpoint, args.kind, args.output, args.weights, args.check, not args.no_check)
+
+    run_cli(go)
 
 
 if __name__ == "__main__":

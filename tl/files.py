@@ -22,7 +22,7 @@ def write_atomic(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise UserError(f"cannot write {path} ({e.strerror or e}); free disk space or make "
-                        f"{path.parent} writable, then continue with --resume") from None
+                        f"{path.parent} writable, then run the command again (a run continues with --resume)") from None
 
 
 def fsync_dir(path: Path) -> None:

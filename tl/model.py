@@ -41,9 +41,8 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
         raise UserError(f"weights file {path} does not exist; pass --weights with the path of a "
                         ".pth/.safetensors state dict, a torchvision weights name, or 'none'")
     try:
-        if path.endswith(".safetensors"):
-            return load_file(path)
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = load_file(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu",
+                                                                                  weights_only=True)
     except pickle.UnpicklingError as e:
         raise UserError(f"weights file {path} holds Python objects besides tensors, which tl "
                         f"refuses to unpickle ({str(e).splitlines()[0]}); save a plain state_dict") from None
@@ -51,6 +50,31 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
         raise UserError(f"weights file {path} cannot be read ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}); check the file is a complete "
                         "state dict") from None
+    if isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        return state
+    nested = [k for k in ("state_dict", "model", "model_state_dict", "module") if isinstance(state, dict)
+              and isinstance(state.get(k), dict)] if isinstance(state, dict) else []
+    found = (f"a dict with keys {', '.join(map(repr, list(state)[:5]))}" if isinstance(state, dict)
+             else f"a {type(state).__name__}")
+    hint = (f"it looks like a training checkpoint: save its {nested[0]!r} entry on its own, "
+            f"torch.save(ckpt[{nested[0]!r}], 'weights.pth')" if nested else "save model.state_dict()")
+    raise UserError(f"weights file {path} holds {found}, not a state dict (parameter names mapped to tensors); "
+                    f"{hint}")
+
+
+def load_weights(model: nn.Module, state: dict, path: str, target: str, saved_from: str) -> None:
+    """Load a state dict into the model, or one line naming what does not fit (a few keys, not hundreds)."""
+    own = model.state_dict()
+    problems = []
+    for what, keys in (("missing", [k for k in own if k not in state]),
+                       ("unexpected", [k for k in state if k not in own]),
+                       ("of another shape", [k for k in own if k in state and own[k].shape != state[k].shape])):
+        if keys:
+            problems.append(f"{len(keys)} {what} ({', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''})")
+    if problems:
+        raise UserError(f"weights file {path} does not fit {target}: keys {'; '.join(problems)}; pass weights "
+                        f"saved from {saved_from}")
+    model.load_state_dict(state)
 
 
 def _pretrained(name: str, weights: str) -> nn.Module:
@@ -142,11 +166,7 @@ def _create_timm(name: str, weights: str) -> nn.Module:
         timm_cfg(name)
         state = load_state_dict_file(weights)
         model = timm.create_model(name, pretrained=False)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise UserError(f"weights file {weights} does not fit timm's {name}: {str(e).splitlines()[1].strip()}; "
-                            f"pass weights saved from timm.create_model({name!r}).state_dict()") from None
+        load_weights(model, state, weights, f"timm's {name}", f"timm.create_model({name!r}).state_dict()")
         return model
     tag_id = timm_weights_id(name, weights)
     try:
@@ -222,12 +242,7 @@ def build_model(name: str, weights: str, num_classes: int, mode: str) -> tuple[n
     elif is_weights_file(weights):
         state = load_state_dict_file(weights)
         model = torchvision.models.get_model(name)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise UserError(f"weights file {weights} does not fit {name}: "
-                            f"{str(e).splitlines()[1].strip()}; pass weights saved from "
-                            f"torchvision's {name}") from None
+        load_weights(model, state, weights, name, f"torchvision's {name}")
     else:
         model = _pretrained(name, weights)
 

@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from tl.cli import Parser, number
 from tl.errors import UserError, run_cli
 from tl.listing import list_images
 from tl.pack_format import (
@@ -395,17 +396,17 @@ def _commit(dst: Path, tmp: Path, meta: dict) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tl.pack", description=__doc__.split("\n\n")[0],
+    parser = Parser(prog="python -m tl.pack", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", metavar="SRC", help="ImageFolder root holding train/ and val/")
     parser.add_argument("dst", metavar="DST", help="folder for the pack (created; an identical pack there is kept)")
-    parser.add_argument("--shard-size-mb", type=float, default=256,
+    parser.add_argument("--shard-size-mb", type=number(float, 0, above=True), default=256,
                         help="largest shard in MB (10^6 bytes) (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=None,
+    parser.add_argument("--workers", type=number(int, 1), default=None,
                         help="files read and checked in parallel (default: 2 per usable CPU, at most 32)")
-    args = parser.parse_args(argv)
 
     def work():
+        args = parser.parse_args(argv)
         Stopper()  # SIGINT/SIGTERM/SIGHUP/SIGUSR1: stop at once; the temporary folder is removed
         meta = pack(args.src, args.dst, args.shard_size_mb, args.workers)
         splits = meta["splits"]

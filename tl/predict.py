@@ -7,12 +7,12 @@ names (the torchvision weights, or the local file passed with --weights, checked
 --checkpoint may also be a model written by tl.export (ONNX or TorchScript), recognized by its content.
 """
 
-import argparse
 import warnings
 
 import torch
 from torch.utils.data import DataLoader
 
+from tl.cli import Parser, number
 from tl.errors import UserError, run_cli
 from tl.exported import open_exported
 from tl.image_files import read_images, val_images
@@ -63,19 +63,23 @@ def predict(checkpoint_path, paths: list[str], weights: str | None = None, png: 
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m tl.predict", description=__doc__.split("\n")[0])
+    parser = Parser(prog="python -m tl.predict", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a run's best.safetensors, or a .onnx / "
                         ".torchscript.pt file written by python -m tl.export")
     parser.add_argument("--weights", help="the base weights file a feature-extract run used, when it "
                         "was a local file (torchvision weights are found by name)")
     parser.add_argument("--png", help="also write a picture of 16 of the images (across the classes, "
                         "mistakes included) titled with their predictions")
-    parser.add_argument("--batch-size", type=int, help="default: the run's evaluation batch size")
+    parser.add_argument("--batch-size", type=number(int, 1), help="default: the run's evaluation batch size")
     parser.add_argument("--val-of", metavar="DATA_DIR", help="instead of images: the run's val images of this data "
                         "set (its val/ folder, or what the run's --val-split held out of train/)")
     parser.add_argument("images", nargs="*", help="image files or folders (searched recursively)")
-    args = parser.parse_args(argv)
-    run_cli(lambda: predict(args.checkpoint, args.images, args.weights, args.png, args.batch_size, args.val_of))
+
+    def go():
+        args = parser.parse_args(argv)
+        return predict(args.checkpoint, args.images, args.weights, args.png, args.batch_size, args.val_of)
+
+    run_cli(go)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ A run dir is a folder holding config.json, metrics.jsonl or summary.json; any ot
 whose immediate sub-folders that are run dirs are taken (in natural order: s2 before s10).
 """
 
-import argparse
 import csv
 import io
 import json
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tl import run as rundir
+from tl.cli import Parser
 from tl.errors import UserError, run_cli
 from tl.files import write_atomic
 
@@ -319,7 +319,10 @@ def report(paths: list[str], out: str | None = None) -> dict:
     target = Path(out) if out else Path(paths[0]) if sweep else Path.cwd()
     if is_run_dir(target):
         raise UserError(f"{target} is a run dir; pass --out another folder for the report")
-    target.mkdir(parents=True, exist_ok=True)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot make the folder {target} ({e.strerror}); pass --out a writable folder") from None
     if not os.access(target, os.W_OK):
         raise UserError(f"cannot write in {target}; pass --out a writable folder")
     runs = [read_run(d) for d in dirs]
@@ -337,13 +340,12 @@ def report(paths: list[str], out: str | None = None) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m tl.report", description=__doc__.split("\n")[0])
+    parser = Parser(prog="python -m tl.report", description=__doc__.split("\n")[0])
     parser.add_argument("dirs", nargs="+", metavar="RUN_OR_SWEEP_DIR",
                         help="run dirs, or folders whose sub-folders are run dirs")
     parser.add_argument("--out", help="where report.md, report.csv and report.png go; default: the sweep dir "
                         "when one is given alone, else the current dir (never a run dir)")
-    args = parser.parse_args(argv)
-    run_cli(lambda: report(args.dirs, args.out))
+    run_cli(lambda: report(*vars(parser.parse_args(argv)).values()))
 
 
 if __name__ == "__main__":

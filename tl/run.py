@@ -202,6 +202,9 @@ class RunDir:
         if present and not (resume or overwrite):
             raise UserError(f"{path} already holds a run ({', '.join(sorted(present))}); pass --resume to "
                             "continue it, --overwrite to replace it, or another --output-dir")
+        if resume and not present and not aside:
+            raise UserError(f"nothing to resume: {path} holds no run (no {CONFIG}); start the run there without "
+                            "--resume, or pass the --output-dir of the run to continue")
         if resume and not has_state and self._worth_keeping():
             raise UserError(f"{path} holds a run's results ({', '.join(sorted(present - {CONFIG}))}) but no "
                             f"{STATE} to continue from; pass --overwrite to train again (the old files are kept "

@@ -18,7 +18,6 @@ stopped one resumes (--resume), so running the sweep again completes it. --index
 On SLURM, slurm/sweep.sbatch runs set i in array task i (through --launch-args and slurm/launch.sh).
 """
 
-import argparse
 import dataclasses
 import itertools
 import json
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tl import run as rundir
+from tl.cli import Parser, number
 from tl.config import ACTIONS, Config, file_options, parse_args, read_mapping
 from tl.errors import UserError, run_cli
 from tl.stop import Stopper
@@ -91,6 +91,8 @@ def _short(value) -> str:
 
 def load(file: str, sweep_dir: str | None = None) -> Sweep:
     data = read_mapping(file, "sweep file")
+    if not data:
+        raise UserError(f"sweep file {file} is empty; write its name, base, grid and/or runs (see docs/sweeps.md)")
     unknown = [k for k in data if k not in KEYS]
     if unknown:
         raise UserError(f"{file}: unknown key {unknown[0]!r}; a sweep file has {', '.join(KEYS)} (options go under "
@@ -166,7 +168,8 @@ def train_one(sweep: Sweep, i: int) -> None:
     stopper = Stopper()  # before the slow imports, as train.py does
     from tl.loop import train
 
-    train(parse_args([*sweep.argv(i), f"--output-dir={path}", *(["--resume"] if path.is_dir() else [])]), stopper)
+    started = (path / rundir.CONFIG).is_file()  # tl writes it first: an empty dir has nothing to resume
+    train(parse_args([*sweep.argv(i), f"--output-dir={path}", *(["--resume"] if started else [])]), stopper)
 
 
 def run_all(sweep: Sweep) -> None:
@@ -205,18 +208,18 @@ def run_all(sweep: Sweep) -> None:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m tl.sweep", description=__doc__.split("\n")[0],
-                                     epilog="The sweep file's format: see the README's Sweeps section.")
+    parser = Parser(prog="python -m tl.sweep", description=__doc__.split("\n")[0],
+                                     epilog="The sweep file's format: see docs/sweeps.md.")
     parser.add_argument("file", metavar="SWEEP_FILE", help="YAML or JSON: name, base, grid and/or runs")
     parser.add_argument("--dry-run", action="store_true", help="print the runs (dir, status, options) and the sbatch "
                         "line of the SLURM array; train nothing")
-    parser.add_argument("--index", type=int, help="run option set I only (0-based), as array task I does")
+    parser.add_argument("--index", type=number(int, 0), help="run option set I only (0-based), as array task I does")
     parser.add_argument("--sweep-dir", help="where the runs' dirs go (default: runs/<name>)")
     parser.add_argument("--launch-args", action="store_true", help="with --index: print set I's run dir and "
                         "train.py flags, one a line (what slurm/sweep.sbatch passes to slurm/launch.sh)")
-    args = parser.parse_args(argv)
 
     def go():
+        args = parser.parse_args(argv)
         sweep = load(args.file, args.sweep_dir)
         if args.index is not None and not 0 <= args.index < len(sweep.sets):
             raise UserError(f"--index {args.index}: {args.file} has {len(sweep.sets)} option sets, 0 to "
