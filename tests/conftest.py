@@ -1,13 +1,14 @@
 """Shared fixtures: a tiny generated ImageFolder set, the real one when ../shared has it."""
 
-import contextlib
-import gc
-import importlib
-import io
+import atexit
+import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
-import warnings
+import tempfile
+import threading
 import zipfile
 from pathlib import Path
 
@@ -73,43 +74,107 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def run_cli(*args, env=None, cwd=ROOT, timeout=600) -> subprocess.CompletedProcess:
-    """Run a command line as a user would; returns the finished process (output captured)."""
+class Forked:
+    """A command running in a child of the fork server: the parts of subprocess.Popen the tests use."""
+
+    def __init__(self, server: "ForkServer", out: Path, err: Path, argv: list[str]):
+        self.server, self.out, self.err, self.args = server, out, err, argv
+        self.pid, self.returncode = None, None
+        self.done = threading.Event()
+
+    def poll(self):
+        return self.returncode
+
+    def wait(self, timeout=None):
+        if not self.done.wait(timeout):
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+    def send_signal(self, sig):
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+    def kill(self):
+        self.send_signal(signal.SIGKILL)
+
+    def stderr_text(self) -> str:
+        return self.err.read_text(errors="replace")
+
+    def communicate(self, timeout=None) -> tuple[str, str]:
+        self.wait(timeout)
+        return self.out.read_text(errors="replace"), self.stderr_text()
+
+
+class ForkServer:
+    """tests/forkserver.py, started once per test session: it forks each train.py or tl.X command."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "forkserver.py")], cwd=ROOT,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        assert "ready" in json.loads(self.proc.stdout.readline()), "the fork server did not start"
+        self.dir = Path(tempfile.mkdtemp(prefix="tl-forks-"))
+        self.lock, self.waiting, self.count = threading.Lock(), {}, 0
+        threading.Thread(target=self._replies, daemon=True).start()
+        atexit.register(self.close)
+
+    def close(self):
+        self.proc.stdin.close()  # the server kills what still runs and exits
+        self.proc.wait(30)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _replies(self):
+        for line in self.proc.stdout:
+            reply = json.loads(line)
+            forked = self.waiting[reply["id"]]
+            if "pid" in reply:
+                forked.pid = reply["pid"]
+                forked.started.set()
+            else:
+                forked.returncode = reply["returncode"]
+                del self.waiting[reply["id"]]
+                forked.done.set()
+
+    def start(self, argv: list[str], module: str | None, cwd: Path, env: dict) -> Forked:
+        with self.lock:
+            self.count += 1
+            i = self.count
+            forked = Forked(self, self.dir / f"{i}.out", self.dir / f"{i}.err", argv)
+            forked.started = threading.Event()
+            self.waiting[i] = forked
+            request = {"id": i, "argv": argv, "module": module, "cwd": str(cwd), "env": env,
+                       "stdout": str(forked.out), "stderr": str(forked.err)}
+            self.proc.stdin.write(json.dumps(request) + "\n")
+        assert forked.started.wait(60), "the fork server did not answer"
+        return forked
+
+
+_server: ForkServer | None = None
+
+
+def spawn(*args, env=None, cwd=ROOT) -> "Forked | subprocess.Popen":
+    """Start a command line as a user would, output to files (Forked.communicate reads them). train.py,
+    a bench/*.py script and `-m tl.X` fork from the fork server (a real process, without 4 s of imports);
+    anything else (torchrun, accelerate launch, -c) is a new process."""
+    global _server
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    cmd = [sys.executable, *(str(ROOT / a) if a == "train.py" else a for a in args)]
-    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    args = [str(a) for a in args]
+    if args[0] == "train.py" or args[0].endswith(".py") or (args[0] == "-m" and args[1].startswith("tl.")):
+        if _server is None or _server.proc.poll() is not None:
+            _server = ForkServer()
+        if args[0] == "-m":
+            return _server.start([args[1], *args[2:]], args[1], cwd, full_env)
+        script = str(ROOT / "train.py") if args[0] == "train.py" else args[0]
+        return _server.start([script, *args[1:]], None, cwd, full_env)
+    return subprocess.Popen([sys.executable, *args], cwd=cwd, env=full_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
-def run_here(entry: str, *args, env=None) -> subprocess.CompletedProcess:
-    """run_cli's twin in this process, seconds faster than a new Python: `entry` is train.py or a module
-    (tl.predict, ...), run through its own main() and tl.errors.run_cli; exit status and output captured.
-    Tests of what only a process shows (signals, exit codes of the launcher, start-up) use run_cli."""
-    from unittest import mock
-
-    argv = [str(a) for a in args]
-    if entry == "train.py":  # what train.py does, without importing the script
-        from tl.config import parse_args
-        from tl.errors import run_cli as tl_run_cli
-        from tl.loop import train
-        from tl.stop import Stopper
-
-        def main(argv):
-            stopper = Stopper()
-            try:
-                tl_run_cli(lambda: train(parse_args(argv), stopper))
-            finally:
-                stopper.restore()
-    else:
-        main = importlib.import_module(entry).main
-    out, err, code, shown = io.StringIO(), io.StringIO(), 0, warnings.showwarning
-    with mock.patch.dict(os.environ, env or {}), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            result = main(argv)
-            code = result if isinstance(result, int) else 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else int(e.code is not None)
-        finally:
-            warnings.showwarning = shown  # run_cli's one-line warnings are for a process of its own
-            gc.unfreeze()
-            AcceleratorState._reset_state(reset_partial_state=True)
-    return subprocess.CompletedProcess([entry, *argv], code, out.getvalue(), err.getvalue())
+def run_cli(*args, env=None, cwd=ROOT, timeout=600) -> subprocess.CompletedProcess:
+    """Run a command line as a user would (see spawn); returns the finished process, output captured."""
+    proc = spawn(*args, env=env, cwd=cwd)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return subprocess.CompletedProcess(list(args), proc.returncode, out, err)

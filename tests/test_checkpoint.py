@@ -3,19 +3,17 @@
 import json
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
-from conftest import ROOT, make_imagefolder, run_cli
+from conftest import make_imagefolder, run_cli, spawn
 from safetensors.torch import save_file
 
 from tl import checkpoint
 from tl.errors import UserError
 
-ARGS = ["--epochs", "6", "--step-size", "2", "--image-size", "96", "--batch-size", "8", "--lr", "0.01",
+ARGS = ["--epochs", "6", "--step-size", "2", "--image-size", "64", "--batch-size", "8", "--lr", "0.01",
         "--weights", "none"]
 
 
@@ -24,15 +22,28 @@ def data(tmp_path_factory):
     return make_imagefolder(tmp_path_factory.mktemp("ck") / "d", n_train=24, n_val=8, size=120)
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """reference(data, *args): the uninterrupted run to compare with, trained once per module and option set."""
+    runs = {}
+
+    def run(data, *args):
+        key = (str(data), *args)
+        if key not in runs:
+            runs[key] = tmp_path_factory.mktemp("ref") / "run"
+            proc = run_cli("train.py", "--data-dir", data, "--output-dir", runs[key], *args)
+            assert proc.returncode == 0, proc.stderr[-2000:]
+        return runs[key]
+    return run
+
+
 def metrics_without_timings(out):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if k not in ("seconds", "train_images_per_s")} for r in rows]
 
 
 def start(data, out, mode, *extra):
-    cmd = [sys.executable, str(ROOT / "train.py"), "--mode", mode, "--data-dir", str(data),
-           "--output-dir", str(out), *ARGS, *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return spawn("train.py", "--mode", mode, "--data-dir", data, "--output-dir", out, *ARGS, *extra)
 
 
 def wait_for_epochs(out, n, proc, timeout=300):
@@ -42,7 +53,7 @@ def wait_for_epochs(out, n, proc, timeout=300):
         if metrics.exists() and len(metrics.read_text().splitlines()) >= n:
             return
         time.sleep(0.005)
-    raise AssertionError(f"run ended or stalled before epoch {n}: {proc.stderr.read() if proc.stderr else ''}")
+    raise AssertionError(f"run ended or stalled before epoch {n}: {proc.communicate(60)[1][-2000:]}")
 
 
 @pytest.mark.parametrize("mode, extra", [
@@ -52,10 +63,8 @@ def wait_for_epochs(out, n, proc, timeout=300):
     ("finetune", ["--augment", "device"]),  # batched crops on the device (the CPU here), seeded per epoch and rank
 ])
 @pytest.mark.slow
-def test_sigkill_at_a_random_moment_then_resume_matches_an_uninterrupted_run(tmp_path, data, mode, extra):
-    ref = tmp_path / "ref"
-    assert run_cli("train.py", "--mode", mode, "--data-dir", str(data), "--output-dir", str(ref),
-                   *ARGS, *extra).returncode == 0
+def test_sigkill_at_a_random_moment_then_resume_matches_an_uninterrupted_run(tmp_path, data, reference, mode, extra):
+    ref = reference(data, "--mode", mode, *ARGS, *extra)
     out = tmp_path / "killed"
     proc = start(data, out, mode, *extra)
     epochs = int((extra + ARGS)[(extra + ARGS).index("--epochs") + 1])
@@ -80,10 +89,9 @@ def test_sigkill_at_a_random_moment_then_resume_matches_an_uninterrupted_run(tmp
 
 
 @pytest.mark.slow
-def test_results_do_not_depend_on_workers_and_resume_exactly_with_them(tmp_path, data):
+def test_results_do_not_depend_on_workers_and_resume_exactly_with_them(tmp_path, data, reference):
     """--num-workers 2, killed and resumed, ends like an uninterrupted run with no workers."""
-    ref = tmp_path / "ref"
-    assert run_cli("train.py", "--data-dir", str(data), "--output-dir", str(ref), *ARGS).returncode == 0
+    ref = reference(data, "--mode", "finetune", *ARGS)
     out = tmp_path / "killed"
     proc = start(data, out, "finetune", "--num-workers", "2")
     wait_for_epochs(out, 2, proc)
@@ -180,14 +188,11 @@ MID = ["--epochs", "2", "--image-size", "32", "--batch-size", "4", "--weights", 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["SIGKILL after a --save-every state", "SIGINT"])
-def test_a_run_stopped_inside_an_epoch_resumes_there_exactly(tmp_path, long_epochs, how):
-    ref = tmp_path / "ref"
-    assert run_cli("train.py", "--data-dir", str(long_epochs), "--output-dir", str(ref), *MID).returncode == 0
+def test_a_run_stopped_inside_an_epoch_resumes_there_exactly(tmp_path, long_epochs, reference, how):
+    ref = reference(long_epochs, *MID)
     out = tmp_path / "run"
     extra = ["--save-every", "0.0001"] if how.startswith("SIGKILL") else []  # every agreement point: 16 steps
-    cmd = [sys.executable, str(ROOT / "train.py"), "--data-dir", str(long_epochs), "--output-dir", str(out), *MID,
-           *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = spawn("train.py", "--data-dir", long_epochs, "--output-dir", out, *MID, *extra)
     if how.startswith("SIGKILL"):
         deadline = time.time() + 300
         while not ((out / "state.safetensors").exists()

@@ -3,7 +3,7 @@ that exist but hold nothing into one `error:` line and exit status 2, with nothi
 
 import pytest
 import torch
-from conftest import make_imagefolder, run_cli, run_here
+from conftest import make_imagefolder, run_cli
 
 from tl.cli import number
 
@@ -79,15 +79,9 @@ CASES = [  # (entry point, arguments, the phrase the error line holds)
 def test_bad_input_is_one_error_line(files, entry, args, phrase):
     args = [a.replace("{d}", str(files)) for a in (TRAIN if entry == "train.py" else []) + args]
     before = sorted(p.relative_to(files) for p in files.rglob("*"))
-    one_line_error(run_here(entry, *args), phrase.replace("{d}", str(files)))
+    command = ["train.py"] if entry == "train.py" else ["-m", entry]
+    one_line_error(run_cli(*command, *args), phrase.replace("{d}", str(files)))
     assert sorted(p.relative_to(files) for p in files.rglob("*")) == before
-
-
-def test_a_process_shows_the_same_one_line(files):
-    """The in-process runs above stand for real command lines: one of each kind, in a process."""
-    for entry, args, phrase in (CASES[0], CASES[16]):
-        args = [a.replace("{d}", str(files)) for a in (TRAIN if entry == "train.py" else []) + args]
-        one_line_error(run_cli(*(["train.py"] if entry == "train.py" else ["-m", entry]), *args), phrase)
 
 
 def test_number_bounds():

@@ -8,7 +8,6 @@ import json
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import time
 import zipfile
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, make_imagefolder, run_cli
+from conftest import ROOT, make_imagefolder, run_cli, spawn
 from PIL import Image
 
 SMALL = ["--epochs", "1", "--image-size", "32", "--batch-size", "4", "--weights", "none"]
@@ -152,8 +151,8 @@ def test_a_diverging_loss_stops_the_run_naming_epoch_and_step(tmp_path, tiny_dat
 
 @pytest.mark.slow
 def test_ten_sigkills_at_random_moments_each_resumed_end_like_an_uninterrupted_run(tmp_path, tiny_data):
-    # Enough epochs (~8 ms each) that ten attempts of at most 30 epochs each cannot finish the run.
-    args = ["--mode", "feature-extract", "--data-dir", str(tiny_data), "--epochs", "1000", "--image-size", "48",
+    # More epochs (~8 ms each) than ten attempts of at most 30 epochs each can reach: none finishes the run.
+    args = ["--mode", "feature-extract", "--data-dir", str(tiny_data), "--epochs", "400", "--image-size", "48",
             "--weights", "none", "--lr", "0.01"]
     ref = tmp_path / "ref"
     assert run_cli("train.py", *args, "--output-dir", str(ref)).returncode == 0
@@ -161,17 +160,14 @@ def test_ten_sigkills_at_random_moments_each_resumed_end_like_an_uninterrupted_r
     rng = random.Random(0)
     target = 0
     for attempt in range(10):
-        cmd = [sys.executable, str(ROOT / "train.py"), *args, "--output-dir", str(out)]
-        log = tmp_path / f"attempt-{attempt}.log"  # a file, not a pipe: progress bars would fill a pipe
-        proc = subprocess.Popen(cmd + (["--resume"] if attempt else []), stdout=subprocess.DEVNULL,
-                                stderr=log.open("w"))
+        proc = spawn("train.py", *args, "--output-dir", out, *(["--resume"] if attempt else []))
         # Killed as a seeded number of new epoch rows appears (an event, not a time, so machine speed
         # never decides whether a kill lands): mid-epoch, mid-save or between them; never near the end.
         target += rng.randint(1, 30)
         deadline = time.time() + 300
         metrics = out / "metrics.jsonl"
         while not (metrics.exists() and len(metrics.read_text().splitlines()) >= target):
-            assert proc.poll() is None and time.time() < deadline, f"attempt {attempt}: {log.read_text()[-2000:]}"
+            assert proc.poll() is None and time.time() < deadline, f"attempt {attempt}: {proc.stderr_text()[-2000:]}"
             time.sleep(0.002)
         proc.send_signal(signal.SIGKILL)
         assert proc.wait() == -signal.SIGKILL

@@ -4,12 +4,10 @@ decay, cosine with warmup, label smoothing; each changes what it says and resume
 import json
 import math
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import FAST, ROOT, make_imagefolder, run_cli
+from conftest import FAST, make_imagefolder, run_cli, spawn
 from safetensors.torch import load_file
 from test_checkpoint import metrics_without_timings, wait_for_epochs
 
@@ -147,8 +145,7 @@ ARGS = ["--epochs", "5", "--image-size", "64", "--batch-size", "4", "--lr", "0.0
 def test_sigkill_around_the_unfreeze_then_resume_matches_an_uninterrupted_run(tmp_path, data, reference,
                                                                               killed_after):
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--data-dir", str(data), "--output-dir", str(out),
-                             *RECIPE, *ARGS], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = spawn("train.py", "--data-dir", data, "--output-dir", out, *RECIPE, *ARGS)
     wait_for_epochs(out, killed_after, proc)  # the row appears: its best and state being written, or after
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL

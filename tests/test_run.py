@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, make_imagefolder, run_cli
+from conftest import ROOT, make_imagefolder, run_cli, spawn
 from safetensors.torch import load_file
 
 from tl import checkpoint
@@ -90,9 +90,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_saved_an_epoch(run_copy, 
 @pytest.mark.slow
 def test_a_second_process_in_a_live_run_dir_is_refused_naming_the_holder(data, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "train.py"), "--data-dir", str(data), "--output-dir", str(out),
-           "--epochs", "100000", *QUICK]
-    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = spawn("train.py", "--data-dir", data, "--output-dir", out, "--epochs", "100000", *QUICK)
     try:
         deadline = time.time() + 300
         while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 2):
@@ -285,9 +283,7 @@ def test_a_stop_during_start_up_ends_at_once_and_leaves_nothing(tmp_path):
 
 def test_stop_messages_name_the_saved_epochs_correctly(data, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--data-dir", str(data), "--output-dir",
-                             str(out), "--epochs", "100000", *QUICK], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = spawn("train.py", "--data-dir", data, "--output-dir", out, "--epochs", "100000", *QUICK)
     deadline = time.time() + 300
     while not (out / "state.safetensors").exists():
         assert time.time() < deadline and proc.poll() is None
@@ -316,11 +312,9 @@ def test_resume_after_a_start_killed_before_its_first_epoch_starts_afresh(data, 
 
 @pytest.mark.slow
 def test_default_output_dirs_of_runs_started_together_differ(data, tmp_path):
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--data-dir", str(data), "--epochs", "1",
-                               *QUICK], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [spawn("train.py", "--data-dir", data, "--epochs", "1", *QUICK, cwd=tmp_path) for _ in range(2)]
     for p in procs:
-        assert p.wait(timeout=300) == 0, p.stderr.read()[-2000:]
+        assert p.wait(timeout=300) == 0, p.stderr_text()[-2000:]
     made = sorted((tmp_path / "runs").iterdir())
     assert len(made) == 2 and all((d / "summary.json").exists() for d in made)
 

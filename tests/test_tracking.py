@@ -57,7 +57,8 @@ def test_wandb_can_be_disabled(tmp_path, tiny_data, wandb_home, monkeypatch, how
 
 @pytest.mark.slow
 def test_no_network_falls_back_to_offline_and_says_how_to_sync(tmp_path, tiny_data, wandb_home):
-    env = {"WANDB_API_KEY": "0" * 40, "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
+    env = {"WANDB_API_KEY": "0" * 40, "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
+           "WANDB_INIT_TIMEOUT": "4"}  # tl's 20 s, shorter
     proc = run_cli("train.py", "--wandb", "online", "--data-dir", str(tiny_data), "--epochs", "1", "--weights",
                    "none", "--output-dir", str(tmp_path / "run"), *FAST, env=env, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]

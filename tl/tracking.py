@@ -35,6 +35,14 @@ def wandb_command() -> str:
     return str(exe) if exe.exists() else "wandb"
 
 
+def init_timeout() -> float:
+    """Seconds an online start may take before tl logs offline: W&B's own WANDB_INIT_TIMEOUT, else 20."""
+    try:
+        return float(os.environ.get("WANDB_INIT_TIMEOUT", 20))
+    except ValueError:
+        return 20.0
+
+
 class Tracker:
     def __init__(self, run: rundir.RunDir, config: dict, mode: str, project: str, entity: str | None,
                  name: str | None, resume: bool, group: str | None = None):
@@ -48,7 +56,7 @@ class Tracker:
             kwargs = dict(project=project, entity=entity, name=name or self.dir.name, group=group, config=config,
                           dir=str(self.dir), id=self._run_id(resume), resume="allow",
                           settings=wandb.Settings(console="off", x_disable_stats=True, save_code=False,
-                                                  init_timeout=20, silent=True))
+                                                  init_timeout=init_timeout(), silent=True))
             try:
                 self.run = wandb.init(mode=mode, **kwargs)
             except Exception as e:  # network down, bad key, service error: log offline
