@@ -28,11 +28,13 @@ train-gpu: install  ## one GPU, bf16
 train-multi-gpu: install  ## DDP over NPROC GPUs of this node (NPROC CPU processes without GPUs)
 	$(VENV)/bin/accelerate launch --quiet --config_file accelerate_configs/multi_gpu.yaml --num_processes $(NPROC) $(TRAIN)
 
-test: install  ## the test suite on the CPU, without the SLURM tests (a few minutes; never apt-get or daemons)
-	$(PY) -m pytest -q -m "not slurm"
+# Test files run TEST_JOBS at a time (pytest-xdist; each test process then uses one thread, see tests/conftest.py).
+TEST_JOBS ?= 2
+test: install  ## the test suite on the CPU, without the SLURM tests (about 7 minutes on 2 cores; never apt-get or daemons)
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile -m "not slurm"
 
 test-fast: install  ## the same without the tests marked slow
-	$(PY) -m pytest -q -m "not slurm and not slow"
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile -m "not slurm and not slow"
 
 test-slurm: install  ## only the tests on a real local two-node SLURM cluster (root: installs slurm with apt-get)
 	$(PY) -m pytest -q -m slurm

@@ -12,6 +12,11 @@ import threading
 import zipfile
 from pathlib import Path
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two test files at once (pytest-xdist): one thread each fills the two cores, where two
+    # threads each would spin against each other. Set before torch is imported, and inherited by every run.
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 import numpy as np
 import pytest
 import torch

@@ -28,20 +28,49 @@ def odd_data(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind, mode", [("accelerate", "feature-extract"), ("torchrun", "finetune")])
-def test_two_processes_see_each_image_once(tmp_path, odd_data, kind, mode):
+def test_two_processes_see_each_image_once_and_frozen_ddp_syncs_only_the_head(tmp_path, odd_data):
     out = tmp_path / "run"
-    proc = run_cli(*launcher(kind), str(ROOT / "train.py"), "--mode", mode, "--data-dir", str(odd_data),
-                   "--epochs", "2", "--image-size", "32", "--batch-size", "4", "--weights", "none",
+    proc = run_cli(*launcher("accelerate"), str(ROOT / "train.py"), "--mode", "feature-extract", "--data-dir",
+                   str(odd_data), "--epochs", "2", "--image-size", "32", "--batch-size", "4", "--weights", "none",
                    "--output-dir", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout and proc.stdout.count("best val acc") == 1  # main prints alone
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["train_images"], r["val_images"]) for r in rows] == [(24, 13), (24, 13)]
+    assert json.loads((out / "summary.json").read_text())["num_val"] == 13
+    # The frozen backbone is not synchronized, and nothing is "unused".
+    assert "DDP all-reduces 2 parameter tensors (4,104 bytes) per step" in proc.stdout
+
+
+@pytest.mark.slow
+def test_two_processes_finetune_count_each_image_once_speak_once_and_test_once(tmp_path, odd_data):
+    """torchrun, finetune: 24 train / 13 val / 7 test images over 2 processes, each counted once; one
+    message per job (a skipped image, the results), the test split evaluated once with the best checkpoint."""
+    from tl.predict import predict
+
+    data = tmp_path / "d"
+    shutil.copytree(odd_data, data)
+    (data / "train" / "red" / "broken.jpg").write_bytes(b"not an image")
+    (data / "train" / ".ipynb_checkpoints").mkdir()
+    make_imagefolder(tmp_path / "t", n_train=0, n_val=4, seed=3)
+    (tmp_path / "t" / "val" / "red" / "003.jpg").unlink()  # 7 test images: uneven shards
+    shutil.move(tmp_path / "t" / "val", data / "test")
+    out = tmp_path / "run"
+    args = ["--data-dir", str(data), "--epochs", "2", "--image-size", "32", "--batch-size", "4", "--weights", "none",
+            "--output-dir", str(out)]
+    proc = run_cli(*launcher("torchrun"), str(ROOT / "train.py"), *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout and proc.stdout.count("best val acc") == 1  # main prints alone
+    assert proc.stderr.count("skipping unreadable image") == 1 and proc.stdout.count("test acc") == 1
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["train_images"], r["val_images"]) for r in rows] == [(24, 13), (24, 13)]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["num_val"] == 13
-    if mode == "feature-extract":  # the frozen backbone is not synchronized, and nothing is "unused"
-        assert "DDP all-reduces 2 parameter tensors (4,104 bytes) per step" in proc.stdout
+    assert summary["num_val"] == 13 and summary["test_total"] == 7
+    assert predict(out / "best.safetensors", [str(data / "test")])["accuracy"] == summary["test_acc"]
+    again = run_cli(*launcher("torchrun"), str(ROOT / "train.py"), *args)
+    assert again.returncode != 0
+    errors = [line for line in again.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "already holds a run" in errors[0], again.stderr[-3000:]
 
 
 @pytest.mark.slow
@@ -87,30 +116,11 @@ def test_three_processes_on_the_real_data_count_244_and_153(tmp_path, hymenopter
 def test_two_processes_on_the_real_data_count_153_val_images(tmp_path, hymenoptera):
     out = tmp_path / "run"
     proc = run_cli(*launcher("accelerate"), str(ROOT / "train.py"), "--mode", "feature-extract",
-                   "--data-dir", str(hymenoptera), "--epochs", "1", "--weights", str(PROXY_WEIGHTS),
-                   "--batch-size", "16", "--output-dir", str(out))
+                   "--data-dir", str(hymenoptera), "--epochs", "1", "--image-size", "64", "--weights",
+                   str(PROXY_WEIGHTS), "--batch-size", "16", "--output-dir", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = json.loads((out / "metrics.jsonl").read_text())
     assert (row["train_images"], row["val_images"]) == (244, 153)
-
-
-@pytest.mark.slow
-def test_each_message_once_per_job_not_once_per_process(tmp_path, odd_data):
-    import shutil
-
-    data = tmp_path / "d"
-    shutil.copytree(odd_data, data)
-    (data / "train" / "red" / "broken.jpg").write_bytes(b"not an image")
-    (data / "train" / ".ipynb_checkpoints").mkdir()
-    args = ["--data-dir", str(data), "--epochs", "1", "--image-size", "32", "--batch-size", "4", "--weights", "none"]
-    proc = run_cli(*launcher("torchrun"), str(ROOT / "train.py"), *args, "--output-dir", str(tmp_path / "run"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stderr.count("skipping unreadable image") == 1
-    assert proc.stdout.count("best val acc") == 1
-    proc = run_cli(*launcher("torchrun"), str(ROOT / "train.py"), *args, "--output-dir", str(tmp_path / "run"))
-    assert proc.returncode != 0
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "already holds a run" in errors[0], proc.stderr[-3000:]
 
 
 @pytest.mark.slow
@@ -122,22 +132,3 @@ def test_a_diverging_loss_stops_every_process_with_one_line(tmp_path, odd_data):
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "the loss became non-finite" in errors[0], proc.stderr[-3000:]
-
-
-@pytest.mark.slow
-def test_two_processes_evaluate_test_once_with_the_best_checkpoint(tmp_path, odd_data):
-    from tl.predict import predict
-
-    data = tmp_path / "d"
-    shutil.copytree(odd_data, data)
-    make_imagefolder(tmp_path / "t", n_train=0, n_val=4, seed=3)
-    (tmp_path / "t" / "val" / "red" / "003.jpg").unlink()  # 7 test images: uneven shards
-    shutil.move(tmp_path / "t" / "val", data / "test")
-    out = tmp_path / "run"
-    proc = run_cli(*launcher("torchrun"), str(ROOT / "train.py"), "--data-dir", str(data), "--epochs", "2",
-                   "--image-size", "32", "--batch-size", "4", "--weights", "none", "--output-dir", str(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("test acc") == 1
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["test_total"] == 7
-    assert predict(out / "best.safetensors", [str(data / "test")])["accuracy"] == summary["test_acc"]

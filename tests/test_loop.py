@@ -97,7 +97,7 @@ def test_smaller_train_crops_still_validate_at_image_size(tmp_path, tiny_data, b
 @pytest.mark.parametrize("mode", ["feature-extract", "finetune"])
 def test_real_data_from_the_command_line(tmp_path, hymenoptera, mode):
     out = tmp_path / "run"
-    proc = run_cli("train.py", "--mode", mode, "--epochs", "2", "--data-dir", str(hymenoptera),
+    proc = run_cli("train.py", "--mode", mode, "--epochs", "1", "--data-dir", str(hymenoptera),
                    "--weights", str(PROXY_WEIGHTS), "--output-dir", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     for name in ("config.json", "metrics.jsonl", "summary.json", "best.safetensors", "predictions.png"):

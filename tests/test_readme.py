@@ -216,8 +216,9 @@ def test_first_run_prints_and_writes_what_the_readme_shows(tmp_path, modules_hel
     assert dry.returncode == 0, dry.stderr
     launch = [line for line in dry.stdout.splitlines() if "train.py" in line]
     assert len(launch) == 1, dry.stdout
+    user_env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # as a shell has it (see conftest)
     run = subprocess.run(shlex.split(launch[0]), cwd=ROOT, capture_output=True, text=True, timeout=240,
-                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                         env={**user_env, "PYTHONUNBUFFERED": "1"})
     assert run.returncode == 0, run.stdout + run.stderr
     actual = [words(line) for line in re.split(r"[\r\n]", run.stdout + run.stderr)]
     missing = [line for line in printed if line.strip() and not line.startswith("W&B:")  # W&B: disabled here

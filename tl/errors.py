@@ -5,6 +5,7 @@ a user error (not a stop by a signal) touches that file, since accelerate's laun
 every failing rank's status into 1 or 143.
 """
 
+import contextlib
 import gc
 import os
 import sys
@@ -25,7 +26,20 @@ def is_main_rank() -> bool:
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
-    print(f"warning: {message}", file=file or sys.stderr)
+    from tqdm import tqdm
+
+    with tqdm.external_write_mode(file=file or sys.stderr):  # a line of its own, not the end of a progress bar's
+        print(f"warning: {message}", file=file or sys.stderr)
+
+
+def _end_progress_bars():
+    """Close the bars an error or a stop left open (a signal can land inside one's first display), so the
+    error starts a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(tqdm._instances):
+        with contextlib.suppress(Exception):
+            bar.close()
 
 
 def run_cli(fn):
@@ -44,6 +58,7 @@ def run_cli(fn):
         elif "\nOriginal Traceback" in str(e):  # raised in a DataLoader worker, which wraps it in its traceback
             e = str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1]
         if is_main_rank():
+            _end_progress_bars()
             print(f"error: {e}", file=sys.stderr)
         mark = os.environ.get("TL_USER_ERROR_MARK")
         if mark and not stop.received:  # for slurm/launch.sh: do not requeue what would fail the same way

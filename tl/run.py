@@ -197,7 +197,7 @@ class RunDir:
         if aside and has_state:
             self._drop_aside()  # a kill came between the first saved epoch and this cleanup
             aside = False
-        if CONFIG in present:  # before --resume, which launch.sh adds to any existing dir
+        if CONFIG in present:  # before --resume, which launch.sh adds to any dir holding a config.json
             check_array_task(path / CONFIG)
         if present and not (resume or overwrite):
             raise UserError(f"{path} already holds a run ({', '.join(sorted(present))}); pass --resume to "
