@@ -90,3 +90,31 @@ def test_number_bounds():
                         (number(int, 0, 9), "10")):
         with pytest.raises(Exception, match="must be"):
             parse(text)
+
+
+def test_a_warning_or_error_under_an_open_progress_bar_starts_a_line_of_its_own(capsys):
+    """A stop signal can land inside a bar's first display: the bar stays open, and the error line came
+    right after it on the same line (seen under load in test_run's start-up stop)."""
+    import gc
+    import warnings
+
+    from tqdm import tqdm
+
+    from tl.errors import UserError
+    from tl.errors import run_cli as tl_run_cli
+
+    def work():
+        bar = tqdm(total=10, desc="decode train")  # never closed: the error's traceback keeps it alive
+        warnings.warn("skipping unreadable image x.jpg", stacklevel=1)
+        del bar.last_print_t, bar.start_t  # as a signal right after a bar's first display leaves it
+        raise UserError("it broke")
+
+    shown = warnings.showwarning
+    try:
+        with pytest.raises(SystemExit):
+            tl_run_cli(work)
+    finally:
+        warnings.showwarning = shown
+        gc.unfreeze()
+    lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert "warning: skipping unreadable image x.jpg" in lines and "error: it broke" in lines, lines

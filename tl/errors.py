@@ -38,8 +38,9 @@ def _end_progress_bars():
     from tqdm import tqdm
 
     for bar in list(tqdm._instances):
-        with contextlib.suppress(Exception):
-            bar.close()
+        for end in (bar.clear, bar.close):  # clear: close fails on a bar whose __init__ the signal cut short
+            with contextlib.suppress(Exception):
+                end()
 
 
 def run_cli(fn):
