@@ -31,13 +31,13 @@ train-multi-gpu: install  ## DDP over NPROC GPUs of this node (NPROC CPU process
 # Test files run TEST_JOBS at a time (pytest-xdist; each test process then uses one thread, see tests/conftest.py).
 TEST_JOBS ?= 2
 test: install  ## the test suite on the CPU, without the SLURM tests (about 7 minutes on 2 cores; never apt-get or daemons)
-	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile -m "not slurm"
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile -m "not slurm" --durations=10
 
 test-fast: install  ## the same without the tests marked slow
 	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile -m "not slurm and not slow"
 
 test-slurm: install  ## only the tests on a real local two-node SLURM cluster (root: installs slurm with apt-get)
-	$(PY) -m pytest -q -m slurm
+	$(PY) -m pytest -q -m slurm --durations=10
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -56,7 +56,8 @@ CASES = [  # (entry point, arguments, the phrase the error line holds)
      "argument --batch-size: must be positive, got -1"),
     ("tl.predict", ["--checkpoint", "x", "--batch-size", "2.5", "{d}/d/val"], "must be a whole number, got '2.5'"),
     ("tl.predict", ["--checkpoint", "{d}/noise.safetensors", "{d}/d/val"], "is damaged or not a safetensors file"),
-    ("tl.predict", ["--checkpoint", "{d}/empty", "{d}/d/val"], "does not exist"),
+    ("tl.predict", ["--checkpoint", "{d}/empty", "{d}/d/val"], "checkpoint {d}/empty is a folder; pass the best"),
+    ("train.py", ["--data-dir", "{d}/tensor.pth"], "data dir {d}/tensor.pth is a file, not a folder"),
     ("tl.predict", ["--checkpoint", "x"], "pass image files or folders, or --val-of"),
     ("tl.export", ["--checkpoint", "{d}/noise.safetensors", "--format", "onnx"], "is damaged"),
     ("tl.export", ["--checkpoint", "x", "--format", "pickle"], "argument --format: invalid choice: 'pickle'"),
@@ -72,6 +73,7 @@ CASES = [  # (entry point, arguments, the phrase the error line holds)
     ("tl.report", ["{d}/empty"], "no run dirs"),
     ("tl.report", ["{d}/run", "--out", "{d}/tensor.pth"], "cannot make the folder"),
     ("tl.report", [], "the following arguments are required: RUN_OR_SWEEP_DIR"),
+    ("tl.report", ["{d}/run", "--out", "{d}/run"], "is a run dir; pass --out another folder"),
 ]
 
 

@@ -83,6 +83,13 @@ def test_job_completes_with_exact_counts(cluster, data, tmp_path, script, nodes,
 def test_preempted_job_requeues_and_resumes_exactly_with_workers(cluster, data, tmp_path):
     out = tmp_path / "run"
     args = "--epochs 6 --image-size 112 --batch-size 4 --weights none --precision bf16"
+    # The same two processes uninterrupted, without workers, outside SLURM: trained while the job runs.
+    ref = tmp_path / "ref"
+    ref_log = tmp_path / "ref.log"  # a file: a pipe read only at the end would fill with progress bars and stall it
+    reference = subprocess.Popen([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "train.py",
+                                  "--mode", "finetune", "--data-dir", str(data), "--output-dir", str(ref),
+                                  *args.split()], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                                 stderr=ref_log.open("w"))
     job = submit("multi_node.sbatch", out, data, 6, TRAIN_ARGS=f"{args} --num-workers 2")
     wait_for(lambda: (out / "metrics.jsonl").exists() and len(epochs_of(out)) >= 2, 300, "epoch 2")
     # What `#SBATCH --signal=B:USR1@120` does before the time limit, sent now.
@@ -93,12 +100,7 @@ def test_preempted_job_requeues_and_resumes_exactly_with_workers(cluster, data, 
     assert "stopped by SIGTERM" in log and "restart 1" in log and "resuming after epoch" in log
     assert [r["epoch"] for r in epochs_of(out)] == [1, 2, 3, 4, 5, 6]  # one continuous record
     assert json.loads((out / "summary.json").read_text())["epochs"] == 6
-    # Equal to an uninterrupted run of the same two processes, without workers, outside SLURM.
-    ref = tmp_path / "ref"
-    proc = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "train.py",
-                           "--mode", "finetune", "--data-dir", str(data), "--output-dir", str(ref), *args.split()],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert reference.wait(timeout=600) == 0, ref_log.read_text(errors="replace")[-3000:]
 
     def without_timings(d):
         return [{k: v for k, v in r.items() if k not in ("seconds", "train_images_per_s")} for r in epochs_of(d)]
@@ -177,6 +179,11 @@ def test_sweep_array_with_one_task_preempted(cluster, data, tmp_path):
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
     tasks = [f"{proc.stdout.strip().split(';')[0]}_{i}" for i in range(3)]
+    ref = tmp_path / "ref"  # the same option set, uninterrupted, outside SLURM, trained while the array runs
+    ref_log = tmp_path / "ref.log"  # a file: a pipe read only at the end would fill with progress bars and stall it
+    reference = subprocess.Popen([sys.executable, "-m", "tl.sweep", str(file), "--index", "1", "--sweep-dir", str(ref)],
+                                 cwd=ROOT, env=env | {"WANDB_MODE": "disabled"}, stdout=subprocess.DEVNULL,
+                                 stderr=ref_log.open("w"))
     runs = [sweep_dir / f"{i}-seed={i}" for i in range(3)]
     wait_for(lambda: (runs[1] / "metrics.jsonl").exists() and len(epochs_of(runs[1])) >= 1, 300, "task 1's epoch 1")
     subprocess.run(["scancel", "--signal=USR1", "--batch", tasks[1]], env=ENV, check=True)
@@ -192,10 +199,7 @@ def test_sweep_array_with_one_task_preempted(cluster, data, tmp_path):
     assert "preemption signal" not in logs[0] + logs[2]  # the signal and the requeue reached task 1 only
     assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == [r.name for r in runs]
 
-    ref = tmp_path / "ref"  # the same option set, uninterrupted, outside SLURM
-    done = subprocess.run([sys.executable, "-m", "tl.sweep", str(file), "--index", "1", "--sweep-dir", str(ref)],
-                          cwd=ROOT, env=env | {"WANDB_MODE": "disabled"}, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert reference.wait(timeout=600) == 0, ref_log.read_text(errors="replace")[-3000:]
 
     def without_timings(d):
         return [{k: v for k, v in r.items() if k not in ("seconds", "train_images_per_s")} for r in epochs_of(d)]

@@ -94,8 +94,8 @@ def save(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict) -> 
 def read_metadata(path: str | Path) -> dict:
     """The metadata of a tl checkpoint; a one-line UserError for anything else."""
     if not Path(path).is_file():
-        raise UserError(f"checkpoint {path} does not exist; pass the best.safetensors or "
-                        "state.safetensors of a tl run")
+        what = "is a folder" if Path(path).is_dir() else "does not exist"
+        raise UserError(f"checkpoint {path} {what}; pass the best.safetensors or state.safetensors of a tl run")
     try:
         with safe_open(str(path), "pt") as f:
             meta = json.loads((f.metadata() or {}).get("tl", "{}"))

@@ -21,8 +21,10 @@ def write_atomic(path: Path, data: bytes) -> None:
     except OSError as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise UserError(f"cannot write {path} ({e.strerror or e}); free disk space or make "
-                        f"{path.parent} writable, then run the command again (a run continues with --resume)") from None
+        fix = (f"create the folder {path.parent} or write elsewhere" if not path.parent.is_dir() else
+               f"free disk space or make {path.parent} writable")
+        raise UserError(f"cannot write {path} ({e.strerror or e}); {fix}, then run the command again (a run "
+                        "continues with --resume)") from None
 
 
 def fsync_dir(path: Path) -> None:

@@ -26,8 +26,9 @@ def ensure_data(data_dir: str, data_zip: str | None = None) -> Path:
     if root.is_dir():
         return root
     if data_zip is None and data_dir != DEFAULT_DATA_DIR:
-        raise UserError(f"data dir {root} does not exist; pass --data-dir pointing to an ImageFolder "
-                        "root with train/ and val/, or --data-zip with a zip of it")
+        raise UserError(f"data dir {root} {'is a file, not a folder' if root.exists() else 'does not exist'}; pass "
+                        "--data-dir pointing to an ImageFolder root with train/ and val/, or --data-zip with a zip "
+                        "of it")
     if data_zip is not None and not Path(data_zip).is_file():
         raise UserError(f"data zip {data_zip} does not exist; pass --data-zip with the path of a "
                         "zip file, e.g. hymenoptera_data.zip")
