@@ -85,7 +85,7 @@ class Forked:
     def __init__(self, server: "ForkServer", out: Path, err: Path, argv: list[str]):
         self.server, self.out, self.err, self.args = server, out, err, argv
         self.pid, self.returncode = None, None
-        self.done = threading.Event()
+        self.started, self.done = threading.Event(), threading.Event()
 
     def poll(self):
         return self.returncode
@@ -144,7 +144,6 @@ class ForkServer:
             self.count += 1
             i = self.count
             forked = Forked(self, self.dir / f"{i}.out", self.dir / f"{i}.err", argv)
-            forked.started = threading.Event()
             self.waiting[i] = forked
             request = {"id": i, "argv": argv, "module": module, "cwd": str(cwd), "env": env,
                        "stdout": str(forked.out), "stderr": str(forked.err)}
@@ -183,3 +182,13 @@ def run_cli(*args, env=None, cwd=ROOT, timeout=600) -> subprocess.CompletedProce
         proc.kill()
         raise
     return subprocess.CompletedProcess(list(args), proc.returncode, out, err)
+
+
+def one_line_error(proc: subprocess.CompletedProcess, *phrases: str) -> None:
+    """A user error as the command line shows it: exit status 2, one `error:` line holding every phrase, no
+    traceback (lines before it, such as progress bars and warnings, are allowed)."""
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-2000:]
+    errors = [line for line in proc.stderr.replace("\r", "\n").splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    for phrase in phrases:
+        assert phrase in errors[0], errors[0]

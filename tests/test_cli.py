@@ -3,17 +3,9 @@ that exist but hold nothing into one `error:` line and exit status 2, with nothi
 
 import pytest
 import torch
-from conftest import make_imagefolder, run_cli
+from conftest import make_imagefolder, one_line_error, run_cli
 
 from tl.cli import number
-
-
-def one_line_error(proc, phrase):
-    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-2000:]
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert phrase in errors[0], errors[0]
 
 
 @pytest.fixture(scope="module")

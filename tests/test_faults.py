@@ -15,18 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, make_imagefolder, run_cli, spawn
+from conftest import ROOT, make_imagefolder, one_line_error, run_cli, spawn
 from PIL import Image
 
 SMALL = ["--epochs", "1", "--image-size", "32", "--batch-size", "4", "--weights", "none"]
 
-
-def one_line_error(proc, *phrases):
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]  # progress bars may precede
-    for phrase in phrases:
-        assert phrase in proc.stderr
 
 
 def test_every_image_mode_trains_and_non_ascii_names_work(tmp_path):

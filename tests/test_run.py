@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, make_imagefolder, run_cli, spawn
+from conftest import ROOT, make_imagefolder, one_line_error, run_cli, spawn
 from safetensors.torch import load_file
 
 from tl import checkpoint
@@ -33,13 +33,6 @@ def train(data, out, *extra, epochs=3):
     return run_cli("train.py", "--data-dir", str(data), "--output-dir", str(out), "--epochs", str(epochs),
                    *QUICK, *extra)
 
-
-def one_line_error(proc, *phrases):
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    for phrase in phrases:
-        assert phrase in errors[0], errors[0]
 
 
 def snapshot(out: Path) -> dict[str, bytes]:
