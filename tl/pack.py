@@ -397,7 +397,7 @@ def _commit(dst: Path, tmp: Path, meta: dict) -> None:
 
 def main(argv=None) -> int:
     parser = Parser(prog="python -m tl.pack", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", metavar="SRC", help="ImageFolder root holding train/ and val/")
     parser.add_argument("dst", metavar="DST", help="folder for the pack (created; an identical pack there is kept)")
     parser.add_argument("--shard-size-mb", type=number(float, 0, above=True), default=256,

@@ -209,7 +209,7 @@ def run_all(sweep: Sweep) -> None:
 
 def main(argv=None):
     parser = Parser(prog="python -m tl.sweep", description=__doc__.split("\n")[0],
-                                     epilog="The sweep file's format: see docs/sweeps.md.")
+                    epilog="The sweep file's format: see docs/sweeps.md.")
     parser.add_argument("file", metavar="SWEEP_FILE", help="YAML or JSON: name, base, grid and/or runs")
     parser.add_argument("--dry-run", action="store_true", help="print the runs (dir, status, options) and the sbatch "
                         "line of the SLURM array; train nothing")
