@@ -82,8 +82,8 @@ def fresh_accelerate_state():
 class Forked:
     """A command running in a child of the fork server: the parts of subprocess.Popen the tests use."""
 
-    def __init__(self, server: "ForkServer", out: Path, err: Path, argv: list[str]):
-        self.server, self.out, self.err, self.args = server, out, err, argv
+    def __init__(self, out: Path, err: Path, argv: list[str]):
+        self.out, self.err, self.args = out, err, argv
         self.pid, self.returncode = None, None
         self.started, self.done = threading.Event(), threading.Event()
 
@@ -143,7 +143,7 @@ class ForkServer:
         with self.lock:
             self.count += 1
             i = self.count
-            forked = Forked(self, self.dir / f"{i}.out", self.dir / f"{i}.err", argv)
+            forked = Forked(self.dir / f"{i}.out", self.dir / f"{i}.err", argv)
             self.waiting[i] = forked
             request = {"id": i, "argv": argv, "module": module, "cwd": str(cwd), "env": env,
                        "stdout": str(forked.out), "stderr": str(forked.err)}
@@ -162,7 +162,7 @@ def spawn(*args, env=None, cwd=ROOT) -> "Forked | subprocess.Popen":
     global _server
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     args = [str(a) for a in args]
-    if args[0] == "train.py" or args[0].endswith(".py") or (args[0] == "-m" and args[1].startswith("tl.")):
+    if args[0].endswith(".py") or (args[0] == "-m" and args[1].startswith("tl.")):
         if _server is None or _server.proc.poll() is not None:
             _server = ForkServer()
         if args[0] == "-m":

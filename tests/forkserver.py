@@ -27,7 +27,7 @@ def child(request: dict) -> None:
     """Become the command: never returns."""
     code = 1
     try:
-        os.setpgid(0, 0)  # a group of its own, like a shell's job: the test's killpg reaches its workers too
+        os.setpgid(0, 0)  # a group of its own: when the tests end, the server's killpg takes its workers too
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
@@ -52,7 +52,7 @@ def child(request: dict) -> None:
         code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
         if not isinstance(e.code, int | None):
             print(e.code, file=sys.stderr)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a fresh Python would end by SIGINT itself (-2); no test tells the two apart
         traceback.print_exc()
         code = 128 + signal.SIGINT
     except BaseException:

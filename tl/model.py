@@ -52,8 +52,8 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
                         "state dict") from None
     if isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         return state
-    nested = [k for k in ("state_dict", "model", "model_state_dict", "module") if isinstance(state, dict)
-              and isinstance(state.get(k), dict)] if isinstance(state, dict) else []
+    nested = [k for k in ("state_dict", "model", "model_state_dict", "module")
+              if isinstance(state, dict) and isinstance(state.get(k), dict)]
     found = (f"a dict with keys {', '.join(map(repr, list(state)[:5]))}" if isinstance(state, dict)
              else f"a {type(state).__name__}")
     hint = (f"it looks like a training checkpoint: save its {nested[0]!r} entry on its own, "

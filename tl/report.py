@@ -345,7 +345,11 @@ def main(argv=None):
                         help="run dirs, or folders whose sub-folders are run dirs")
     parser.add_argument("--out", help="where report.md, report.csv and report.png go; default: the sweep dir "
                         "when one is given alone, else the current dir (never a run dir)")
-    run_cli(lambda: report(*vars(parser.parse_args(argv)).values()))
+    def go():
+        args = parser.parse_args(argv)  # inside run_cli: a mistake is one error line
+        return report(args.dirs, args.out)
+
+    run_cli(go)
 
 
 if __name__ == "__main__":
