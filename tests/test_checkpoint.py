@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from conftest import make_imagefolder, run_cli, spawn
+from conftest import make_imagefolder, one_line_error, run_cli, spawn
 from safetensors.torch import save_file
 
 from tl import checkpoint
@@ -184,6 +184,21 @@ def long_epochs(tmp_path_factory):
 
 
 MID = ["--epochs", "2", "--image-size", "32", "--batch-size", "4", "--weights", "none", "--num-workers", "2"]
+# Every accuracy lever at once (docs/levers.md), on a model with dropout: the global generator is in use.
+LEVERS = ["--mixup", "0.8", "--cutmix", "1.0", "--ema", "0.9", "--sampler", "balanced", "--augment", "trivialaugment",
+          "--random-erasing", "0.25", "--class-weights", "auto", "--tta", "flip", "--calibrate",
+          "--model", "mobilenet_v3_small"]
+
+
+def kill_inside_an_epoch(proc, out, kill=lambda proc: proc.send_signal(signal.SIGKILL)):
+    """SIGKILL a run (started with --save-every 0.0001) once it has saved a state inside an epoch."""
+    deadline = time.time() + 300
+    while not ((out / "state.safetensors").exists()
+               and checkpoint.read_metadata(out / "state.safetensors")["step"] > 0):
+        assert time.time() < deadline and proc.poll() is None, "no state inside an epoch was saved"
+        time.sleep(0.01)
+    kill(proc)
+    proc.wait()
 
 
 @pytest.mark.slow
@@ -194,13 +209,7 @@ def test_a_run_stopped_inside_an_epoch_resumes_there_exactly(tmp_path, long_epoc
     extra = ["--save-every", "0.0001"] if how.startswith("SIGKILL") else []  # every agreement point: 16 steps
     proc = spawn("train.py", "--data-dir", long_epochs, "--output-dir", out, *MID, *extra)
     if how.startswith("SIGKILL"):
-        deadline = time.time() + 300
-        while not ((out / "state.safetensors").exists()
-                   and checkpoint.read_metadata(out / "state.safetensors")["step"] > 0):
-            assert time.time() < deadline and proc.poll() is None, "no state inside an epoch was saved"
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        kill_inside_an_epoch(proc, out)
     else:
         wait_for_epochs(out, 1, proc)
         proc.send_signal(signal.SIGINT)
@@ -212,3 +221,33 @@ def test_a_run_stopped_inside_an_epoch_resumes_there_exactly(tmp_path, long_epoc
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert metrics_without_timings(out) == metrics_without_timings(ref)
     assert (out / "best.safetensors").read_bytes() == (ref / "best.safetensors").read_bytes()
+
+
+@pytest.mark.slow
+def test_every_lever_resumes_exactly_after_a_sigkill_inside_an_epoch(tmp_path, long_epochs, reference):
+    """mixup+cutmix, EMA, the balanced sampler, a policy, erasing, class weights, TTA and calibration, with 2
+    workers and dropout: killed inside an epoch, resumed, the same metrics and best.safetensors byte for byte."""
+    ref = reference(long_epochs, *MID, *LEVERS)
+    out = tmp_path / "run"
+    proc = spawn("train.py", "--data-dir", long_epochs, "--output-dir", out, *MID, *LEVERS, "--save-every", "0.0001")
+    kill_inside_an_epoch(proc, out)
+    changed = run_cli("train.py", "--data-dir", long_epochs, "--output-dir", out, *MID, *LEVERS, "--ema", "0.99",
+                      "--resume")
+    one_line_error(changed, "cannot resume", "--ema (0.99, not 0.9)")
+    resumed = run_cli("train.py", "--data-dir", long_epochs, "--output-dir", out, *MID, *LEVERS, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert metrics_without_timings(out) == metrics_without_timings(ref)
+    assert (out / "best.safetensors").read_bytes() == (ref / "best.safetensors").read_bytes()
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (out, ref)]
+    assert summaries[0]["calibration"] == summaries[1]["calibration"] and "val_acc_tta" in summaries[0]
+
+
+def test_a_run_without_the_levers_refuses_them_on_resume_by_name(tmp_path, data):
+    out = tmp_path / "run"
+    args = ["--data-dir", data, "--output-dir", out, *ARGS, "--epochs", "1"]
+    assert run_cli("train.py", *args).returncode == 0
+    for flag, value in (("--mixup", "0.2"), ("--sampler", "balanced"), ("--augment", "randaugment"),
+                        ("--tta", "flip"), ("--calibrate", None)):
+        proc = run_cli("train.py", *args, "--epochs", "2", "--resume", flag, *([value] if value else []))
+        one_line_error(proc, "cannot resume", flag)
+    assert run_cli("train.py", *args, "--epochs", "2", "--resume").returncode == 0

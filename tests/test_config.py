@@ -70,10 +70,10 @@ def test_help_shows_each_default_once():
 
 def test_every_option_says_what_a_resume_does_with_it():
     """A new option must be classified: part of the run's identity or recipe (checked on --resume), or free."""
-    from tl.config import IDENTITY, RECIPE, RESUME_FREE
+    from tl.config import IDENTITY, RECIPE, RECIPE_EXTRAS, RESUME_FREE
 
     names = [f.name for f in dataclasses.fields(Config)]
-    classified = [*IDENTITY, *RECIPE, *RESUME_FREE]
+    classified = [*IDENTITY, *RECIPE, *RECIPE_EXTRAS, *RESUME_FREE]
     assert sorted(classified) == sorted(names) and len(set(classified)) == len(classified)
 
 

@@ -1,12 +1,16 @@
 """Several processes on the CPU (gloo): sharding, exact evaluation counts, frozen-backbone DDP."""
 
 import json
+import os
 import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from conftest import HYMENOPTERA_ZIP, PROXY_WEIGHTS, ROOT, make_imagefolder, run_cli
+from test_checkpoint import LEVERS, MID, kill_inside_an_epoch, metrics_without_timings
 
 from tl.pack import pack
 
@@ -132,3 +136,23 @@ def test_a_diverging_loss_stops_every_process_with_one_line(tmp_path, odd_data):
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "the loss became non-finite" in errors[0], proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_every_lever_resumes_exactly_at_two_processes(tmp_path):
+    """torchrun, 2 processes, 2 workers each, every accuracy lever (test_checkpoint's LEVERS): SIGKILL of the
+    whole job inside an epoch, then --resume gives the uninterrupted job's metrics and best.safetensors."""
+    data = make_imagefolder(tmp_path / "d", n_train=70, n_val=7, size=40)  # 18 steps a process: one save inside
+    (data / "train" / "red" / "000.jpg").unlink()  # 139 images: one rank's last batch mixes a repeated image
+    args = [str(ROOT / "train.py"), "--data-dir", str(data), *MID, *LEVERS]
+    ref = run_cli(*launcher("torchrun"), *args, "--output-dir", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    out = tmp_path / "run"
+    job = subprocess.Popen([sys.executable, *launcher("torchrun"), *args, "--output-dir", str(out), "--save-every",
+                            "0.0001"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    kill_inside_an_epoch(job, out, kill=lambda job: os.killpg(job.pid, signal.SIGKILL))  # torchrun and its ranks
+    resumed = run_cli(*launcher("torchrun"), *args, "--output-dir", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert metrics_without_timings(out) == metrics_without_timings(tmp_path / "ref")
+    assert (out / "best.safetensors").read_bytes() == (tmp_path / "ref" / "best.safetensors").read_bytes()

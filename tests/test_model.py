@@ -183,7 +183,7 @@ def assert_evaluated_with_its_preprocessing(out, data, weights, other: Preproces
 
     def loss(pre):
         loader = DataLoader(ImageSet(load_split(samples, pre, False, False)), batch_size=32)
-        return F.nll_loss(probabilities(model, loader, "no", pre=pre).log(), targets).item()
+        return F.nll_loss(probabilities(model, loader, meta | {"preprocessing": pre.meta()}).log(), targets).item()
 
     assert loss(Preprocess.from_meta(meta)) == pytest.approx(val_loss, abs=1e-5)
     assert abs(loss(other) - val_loss) > 1e-4  # other pixels or statistics: another loss

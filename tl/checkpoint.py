@@ -128,11 +128,13 @@ def identity_of(path, meta: dict) -> Identity:
 
 
 def save_state(path, model_tensors: dict, optimizer: torch.optim.Optimizer, scheduler, metadata: dict,
-               extra: dict[str, torch.Tensor] | None = None) -> None:
+               extra: dict[str, torch.Tensor] | None = None, averaged: dict[str, torch.Tensor] | None = None) -> None:
     """The full training state: optimizer tensors under optimizer.<param>.<name>, `extra` tensors
-    (random generator states of a mid-epoch save) under extra.<name>, the rest as JSON."""
+    (random generator states of a mid-epoch save) under extra.<name>, `averaged` (--ema's state)
+    under averaged.<name>, the rest as JSON."""
     opt = optimizer.state_dict()
-    tensors = {f"model.{k}": v for k, v in model_tensors.items()} | {f"extra.{k}": v for k, v in (extra or {}).items()}
+    tensors = {f"{part}.{k}": v for part, group in (("model", model_tensors), ("extra", extra), ("averaged", averaged))
+               for k, v in (group or {}).items()}
     scalars = {}
     for idx, state in opt["state"].items():
         for name, value in state.items():
@@ -146,9 +148,10 @@ def save_state(path, model_tensors: dict, optimizer: torch.optim.Optimizer, sche
 
 def load_state(path) -> tuple[dict, dict, dict, dict]:
     """Inverse of save_state: model tensors, optimizer state_dict, scheduler state_dict, metadata
-    (with the extra tensors under meta["extra"])."""
+    (with the extra tensors under meta["extra"], the averaged ones under meta["averaged"])."""
     tensors, meta = load(path)
-    meta["extra"] = {k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")}
+    for part in ("extra", "averaged"):
+        meta[part] = {k.removeprefix(part + "."): v for k, v in tensors.items() if k.startswith(part + ".")}
     try:
         model = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
         state: dict[int, dict] = {}

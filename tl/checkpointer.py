@@ -35,11 +35,15 @@ class Checkpointer:
         self.frozen = identity.mode == "feature-extract"
         self.progress = Progress()
         self.extra: dict[str, torch.Tensor] = {}  # a mid-epoch state's generator states, per process
+        self.ema = None  # --ema: a tl.ema.WeightEMA, saved beside the weights
 
     def trained(self) -> dict[str, torch.Tensor]:
         """What this mode trains: every tensor, or only the head's."""
         state = self.model.state_dict()
         return {k: v for k, v in state.items() if k.startswith(self.identity.head + ".")} if self.frozen else state
+
+    def averaged(self) -> dict[str, torch.Tensor] | None:
+        return self.ema.state_dict() if self.ema else None
 
     def check_resumable(self, path: Path, epochs: int) -> dict:
         """Before the slow work: the saved state is this run's, made with these options."""
@@ -65,6 +69,8 @@ class Checkpointer:
             if set(tensors) != expected:
                 raise ValueError(f"it holds {len(tensors)} model tensors, this run trains {len(expected)}")
             self.model.load_state_dict(tensors, strict=not self.frozen)
+            if self.ema:
+                self.ema.load_state_dict(meta["averaged"])
             _check_optimizer_state(self.optimizer, optimizer_state)
             self.optimizer.load_state_dict(optimizer_state)
             if set(scheduler_state) != set(self.scheduler.state_dict()):
@@ -95,11 +101,13 @@ class Checkpointer:
         the metrics row, then best, then the state that says the epoch is done (a resume drops rows
         and redoes work past the state). Returns whether the epoch is the best so far."""
         p = self.progress
-        improved = row["val_acc"] > p.best_val_acc
+        from_ema = row.get("ema_val_acc", -1.0) > row["val_acc"]  # --ema: the averaged weights scored higher
+        score = row["ema_val_acc"] if from_ema else row["val_acc"]
+        improved = score > p.best_val_acc
         p.epoch, p.history, p.step, p.partial = row["epoch"], [*p.history, row], 0, []
         p.seconds = wall_seconds
         if improved:
-            p.best_val_acc, p.best_epoch = row["val_acc"], row["epoch"]
+            p.best_val_acc, p.best_epoch = score, row["epoch"]
             p.best_preds, p.best_confidence = preds, confidence
         if self.run is None:
             return improved
@@ -107,10 +115,12 @@ class Checkpointer:
         self.run.append_row(row)
         trained = self.trained()
         if improved:
-            save(self.run.file(rundir.BEST), trained, self.identity.meta() | self.best_meta | {
-                "epoch": p.epoch, "val_acc": p.best_val_acc, "val_correct": correct})
+            which = {"weights_from": "ema" if from_ema else "model"} if self.ema else {}
+            save(self.run.file(rundir.BEST), self.ema.trained() if from_ema else trained,
+                 self.identity.meta() | self.best_meta | {"epoch": p.epoch, "val_acc": p.best_val_acc,
+                                                          "val_correct": correct} | which)
         save_state(self.run.file(rundir.STATE), trained, self.optimizer, self.scheduler,
-                   self.identity.meta() | dataclasses.asdict(p))
+                   self.identity.meta() | dataclasses.asdict(p), averaged=self.averaged())
         self.run.epoch_saved()
         return improved
 
@@ -125,5 +135,5 @@ class Checkpointer:
             return
         self.run.check_lock()
         save_state(self.run.file(rundir.STATE), self.trained(), self.optimizer, self.scheduler,
-                   self.identity.meta() | dataclasses.asdict(p), generators)
+                   self.identity.meta() | dataclasses.asdict(p), generators, self.averaged())
         self.run.epoch_saved()

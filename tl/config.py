@@ -21,6 +21,10 @@ IDENTITY = ("model", "mode", "weights", "image_size", "seed")
 RECIPE = ("batch_size", "lr", "momentum", "step_size", "gamma", "train_size", "feature_cache", "compile", "augment",
           "val_split", "optimizer", "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "freeze_epochs",
           "backbone_lr_scale", "preprocess")
+# Recipe options newer than the checkpoint format: in a run's recipe only when not at their default, so
+# a run that does not use them saves what it saved before, and a saved run without them resumes.
+RECIPE_EXTRAS = ("random_erasing", "mixup", "cutmix", "ema", "class_weights", "sampler", "tta", "calibrate")
+POLICIES = ("randaugment", "trivialaugment", "autoaugment")  # --augment: torchvision v2's, in the loader
 RESUME_FREE = ("data_dir", "data_zip", "data_mode", "save_every", "epochs", "strict_images", "precision", "output_dir",
                "resume", "overwrite", "wandb", "wandb_project", "wandb_entity", "wandb_name", "wandb_group",
                "wandb_log_model",
@@ -96,9 +100,36 @@ class Config:
                            "stays at --image-size; check the accuracy (see docs/speed.md)")
     precision: str = _opt("auto", "mixed precision; auto: the accelerate config's choice, else "
                           "bf16 where the GPU or CPU supports it, else fp32", choices=PRECISIONS)
-    augment: str = _opt("auto", "where train images are cropped, flipped and normalized: cpu (image by image, in the "
-                        "loader), device (batched on the GPU: one roi_align crop-resize, same crop distribution); "
-                        "auto: device on CUDA, else cpu", choices=("auto", "cpu", "device"))
+    augment: str = _opt("auto", "train augmentation: the tutorial's crop and flip, where they run: cpu (image by "
+                        "image, in the loader), device (batched on the GPU: one roi_align crop-resize, same crop "
+                        "distribution), auto (device on CUDA, else cpu); or crop, flip and then a policy of "
+                        "torchvision's, image by image in the loader: randaugment, trivialaugment, autoaugment "
+                        "(ImageNet's)", choices=("auto", "cpu", "device", *POLICIES))
+    random_erasing: float = _opt(0.0, "after the crop, flip and policy, erase a random rectangle of each train image "
+                                 "with this probability (torchvision's RandomErasing, filled with the mean color; "
+                                 "timm uses 0.25); 0: off")
+    mixup: float = _opt(0.0, "mix each train batch with itself rolled by one (torchvision's MixUp) with this Beta "
+                        "alpha (timm uses 0.8), training on the mixed soft targets; 0: off. train_acc then counts "
+                        "agreement with each image's larger share")
+    cutmix: float = _opt(0.0, "paste a box of the rolled batch into each train image (torchvision's CutMix) with this "
+                         "Beta alpha (timm uses 1.0); with --mixup as well, each batch takes one of the two at "
+                         "random; 0: off")
+    ema: float = _opt(0.0, "keep an exponential moving average of the trained weights with this decay per step "
+                      "(e.g. 0.999), evaluated each epoch beside them; the best epoch keeps whichever scores higher "
+                      "(best.safetensors says which); feature-extract averages only the head. 0: off")
+    class_weights: str = _opt("none", "auto: weigh each class in the training loss by the inverse of its share of "
+                              "the train images (N / (classes * count)); none: every image alike",
+                              choices=("none", "auto"))
+    sampler: str = _opt("shuffle", "shuffle: every train image once an epoch; balanced: as many draws, with "
+                        "replacement, each class equally likely (the same order at any world size and on resume)",
+                        choices=("shuffle", "balanced"))
+    tta: str = _opt("none", "test-time augmentation of the final evaluation (the best epoch on val and test), "
+                    "tl.predict and tl.export: flip averages the probabilities of each image and its mirror "
+                    "image; reported beside the plain figures", choices=("none", "flip"))
+    calibrate: bool = _opt(False, "after training, fit a temperature to the best epoch's val logits (temperature "
+                           "scaling); summary.json gets the expected calibration error before and after, "
+                           "reliability.png the diagram, and tl.predict and tl.export output calibrated "
+                           "probabilities")
     save_every: float = _opt(0.0, "also save the training state inside an epoch every this many minutes (0: at "
                              "the end of each epoch only); a stop signal always saves at the step where it stops")
     compile: bool = _opt(False, "torch.compile what trains: on GPUs faster once compiled (a minute or so), on "
@@ -128,7 +159,9 @@ class Config:
         """The options besides the run's identity that change its numbers: a resume must keep them
         (and --epochs under the cosine schedule, which spans them)."""
         cosine = {"epochs": self.epochs} if self.schedule == "cosine" else {}
-        return {name: getattr(self, name) for name in RECIPE} | cosine
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        extras = {name: getattr(self, name) for name in RECIPE_EXTRAS if getattr(self, name) != defaults[name]}
+        return {name: getattr(self, name) for name in RECIPE} | cosine | extras
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
@@ -172,6 +205,24 @@ class Config:
         if self.schedule == "cosine" and self.warmup_epochs >= self.epochs:
             raise UserError(f"--warmup-epochs {self.warmup_epochs} leaves no epoch of the cosine schedule in "
                             f"--epochs {self.epochs}; warm up for fewer epochs")
+        if not 0 <= self.random_erasing <= 1:
+            raise UserError(f"--random-erasing is a probability from 0 (off) to 1, got {self.random_erasing}")
+        for name in ("mixup", "cutmix"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name} is a Beta distribution's alpha: 0 (off) or more, e.g. 0.8, got "
+                                f"{getattr(self, name)}")
+        if not (self.ema == 0 or 0 < self.ema < 1):
+            raise UserError(f"--ema is a decay per step above 0 and below 1, e.g. 0.999, or 0 (off), got {self.ema}")
+        images = not (self.mode == "feature-extract" and self.feature_cache == "on")
+        for name, on in (("--augment " + self.augment, self.augment in POLICIES),
+                         ("--random-erasing", self.random_erasing > 0), ("--mixup", self.mixup > 0),
+                         ("--cutmix", self.cutmix > 0)):
+            if on and not images:
+                raise UserError(f"{name} changes train images, but feature-extract with the feature cache trains on "
+                                "features computed once from unaugmented images; add --feature-cache off")
+        if self.random_erasing and self.augment == "device":
+            raise UserError("--random-erasing works image by image in the loader; drop --augment device (or pass "
+                            "--augment cpu)")
         if self.num_workers < -1:
             raise UserError(f"--num-workers must be 0 or more, or -1 for the default, got {self.num_workers}")
         return self

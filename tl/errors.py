@@ -51,6 +51,9 @@ def run_cli(fn):
     gc.freeze()
     try:
         return fn()
+    except BrokenPipeError:  # the reader of stdout went away (`tl.predict ... | head`): stop as `cat` does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        sys.exit(141)  # 128 + SIGPIPE, what a shell reports for a command its pipe's reader left
     except (UserError, StopRequested) as e:
         if os.environ.get("TL_DEBUG") == "1":
             traceback.print_exc()

@@ -23,13 +23,32 @@ def gather_in_order(fn, loader, accelerator, total: int, pre: Preprocess = TUTOR
     return out[torch.tensor(order).argsort()]
 
 
-def evaluate(model, loader, accelerator, total: int, pre: Preprocess = TUTORIAL) -> torch.Tensor:
-    """Class probabilities for every image of the set, in order, on every process.
+def evaluate(model, loader, accelerator, total: int, pre: Preprocess = TUTORIAL, tta: str = "none",
+             temperature: float = 1.0) -> torch.Tensor:
+    """Class probabilities for every image of the set, in order, on every process (predict_probs).
 
     Pass the unwrapped model: DDP's forward may talk to the other processes, and shards of
     different lengths make different numbers of forward calls.
     """
-    return gather_in_order(lambda x: model(x).float().softmax(1), loader, accelerator, total, pre)
+    return gather_in_order(lambda x: predict_probs(model, x, tta, temperature), loader, accelerator, total, pre)
+
+
+def view_logits(model, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """[N, views, classes] float32 logits: of the images, and under --tta flip of their mirror images too."""
+    views = [x, x.flip(-1)] if tta == "flip" else [x]
+    return torch.stack([model(v).float() for v in views], 1)
+
+
+def view_probs(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """Class probabilities from view_logits: each view's softmax (of the logits divided by the
+    --calibrate temperature), averaged over the views."""
+    return (logits if isinstance(temperature, float) and temperature == 1.0 else logits / temperature
+            ).softmax(2).mean(1)
+
+
+def predict_probs(model, x: torch.Tensor, tta: str = "none", temperature: float = 1.0) -> torch.Tensor:
+    """What a run's model outputs for a batch: the same numbers in a run's evaluation, tl.predict and an export."""
+    return view_probs(view_logits(model, x, tta), temperature)
 
 
 def confusion_matrix(targets: torch.Tensor, preds: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -55,3 +74,10 @@ def class_scores(confusion: torch.Tensor, classes: list[str], prefix: str = "") 
     f1 = torch.where(hits > 0, 2 * precision * recall / (precision + recall), 0.0)
     return {f"{prefix}per_class_{name}": dict(zip(classes, values.tolist()))
             for name, values in (("acc", recall), ("precision", precision), ("recall", recall), ("f1", f1))}
+
+
+def balanced_scores(per_class: dict, prefix: str = "") -> dict[str, float]:
+    """Balanced accuracy (the mean of the classes' recalls) and macro-F1, from class_scores(..., prefix)."""
+    recall, f1 = per_class[f"{prefix}per_class_recall"], per_class[f"{prefix}per_class_f1"]
+    return {f"{prefix}balanced_acc": sum(recall.values()) / len(recall),
+            f"{prefix}macro_f1": sum(f1.values()) / len(f1)}

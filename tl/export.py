@@ -26,6 +26,7 @@ from tl import checkpoint
 from tl import run as rundir
 from tl.cli import Parser
 from tl.errors import UserError, run_cli
+from tl.eval import predict_probs
 from tl.exported import (
     FORMAT,
     FORMAT_VERSION,
@@ -43,24 +44,26 @@ from tl.image_files import read_images, val_images
 from tl.loaders import ImageSet
 from tl.preprocess import Preprocess
 from tl.splits import Split, load_split
-from tl.trained import load_model, probabilities
+from tl.trained import load_model, output_of, probabilities
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
-CARRIED = ("epoch", "val_acc", "val_correct", "mixed_precision", "eval_batch_size")  # from the checkpoint
+CARRIED = ("epoch", "val_acc", "val_correct", "mixed_precision", "eval_batch_size", "weights_from", "temperature",
+           "tta_val_acc", "tta_val_correct")  # from the checkpoint
 
 
 class Classifier(nn.Module):
-    """What an exported file holds: uint8 center views in, class probabilities out."""
+    """What an exported file holds: uint8 center views in, class probabilities out (with the run's
+    --tta and --calibrate temperature, as tl.eval.predict_probs)."""
 
-    def __init__(self, model: nn.Module, pre: Preprocess):
+    def __init__(self, model: nn.Module, pre: Preprocess, tta: str = "none", temperature: float = 1.0):
         super().__init__()
-        self.model = model
+        self.model, self.tta, self.temperature = model, tta, temperature
         self.register_buffer("mean", torch.tensor(pre.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(pre.std).view(1, 3, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float() / 255  # the operations of tl.preprocess.to_input, so the model sees the same floats
-        return self.model((x - self.mean) / self.std).float().softmax(1)
+        return predict_probs(self.model, (x - self.mean) / self.std, self.tta, self.temperature)
 
 
 def _onnx_model(model: nn.Module, example: torch.Tensor):
@@ -122,11 +125,12 @@ def check(exported: Exported, model: nn.Module, meta: dict, split: Split, where:
     loader = DataLoader(ImageSet(split), batch_size=meta.get("eval_batch_size", 32))
     preds = exported.probabilities(loader).argmax(1)
     correct, n = int((preds == labels).sum()), len(labels)
-    reproduced = correct / n == meta.get("val_acc") and correct == meta.get("val_correct", correct)
+    tta = "tta_" if "tta_val_acc" in meta else ""  # --tta: the run's final figure with it
+    reproduced = correct / n == meta.get(f"{tta}val_acc") and correct == meta.get(f"{tta}val_correct", correct)
     out = {"val": where, "images": n, "correct": correct, "accuracy": correct / n,
            "reproduces_best_val_acc": reproduced}
     if not out["reproduces_best_val_acc"]:
-        reference = probabilities(model, loader, "no", cpu=True, pre=Preprocess.from_meta(meta)).argmax(1)
+        reference = probabilities(model, loader, meta, cpu=True).argmax(1)
         differ = (preds != reference).nonzero().flatten().tolist()
         out["differs_from_fp32_model"] = len(differ)
         if differ:
@@ -193,7 +197,7 @@ def export(checkpoint_path, kind: str, output=None, weights: str | None = None, 
                    "meaning": "class probabilities (softmax), in the order of classes"},
         "torch": torch.__version__, "parity": None}
 
-    wrapper = Classifier(model, pre).eval()
+    wrapper = Classifier(model, pre, *output_of(ckpt_meta)).eval()
     example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
     with torch.no_grad(), quiet_deprecations():
         artifact = (_onnx_model(wrapper, example) if kind == "onnx"

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from tl.errors import UserError
-from tl.loaders import PAD, ShardSampler
+from tl.loaders import PAD, ShardSampler, train_sampler
 from tl.preprocess import TUTORIAL, Preprocess, to_input
 
 
@@ -157,15 +157,16 @@ def as_batch(batch):
 
 
 def feature_loaders(train: FeatureRows, val: FeatureRows, batch_size: int, val_batch_size: int, seed: int,
-                    accelerator) -> tuple[DataLoader, ShardSampler, DataLoader]:
+                    accelerator, balanced: bool = False) -> tuple[DataLoader, ShardSampler, DataLoader]:
     """As make_loaders: train shuffled and sharded by ShardSampler; `val` is this process's own
     strided part (its own file), in order. On a GPU with room, both move there first."""
     device = accelerator.device
     if device.type == "cuda" and train.nbytes() + val.nbytes() <= torch.cuda.mem_get_info(device)[0] / 2:
         train, val = train.to(device), val.to(device)
     pin = train.device.type == "cpu" and torch.cuda.is_available()  # device tensors cannot be pinned
-    sampler = ShardSampler(train, num_replicas=accelerator.num_processes, rank=accelerator.process_index,
-                           shuffle=True, seed=seed)
-    train_loader = DataLoader(train, batch_size=batch_size, sampler=sampler, pin_memory=pin, collate_fn=as_batch)
+    sampler = train_sampler(train, train.targets.tolist(), balanced, seed, accelerator.process_index,
+                            accelerator.num_processes)
+    train_loader = DataLoader(train, batch_size=batch_size, sampler=sampler, pin_memory=pin, collate_fn=as_batch,
+                              generator=torch.Generator().manual_seed(seed))  # as make_loaders
     val_loader = DataLoader(val, batch_size=val_batch_size, pin_memory=pin, collate_fn=as_batch)
     return train_loader, sampler, val_loader

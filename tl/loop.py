@@ -20,10 +20,11 @@ from tl import run as rundir
 from tl.augment import DeviceAugment
 from tl.checkpointer import Checkpointer
 from tl.config import Config
+from tl.ema import WeightEMA
 from tl.errors import UserError
-from tl.eval import evaluate, top5_correct
+from tl.eval import balanced_scores, class_scores, confusion_matrix, evaluate, top5_correct
 from tl.features import remove_files
-from tl.finish import evaluate_test, finish, stop_message, stop_reason
+from tl.finish import evaluate_best, finish, stop_message, stop_reason
 from tl.loaders import PAD, skip_batches
 from tl.model import set_frozen
 from tl.pictures import save_image_grid
@@ -31,6 +32,7 @@ from tl.preprocess import TUTORIAL, Preprocess, to_input
 from tl.run import RunDir
 from tl.setup import Setup, on_main, setup
 from tl.stop import Stopper, StopRequested
+from tl.targets import BatchMix, loss_and_hits
 from tl.tracking import Tracker
 
 
@@ -72,13 +74,15 @@ NO_BAD_STEP = -(1 << 40)
 
 def train_epoch(model, loader, optimizer, accelerator, stopper: Stopper, epoch: int, epochs: int,
                 augment: DeviceAugment | None = None, start: int = 0, partial=(0.0, 0, 0), save=None,
-                save_every_s: float = 0.0, label_smoothing: float = 0.0, pre: Preprocess = TUTORIAL):
+                save_every_s: float = 0.0, label_smoothing: float = 0.0, pre: Preprocess = TUTORIAL,
+                mixer: BatchMix | None = None, class_weight: torch.Tensor | None = None, ema: WeightEMA | None = None):
     """One pass over this process's shard; returns loss, accuracy and images over all processes.
 
     The steps queue work on the device without waiting for it: totals stay on the device, and every
     AGREE_EVERY steps (and at the last) the processes make their one host sync, agreeing on a stop
     signal and on a non-finite loss on any of them. A non-finite step reaches the weights, but the
-    run stops before the epoch is saved, so nothing saved ever holds it.
+    run stops before the epoch is saved, so nothing saved ever holds it. With mixer (--mixup/--cutmix)
+    the loss is on soft targets and accuracy counts each image's larger share (tl.targets).
     """
     device = accelerator.device
     loss_sum = torch.tensor(float(partial[0]), device=device)  # a resume inside the epoch goes on from its totals
@@ -88,17 +92,20 @@ def train_epoch(model, loader, optimizer, accelerator, stopper: Stopper, epoch: 
     last, saved_at = start + len(loader), time.monotonic()
     bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", disable=not accelerator.is_main_process, leave=False,
                initial=start, total=last)
-    for step, (x, y) in enumerate(bar, start + 1):
-        x, y = augment(*x) if augment else to_input(x, device, pre), y.to(device, non_blocking=True)
+    for step, (x, y_host) in enumerate(bar, start + 1):
+        x, y = augment(*x) if augment else to_input(x, device, pre), y_host.to(device, non_blocking=True)
+        x, soft = mixer(x, y, y_host, epoch, step) if mixer else (x, None)
         logits = model(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)  # the mean over all but PAD labels
+        loss, hits = loss_and_hits(logits, y, soft, class_weight, label_smoothing)  # the mean over real images
         real = (y != PAD).sum()  # a batch of only repeated images: loss nan, gradient 0, counted as nothing
         bad = torch.where(torch.isfinite(loss) | (real == 0) | (bad != NO_BAD_STEP), bad, -step)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         optimizer.step()
+        if ema:
+            ema.update()
         loss_sum += torch.where(real > 0, loss.detach().float(), 0.0) * real
-        correct += (logits.argmax(1) == y).sum()
+        correct += hits
         images += real
         if step % AGREE_EVERY == 0 or step == last:
             due = accelerator.is_main_process and 0 < save_every_s <= time.monotonic() - saved_at
@@ -167,20 +174,36 @@ def run_epoch(s: Setup, net, optimizer, accelerator, stopper: Stopper, epoch: in
     net.train(not frozen)  # frozen: BatchNorm statistics stay the base's
     train_loss, train_acc, n_train = train_epoch(net, loader, optimizer, accelerator, stopper, epoch, cfg.epochs,
                                                  s.device_augment, start, partial, save, cfg.save_every * 60,
-                                                 cfg.label_smoothing, s.pre)
+                                                 cfg.label_smoothing, s.pre, s.mixer, s.class_weight, s.ema)
     train_seconds = time.perf_counter() - t0
     s.scheduler.step()
     net.eval()
-    probs = evaluate(accelerator.unwrap_model(net), s.val_loader, accelerator, len(s.val_targets), s.pre)
+    evaluated = accelerator.unwrap_model(net)
+    row, preds, confidence = val_scores(evaluate(evaluated, s.val_loader, accelerator, len(s.val_targets), s.pre),
+                                        s.val_targets, len(s.identity.classes))
+    row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, **row, "lr": lr,
+           "train_images": n_train, "val_images": len(preds), "train_images_per_s": n_train / train_seconds}
+    if s.ema:  # the averaged weights on the same images; the best epoch keeps whichever scores higher
+        with s.ema.swapped_in(evaluated) as averaged:
+            ema_row, ema_preds, ema_confidence = val_scores(
+                evaluate(averaged, s.val_loader, accelerator, len(s.val_targets), s.pre), s.val_targets,
+                len(s.identity.classes))
+        row |= {f"ema_{k}": v for k, v in ema_row.items()}
+        if ema_row["val_acc"] > row["val_acc"]:
+            preds, confidence = ema_preds, ema_confidence
+    row["seconds"] = time.perf_counter() - t0
+    return row, preds.tolist(), [round(c, 4) for c in confidence.tolist()], int((preds == s.val_targets).sum())
+
+
+def val_scores(probs: torch.Tensor, targets: torch.Tensor, num_classes: int):
+    """An epoch's val figures (loss, accuracy, top-5, balanced accuracy, macro-F1), predictions and confidences."""
     confidence, preds = probs.max(1)
-    correct = int((preds == s.val_targets).sum())
-    top5 = top5_correct(probs, s.val_targets)  # None up to 5 classes
-    row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
-           "val_loss": F.nll_loss(probs.clamp_min(1e-12).log(), s.val_targets).item(),
-           "val_acc": correct / len(preds), **({"val_top5": top5 / len(preds)} if top5 is not None else {}),
-           "lr": lr, "train_images": n_train, "val_images": len(preds),
-           "train_images_per_s": n_train / train_seconds, "seconds": time.perf_counter() - t0}
-    return row, preds.tolist(), [round(c, 4) for c in confidence.tolist()], correct
+    top5 = top5_correct(probs, targets)  # None up to 5 classes
+    per_class = class_scores(confusion_matrix(targets, preds, num_classes), list(range(num_classes)), "val_")
+    row = {"val_loss": F.nll_loss(probs.clamp_min(1e-12).log(), targets).item(),
+           "val_acc": int((preds == targets).sum()) / len(preds),
+           **({"val_top5": top5 / len(preds)} if top5 is not None else {}), **balanced_scores(per_class, "val_")}
+    return row, preds, confidence
 
 
 def announce(cfg: Config, s: Setup, run: RunDir, net, accelerator, resumed_after: int | None) -> None:
@@ -259,11 +282,13 @@ def train(cfg: Config, stopper: Stopper | None = None) -> tuple[dict, torch.nn.M
             if main:
                 tracker.log_epoch(row)
                 print(f"epoch {epoch:>3}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
-                      f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  lr {row['lr']:.2g}  "
+                      f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  "
+                      + (f"ema acc {row['ema_val_acc']:.4f}  " if "ema_val_acc" in row else "") +
+                      f"lr {row['lr']:.2g}  "
                       f"{row['seconds']:.1f}s{'  *best*' if improved else ''}")
             stopper.check()
-        test = evaluate_test(s, accelerator, out, checkpointer.best_meta["eval_batch_size"]) if s.open_test else None
-        summary = finish(cfg, s, p, run, tracker, started, test)
+        found = evaluate_best(cfg, s, accelerator, out, checkpointer.best_meta["eval_batch_size"])
+        summary = finish(cfg, s, p, run, tracker, started, found)
         failed = False
         return summary, s.model
     except StopRequested as e:

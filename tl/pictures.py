@@ -271,3 +271,48 @@ def save_confusion(matrix: torch.Tensor, classes: list[str], path,
     only named; beyond, neither (one image, no per-cell text: fast and small at thousands of classes).
     """
     _save(confusion_figure(matrix, classes, title), path)
+
+
+def save_reliability(before: dict, after: dict, temperature: float, path) -> None:
+    """--calibrate: accuracy against confidence per bin (tl.calibration.reliability), before and after
+    temperature scaling; the diagonal is perfect calibration, bar widths are the bins."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.4), dpi=DPI, sharey=True)
+    bins = len(before["counts"])
+    edges = [i / bins for i in range(bins)]
+    for ax, bars, name in ((axes[0], before, "before"), (axes[1], after, f"after (T = {temperature:.3g})")):
+        shown = [c > 0 for c in bars["counts"]]
+        ax.bar([e for e, s in zip(edges, shown) if s], [a for a, s in zip(bars["accuracy"], shown) if s],
+               width=1 / bins, align="edge", color="#4c72b0", edgecolor="white", label="accuracy")
+        ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence")
+        ax.set_title(f"{name}: ECE {bars['ece']:.4f}", fontsize=11)
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(loc="upper left", fontsize=9)
+    fig.suptitle("reliability on val (best epoch)", fontsize=12)
+    fig.tight_layout(pad=0.5)
+    _save(fig, path)
+
+
+def save_lr_range(lrs: list[float], losses: list[float], window: tuple[int, int], steep: int, low: int, path,
+                  title: str) -> None:
+    """python -m tl.lr_find: smoothed loss against lr (log x): the points read in blue, the left-out ends in gray, the
+    suggestion and the minimum marked."""
+    first, last = window
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=DPI)
+    ax.plot(lrs, losses, color="lightgray", linewidth=1.5, label="left out of the suggestion")
+    ax.plot(lrs[first:last], losses[first:last], color="tab:blue", linewidth=1.5, label="smoothed training loss")
+    i, j = steep, low
+    ax.plot([lrs[i]], [losses[i]], "o", color="red", markersize=8, zorder=3,
+            label=f"suggested --lr {lrs[i]:.1e} (steepest descent)")
+    ax.plot([lrs[j]], [losses[j]], "v", color="black", markersize=7, zorder=3,
+            label=f"minimum loss at {lrs[j]:.1e} (/10: {lrs[j] / 10:.1e})")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (the head's; log scale)")
+    ax.set_ylabel("training loss (smoothed)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="best", fontsize=9)
+    ax.set_title(title, fontsize=11)
+    fig.tight_layout(pad=0.5)
+    _save(fig, path)

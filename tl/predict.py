@@ -40,7 +40,7 @@ def predict(checkpoint_path, paths: list[str], weights: str | None = None, png: 
              else read_images(paths, classes, pre))
     loader = DataLoader(ImageSet(split), batch_size=batch_size or meta.get("eval_batch_size", 32))
     probs = (exported.probabilities(loader) if exported is not None
-             else probabilities(model, loader, meta.get("mixed_precision", "no"), pre=pre))
+             else probabilities(model, loader, meta))
     conf, preds = probs.max(1)
     for path, c, p in zip(split.paths, preds.tolist(), conf.tolist()):
         print(f"{path}\t{classes[c]}\t{p:.4f}")

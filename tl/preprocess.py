@@ -74,9 +74,19 @@ def center_view(img, pre: Preprocess):
     return TF.center_crop(TF.resize(img, pre.resize, interpolation=pre.mode, antialias=True), pre.crop)
 
 
-def train_transform(pre: Preprocess):
-    return v2.Compose([v2.RandomResizedCrop(pre.train_crop, interpolation=pre.mode, antialias=True),
-                       v2.RandomHorizontalFlip()])
+POLICIES = {"randaugment": v2.RandAugment, "trivialaugment": v2.TrivialAugmentWide, "autoaugment": v2.AutoAugment}
+
+
+def train_transform(pre: Preprocess, policy: str | None = None, erasing: float = 0.0):
+    """The tutorial's RandomResizedCrop + flip on a uint8 image; then, as timm orders them, an
+    augmentation policy (POLICIES, ImageNet's for AutoAugment) and RandomErasing with the mean color
+    (zero once normalized). All of it on uint8 tensors, in the loader's workers."""
+    steps = [v2.RandomResizedCrop(pre.train_crop, interpolation=pre.mode, antialias=True), v2.RandomHorizontalFlip()]
+    if policy:
+        steps.append(POLICIES[policy](interpolation=pre.mode))
+    if erasing:
+        steps.append(v2.RandomErasing(erasing, value=[round(255 * m) for m in pre.mean]))
+    return v2.Compose(steps)
 
 
 def to_input(x: torch.Tensor, device: torch.device, pre: Preprocess = TUTORIAL) -> torch.Tensor:

@@ -30,7 +30,9 @@ WANDB_ID = "wandb_run_id"
 WANDB_DIR = "wandb"
 PICTURES = {name: f"{name}.png" for name in ("predictions", "curves", "confusion", "batch")}
 TEST_CONFUSION = "test_confusion.png"  # only with a test/ folder
-RUN_FILES = (CONFIG, METRICS, SUMMARY, BEST, STATE, *PICTURES.values(), TEST_CONFUSION, WANDB_ID, WANDB_DIR)
+RELIABILITY = "reliability.png"  # only with --calibrate
+RUN_FILES = (CONFIG, METRICS, SUMMARY, BEST, STATE, *PICTURES.values(), TEST_CONFUSION, RELIABILITY, WANDB_ID,
+             WANDB_DIR)
 LOCK = ".tl-lock"
 ASIDE = ".tl-overwritten"  # an --overwrite'n run waits here until the new run saves its first epoch
 MOVING = ".tl-overwritten.moving"  # files on their way to or from ASIDE: they belong at the top

@@ -20,7 +20,8 @@ from tl.augment import DeviceAugment
 from tl.augment import collate as padded_batches
 from tl.checkpoint import Identity
 from tl.checkpointer import Checkpointer
-from tl.config import Config
+from tl.config import POLICIES, Config
+from tl.ema import WeightEMA
 from tl.errors import UserError
 from tl.features import FeatureRows, backbone_features, feature_loaders
 from tl.listing import ensure_data, list_images
@@ -29,6 +30,7 @@ from tl.model import build_model, check_input_size, preprocess_for, weights_id
 from tl.optim import build_optimizer, build_scheduler, describe, param_groups
 from tl.preprocess import TUTORIAL, Preprocess, center_view, train_transform
 from tl.splits import Split, choose_data_mode, load_split, stream_split, usable_cpus
+from tl.targets import BatchMix, batch_mix, class_weights
 
 
 def on_main(accelerator: Accelerator, fn):
@@ -69,11 +71,15 @@ class Setup:
     frozen: bool
     cached: bool
     groups: list[dict] = dataclasses.field(default_factory=list)  # the optimizer's parameter groups, described
-    open_test: Callable[[], Split] | None = None  # test/, read only at the end (evaluate_test)
+    open_test: Callable[[], Split] | None = None  # test/, read only at the end (evaluate_best)
     workers: int = 0  # DataLoader workers of image loaders
     record: dict = dataclasses.field(default_factory=dict)  # config.json's reproduction keys (main process only)
     pre: Preprocess = TUTORIAL  # sizes, interpolation, mean and std of the model's input
     pre_source: str = "the tutorial's preprocessing"
+    val_split: Split | None = None  # the val images (the final evaluation reads them again: --tta, --calibrate)
+    mixer: BatchMix | None = None  # --mixup/--cutmix on a device batch
+    class_weight: torch.Tensor | None = None  # --class-weights auto, on the device
+    ema: WeightEMA | None = None  # --ema
 
 
 def setup(cfg: Config, accelerator: Accelerator, out: Path, resuming: bool) -> tuple[Setup, Checkpointer]:
@@ -100,7 +106,9 @@ def setup(cfg: Config, accelerator: Accelerator, out: Path, resuming: bool) -> t
     if pre_source.startswith("note:") and main:
         print(pre_source)
     check_input_size(model, cfg.model, pre)
-    augment = cfg.augment if cfg.augment != "auto" else "device" if accelerator.device.type == "cuda" else "cpu"
+    # A policy or erasing works image by image in the loader: there, the crop and flip do too.
+    augment = cfg.augment if cfg.augment != "auto" else \
+        "device" if accelerator.device.type == "cuda" and not cfg.random_erasing else "cpu"
     recipe = cfg.recipe() | {"train_size": pre.train_crop, "precision": accelerator.mixed_precision, "processes": world,
                              "augment": augment}
     identity = Identity(model=cfg.model, mode=cfg.mode, classes=listing.classes,
@@ -128,11 +136,14 @@ def setup(cfg: Config, accelerator: Accelerator, out: Path, resuming: bool) -> t
     device_augment = (DeviceAugment(pre.train_crop, accelerator.device, cfg.seed, rank, mean=pre.mean, std=pre.std)
                       if on_device else None)
     # On the device: the loader only pads each batch's uint8 images; crops come in one batched kernel.
-    train_set = ImageSet(train_split, None if on_device else train_transform(pre), seed=cfg.seed)
+    policy = cfg.augment if cfg.augment in POLICIES else None
+    train_set = ImageSet(train_split, None if on_device else train_transform(pre, policy, cfg.random_erasing),
+                         seed=cfg.seed)
     val_set = ImageSet(val_split)
     val_targets = torch.tensor(val_split.targets)
     train_loader, sampler, val_loader = make_loaders(train_set, val_set, cfg.batch_size, workers, cfg.seed, rank,
-                                                     world, not frozen, padded_batches if on_device else None)
+                                                     world, not frozen, padded_batches if on_device else None,
+                                                     cfg.sampler == "balanced")
     model = model.to(memory_format=torch.channels_last)
     shown = train_set
     if cached:  # a frozen backbone always gives the same features: compute them once
@@ -144,7 +155,7 @@ def setup(cfg: Config, accelerator: Accelerator, out: Path, resuming: bool) -> t
         train_set = FeatureRows(parts["train"], torch.tensor(train_split.targets))
         own_val = FeatureRows([parts["val"][rank]], val_targets[rank::world])  # what this process evaluates
         train_loader, sampler, val_loader = feature_loaders(train_set, own_val, cfg.batch_size, val_loader.batch_size,
-                                                            cfg.seed, accelerator)
+                                                            cfg.seed, accelerator, cfg.sampler == "balanced")
         accelerator.print(f"feature cache: backbone features of {len(shown)} train (center view, no augmentation) "
                           f"and {len(val_split.images)} val images in {time.perf_counter() - t0:.1f}s, "
                           + (f"on {accelerator.device}" if train_loader.dataset.device.type == "cuda"
@@ -153,7 +164,13 @@ def setup(cfg: Config, accelerator: Accelerator, out: Path, resuming: bool) -> t
     setup = Setup(identity, model, net, optimizer, scheduler, train_set, sampler, train_loader, val_loader, val_targets,
                   shown, device_augment, val_split.images, len(train_split.images),
                   train_split.skipped + val_split.skipped, frozen, cached, groups=describe(groups), workers=workers,
-                  pre=pre, pre_source=pre_source)
+                  pre=pre, pre_source=pre_source, val_split=val_split)
+    classes = len(listing.classes)
+    setup.mixer = batch_mix(cfg.mixup, cfg.cutmix, classes, cfg.seed, rank)
+    if cfg.class_weights == "auto":
+        setup.class_weight = class_weights(train_split.targets, classes).to(accelerator.device)
+    if cfg.ema:
+        setup.ema = checkpointer.ema = WeightEMA(model, head_name, frozen, cfg.ema, accelerator.device)
     if listing.test:  # read at the end: its images are not held through training
         setup.open_test = functools.partial(open_split, accelerator, root, pack, listing, "test", mode, pre, False,
                                             cfg.strict_images)

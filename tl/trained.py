@@ -10,7 +10,7 @@ from tl.checkpoint import Identity
 from tl.errors import UserError
 from tl.eval import evaluate
 from tl.model import build_model, weights_id
-from tl.preprocess import TUTORIAL, Preprocess
+from tl.preprocess import Preprocess
 
 
 def base_weights_arg(identity: Identity, weights: str | None) -> str:
@@ -55,9 +55,16 @@ def load_model(path, weights: str | None = None) -> tuple[torch.nn.Module, dict]
     return model.eval(), meta
 
 
-def probabilities(model, loader: DataLoader, mixed_precision: str = "no", cpu: bool = False,
-                  pre: Preprocess = TUTORIAL) -> torch.Tensor:
-    """A checkpoint's model over the loader's images, evaluated as a run does (under its mixed precision)."""
-    accelerator = Accelerator(cpu=cpu or not torch.cuda.is_available(), mixed_precision=mixed_precision)
+def output_of(meta: dict) -> tuple[str, float]:
+    """How a checkpoint's model turns logits into probabilities: its run's --tta, and the temperature
+    its --calibrate fitted (1: none)."""
+    return meta.get("recipe", {}).get("tta", "none"), float(meta.get("temperature", 1.0))
+
+
+def probabilities(model, loader: DataLoader, meta: dict, cpu: bool = False) -> torch.Tensor:
+    """A checkpoint's model over the loader's images, evaluated as a run does (under its mixed precision,
+    with its --tta and --calibrate temperature)."""
+    accelerator = Accelerator(cpu=cpu or not torch.cuda.is_available(),
+                              mixed_precision="no" if cpu else meta.get("mixed_precision", "no"))
     model = accelerator.prepare(model.to(memory_format=torch.channels_last))
-    return evaluate(model, loader, accelerator, len(loader.dataset), pre)
+    return evaluate(model, loader, accelerator, len(loader.dataset), Preprocess.from_meta(meta), *output_of(meta))

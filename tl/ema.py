@@ -1,0 +1,50 @@
+"""--ema DECAY: an exponential moving average of the trained weights, updated after every step.
+
+torch's AveragedModel with its EMA function, averaging BatchNorm's running statistics as well
+(use_buffers). Finetune averages the whole model; feature-extract only the head it trains. Its
+step counter lives on the CPU: AveragedModel reads it on the host every update, which on a GPU
+would be a device sync per step.
+"""
+
+import contextlib
+
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+
+class WeightEMA:
+    def __init__(self, model: torch.nn.Module, head: str, frozen: bool, decay: float, device):
+        self.model, self.head, self.frozen = model, head, frozen
+        self.source = model.get_submodule(head) if frozen else model
+        self.averaged = AveragedModel(self.source, device, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        self.averaged.n_averaged = self.averaged.n_averaged.cpu()
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.averaged.update_parameters(self.source)
+
+    def trained(self) -> dict[str, torch.Tensor]:
+        """The averaged weights under the model's own names, as Checkpointer.trained gives the model's."""
+        state = self.averaged.module.state_dict()
+        return {f"{self.head}.{k}": v for k, v in state.items()} if self.frozen else state
+
+    @contextlib.contextmanager
+    def swapped_in(self, evaluated: torch.nn.Module):
+        """What `evaluated` (the model, or the head that trains on cached features) is, with the averaged
+        weights in place of the trained ones, in eval mode."""
+        self.averaged.module.eval()
+        if evaluated is self.source:
+            yield self.averaged.module
+            return
+        own = self.model.get_submodule(self.head)
+        self.model.set_submodule(self.head, self.averaged.module)
+        try:
+            yield self.model
+        finally:
+            self.model.set_submodule(self.head, own)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.averaged.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.averaged.load_state_dict(state)
