@@ -53,7 +53,7 @@ bench: install  ## tl against the tutorial's loop, 25 epochs x 3 seeds, plus fin
 bench-quick: install  ## the same in a few minutes (2 epochs, one seed): a smoke test, not figures to quote
 	$(PY) bench/bench.py --quick --tl-args "--wandb disabled"
 
-.PHONY: bench-data bench-gpu bench-modes bench-recipes
+.PHONY: bench-data bench-gpu bench-modes bench-recipes bench-levers
 bench-data: install  ## tl's data path on generated 1k/10k/100k small-JPEG sets (memory, stream, packed; ~10 min on 2 cores); writes bench/results-data.md
 	$(PY) bench/data.py --small --sizes 1000 10000 100000 --workers -1 1 --photo-sizes 2000 --max-loader-images 20000
 
@@ -63,10 +63,23 @@ bench-modes: install  ## best val acc on hymenoptera in memory, stream and packe
 		--config "packed=--data-dir {pack} --data-mode stream"
 
 RECIPE ?= --freeze-epochs 3 --optimizer adamw --weight-decay 0.05 --schedule cosine --warmup-epochs 1 --backbone-lr-scale 0.1 --label-smoothing 0.1
-bench-recipes: install  ## the recommended RECIPE against the tutorial's two scenarios, 25 epochs x 3 seeds (~40 min on 2 cores); writes bench/results-recipes.md
-	$(PY) bench/seeds.py --epochs 25 --title "recipes, best val accuracy over seeds" --out bench/results-recipes.md \
+# The levers of docs/levers.md on top of RECIPE; {imbalanced}: train/bees cut to 1/5 (bench/seeds.py), val untouched.
+LEVERS_ALL = --augment trivialaugment --random-erasing 0.25 --mixup 0.8 --cutmix 1.0 --ema 0.99
+bench-recipes: install  ## RECIPE and the accuracy levers against the tutorial's scenarios, hymenoptera and an imbalanced cut, 25 epochs x 3 seeds (~4 h on 2 cores; goes on where it stopped, see bench/results-recipes.json); writes bench/results-recipes.md
+	$(PY) bench/seeds.py --epochs 25 --title "recipes and accuracy levers, best val accuracy over seeds" \
+		--out bench/results-recipes.md --results bench/results-recipes.json \
 		--config "finetune=--mode finetune" --config "feature-extract=--mode feature-extract" \
-		--config "recipe=--mode finetune $(RECIPE)"
+		--config "recipe=--mode finetune $(RECIPE)" \
+		--config "+ trivialaugment=--mode finetune $(RECIPE) --augment trivialaugment --tta flip" \
+		--config "+ mixup/cutmix=--mode finetune $(RECIPE) --mixup 0.8 --cutmix 1.0 --tta flip" \
+		--config "+ EMA=--mode finetune $(RECIPE) --ema 0.99 --tta flip" \
+		--config "+ all=--mode finetune $(RECIPE) $(LEVERS_ALL) --tta flip" \
+		--config "imbalanced: recipe=--data-dir {imbalanced} --mode finetune $(RECIPE)" \
+		--config "imbalanced: + class weights=--data-dir {imbalanced} --mode finetune $(RECIPE) --class-weights auto" \
+		--config "imbalanced: + balanced sampler=--data-dir {imbalanced} --mode finetune $(RECIPE) --sampler balanced"
+
+bench-levers: install  ## what EMA, mixup/cutmix and the augmentation policies cost, measured in one run (~15 min on 2 cores); writes bench/results-levers-cost.md
+	$(PY) bench/levers.py
 
 bench-gpu: install  ## on a GPU machine (at most ~8 min): tl vs the bare model at batch 256, tutorial vs tl, host syncs; writes bench/results-gpu.md
 	$(PY) bench/gpu.py

@@ -1,13 +1,14 @@
 """tl.augment: batched device augmentation matches v2's RandomResizedCrop + RandomHorizontalFlip."""
 
 import io
+import json
 import math
 import zipfile
 
 import pytest
 import torch
 import torchvision.transforms as T
-from conftest import HYMENOPTERA_ZIP
+from conftest import FAST, HYMENOPTERA_ZIP, one_line_error, run_cli
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as TF
 
@@ -234,3 +235,64 @@ def test_close_to_v2_on_real_photos():
     diffs = torch.tensor(diffs)
     print(f"mean abs difference from v2 (0-255 levels): mean {diffs.mean():.3f}, max {diffs.max():.3f}")
     assert diffs.mean() < 1.0 and diffs.max() < 2.5
+
+
+# Augmentation policies (--augment randaugment|trivialaugment|autoaugment) and --random-erasing: torchvision v2
+# on the uint8 image in the loader, seeded per image, the same in every data mode.
+
+@pytest.mark.parametrize("policy", ["randaugment", "trivialaugment", "autoaugment"])
+def test_policies_work_on_uint8_seeded_per_image(policy):
+    from tl.loaders import ImageSet
+    from tl.preprocess import train_transform
+    from tl.splits import Split
+
+    torch.manual_seed(0)
+    images = [torch.randint(0, 256, (3, 90, 120), dtype=torch.uint8) for _ in range(8)]
+    split = Split(images, [0] * 8, [str(i) for i in range(8)])
+    pre = Preprocess.tutorial(64)
+    with_policy = ImageSet(split, train_transform(pre, policy), seed=1)
+    plain = ImageSet(split, train_transform(pre), seed=1)
+    a, b = [with_policy[i][0] for i in range(8)], [with_policy[i][0] for i in range(8)]
+    assert all(x.dtype == torch.uint8 and x.shape == (3, 64, 64) for x in a)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))  # seeded by (seed, epoch, index), not by call order
+    assert sum(not torch.equal(x, plain[i][0]) for i, x in enumerate(a)) >= 4  # the policy changed most
+
+
+def test_random_erasing_fills_the_mean_color():
+    from tl.preprocess import train_transform
+
+    pre = Preprocess.tutorial(64)
+    erase = train_transform(pre, None, 1.0)
+    torch.manual_seed(0)
+    x = erase(torch.full((3, 80, 80), 255, dtype=torch.uint8))
+    mean = torch.tensor([round(255 * m) for m in pre.mean], dtype=torch.uint8)
+    erased = (x == mean.view(3, 1, 1)).all(0)
+    assert 0 < erased.float().mean() < 1 and ((x == 255).all(0) | erased).all()
+
+
+def test_a_policy_gives_the_same_run_in_every_data_mode(tmp_path, tiny_data, base_weights):
+    from tl.pack import pack
+
+    packed = tmp_path / "pack"
+    pack(tiny_data, packed, progress=False)
+    rows = []
+    for name, data, mode in (("memory", tiny_data, "memory"), ("stream", tiny_data, "stream"),
+                             ("packed", packed, "stream")):
+        out = tmp_path / name
+        proc = run_cli("train.py", "--data-dir", data, "--data-mode", mode, "--output-dir", out, "--epochs", "2",
+                       *FAST, "--weights", base_weights, "--augment", "trivialaugment", "--random-erasing", "0.5",
+                       "--num-workers", "1" if mode == "stream" else "0")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        rows.append([{k: v for k, v in json.loads(line).items() if k not in ("seconds", "train_images_per_s")}
+                     for line in (out / "metrics.jsonl").read_text().splitlines()])
+    assert rows[0] == rows[1] == rows[2]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--random-erasing", "0.3", "--augment", "device"], "--random-erasing works image by image in the loader"),
+    (["--random-erasing", "1.5"], "--random-erasing is a probability from 0 (off) to 1"),
+    (["--mode", "feature-extract", "--augment", "randaugment"], "--augment randaugment changes train images"),
+])
+def test_impossible_augmentation_is_one_line(tmp_path, tiny_data, args, message):
+    one_line_error(run_cli("train.py", "--data-dir", tiny_data, "--output-dir", tmp_path / "run", *FAST, *args),
+                   message)

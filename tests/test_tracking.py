@@ -31,7 +31,8 @@ def test_offline_run_holds_metrics_pictures_confusion_and_checkpoint(tmp_path, t
     epochs = [r for r in rows if "val_acc" in r]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["val_acc"] for r in epochs] == pytest.approx([m["val_acc"] for m in metrics])
-    for key in ("train_loss", "train_acc", "val_loss", "lr", "train_images_per_s", "seconds"):
+    for key in ("train_loss", "train_acc", "val_loss", "val_balanced_acc", "val_macro_f1", "lr", "train_images_per_s",
+                "seconds"):
         assert all(key in r for r in epochs), key
     logged = {k: v for r in rows for k, v in r.items()}
     for name in PICTURES:
@@ -39,7 +40,9 @@ def test_offline_run_holds_metrics_pictures_confusion_and_checkpoint(tmp_path, t
         assert (run_file.parent / "files" / logged[name]["path"]).stat().st_size > 1000
     assert "confusion_matrix_table" in logged
     assert config(run_file)["mode"] == "finetune" and config(run_file)["epochs"] == 3
-    assert summary(run_file)["best_val_acc"] == json.loads((out / "summary.json").read_text())["best_val_acc"]
+    saved = json.loads((out / "summary.json").read_text())
+    for key in ("best_val_acc", "val_balanced_acc", "val_macro_f1"):
+        assert summary(run_file)[key] == saved[key], key
     artifacts = [r.artifact for r in read_records(run_file) if r.WhichOneof("record_type") == "artifact"]
     assert any(a.type == "model" and "best.safetensors" in str(a.manifest) for a in artifacts)
 

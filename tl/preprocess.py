@@ -77,13 +77,22 @@ def center_view(img, pre: Preprocess):
 POLICIES = {"randaugment": v2.RandAugment, "trivialaugment": v2.TrivialAugmentWide, "autoaugment": v2.AutoAugment}
 
 
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """A uint8 CHW tensor as a PIL RGB image: its three planes merged in C (to_pil_image's CHW->HWC
+    transpose costs six times as long)."""
+    h, w = image.shape[-2:]
+    planes = image.contiguous().numpy()
+    return Image.merge("RGB", [Image.frombuffer("L", (w, h), planes[c], "raw", "L", 0, 1) for c in range(3)])
+
+
 def train_transform(pre: Preprocess, policy: str | None = None, erasing: float = 0.0):
     """The tutorial's RandomResizedCrop + flip on a uint8 image; then, as timm orders them, an
     augmentation policy (POLICIES, ImageNet's for AutoAugment) and RandomErasing with the mean color
-    (zero once normalized). All of it on uint8 tensors, in the loader's workers."""
+    (zero once normalized). All of it in the loader's workers; the policy runs on PIL's kernels, at
+    half the cost of its tensor ones at 224 px (bench/levers.py)."""
     steps = [v2.RandomResizedCrop(pre.train_crop, interpolation=pre.mode, antialias=True), v2.RandomHorizontalFlip()]
     if policy:
-        steps.append(POLICIES[policy](interpolation=pre.mode))
+        steps += [v2.Lambda(to_pil), POLICIES[policy](), v2.PILToTensor()]  # torchvision's own defaults
     if erasing:
         steps.append(v2.RandomErasing(erasing, value=[round(255 * m) for m in pre.mean]))
     return v2.Compose(steps)
