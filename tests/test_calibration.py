@@ -8,7 +8,7 @@ import torch
 from conftest import FAST, make_imagefolder, run_cli
 
 from tl import checkpoint
-from tl.calibration import calibrate, fit_temperature, reliability
+from tl.calibration import T_RANGE, calibrate, fit_temperature, reliability
 
 
 def overconfident(n=4000, classes=5, seed=0):
@@ -26,6 +26,13 @@ def test_fit_recovers_the_temperature_and_lowers_the_ece():
     assert figures["val_ece_after"] < figures["val_ece_before"] / 3
     assert figures["val_nll_after"] < figures["val_nll_before"]
     assert sum(before["counts"]) == sum(after["counts"]) == len(targets)
+
+
+def test_a_val_set_classified_perfectly_stops_the_temperature_at_its_bound():
+    logits = torch.tensor([[[4.0, -4.0]], [[-3.0, 3.0]], [[5.0, 1.0]]])
+    figures, _, _ = calibrate(logits, torch.tensor([0, 1, 0]))
+    assert figures["temperature"] == pytest.approx(T_RANGE[0]) and figures["at_bound"]
+    assert not calibrate(*overconfident())[0]["at_bound"]
 
 
 def test_ece_by_hand():

@@ -144,11 +144,13 @@ def check(exported: Exported, model: nn.Module, meta: dict, split: Split, where:
 def describe(parity: dict, meta: dict) -> str:
     head = f"parity over {parity['val']}: {parity['correct']}/{parity['images']} = {parity['accuracy']:.4f}"
     if parity["reproduces_best_val_acc"]:
-        return f"{head}, exactly the run's best val accuracy (epoch {meta.get('epoch')})"
+        tta = f" with --tta {meta['recipe']['tta']}" if "tta_val_acc" in meta else ""
+        return f"{head}, exactly the run's best val accuracy{tta} (epoch {meta.get('epoch')})"
     why = (f" (the run evaluated under {meta['mixed_precision']} autocast)"
            if meta.get("mixed_precision", "no") != "no" else "")
-    return (f"{head}; the run recorded {meta.get('val_acc')}{why}; the checkpoint's model in fp32 on this machine "
-            "gives the same prediction on every image")
+    recorded = meta.get("tta_val_acc", meta.get("val_acc"))
+    return (f"{head}; the run recorded {recorded}{why}; the checkpoint's model in fp32 on this machine gives the "
+            "same prediction on every image")
 
 
 def export(checkpoint_path, kind: str, output=None, weights: str | None = None, val_dir=None,

@@ -8,7 +8,7 @@ from accelerate import Accelerator
 
 from tl import checkpoint
 from tl import run as rundir
-from tl.calibration import calibrate, reliability
+from tl.calibration import T_RANGE, calibrate, reliability
 from tl.checkpoint import Progress
 from tl.config import Config
 from tl.eval import (
@@ -174,6 +174,9 @@ def finish(cfg: Config, s: Setup, p: Progress, run: RunDir | None, tracker: Trac
         print(f"calibration: temperature {c['temperature']:.3f} fitted on val, ECE {c['val_ece_before']:.4f} -> "
               f"{c['val_ece_after']:.4f} ({rundir.RELIABILITY}); tl.predict and tl.export output calibrated "
               "probabilities")
+        if c["at_bound"]:
+            print(f"note: the temperature stopped at the end of its range {T_RANGE}: the model gets (nearly) every "
+                  "val image right, or wrong, so val says little about its calibration; use a larger val set")
     print(f"best val acc {p.best_val_acc:.4f} at epoch {p.best_epoch} ({correct}/{len(truth)}); per class: "
           f"{per_class}{more}\n{summary['total_seconds']:.1f} s wall, {summary['train_images_per_s']:.1f} train "
           f"images/s; outputs in {run.path}/: {rundir.BEST}, {', '.join(rundir.PICTURES.values())}, "
