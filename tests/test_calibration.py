@@ -1,5 +1,6 @@
 """--calibrate and --tta: temperature scaling recovers a known temperature and lowers the ECE; a run
-reports both beside the plain figures, and tl.predict and tl.export give the same probabilities."""
+reports both beside the plain figures, and tl.predict and tl.export give the same probabilities (--tta crops:
+its six views include flip's two, and the exports compute them in their graphs)."""
 
 import json
 
@@ -47,7 +48,7 @@ def calibrated(tmp_path_factory, base_weights):
     data = make_imagefolder(tmp_path_factory.mktemp("cal") / "d", n_train=12, n_val=8, n_test=5, size=48)
     out = tmp_path_factory.mktemp("cal") / "run"
     proc = run_cli("train.py", "--data-dir", data, "--output-dir", out, "--epochs", "2", *FAST, "--weights",
-                   base_weights, "--precision", "no", "--tta", "flip", "--calibrate")
+                   base_weights, "--precision", "no", "--tta", "crops", "--calibrate")
     assert proc.returncode == 0, proc.stderr[-2000:]
     return data, out, proc.stdout
 
@@ -58,11 +59,11 @@ def test_a_run_reports_tta_and_calibration_beside_the_plain_figures(calibrated):
     c = summary["calibration"]
     assert c["temperature"] > 0 and c["fitted_on"] == "val" and c["val_nll_after"] <= c["val_nll_before"] + 1e-9
     assert {"val_ece_before", "val_ece_after", "test_ece_before", "test_ece_after"} <= set(c)
-    assert summary["tta"] == "flip" and {"val_acc_tta", "test_acc_tta", "test_acc", "best_val_acc"} <= set(summary)
+    assert summary["tta"] == "crops" and {"val_acc_tta", "test_acc_tta", "test_acc", "best_val_acc"} <= set(summary)
     assert (out / "reliability.png").stat().st_size > 1000
     meta = checkpoint.read_metadata(out / "best.safetensors")
     assert meta["temperature"] == c["temperature"] and meta["tta_val_acc"] == summary["val_acc_tta"]
-    assert "with --tta flip: val acc" in stdout and "calibration: temperature" in stdout
+    assert "with --tta crops: val acc" in stdout and "calibration: temperature" in stdout
 
 
 def probabilities_printed(stdout: str) -> dict[str, float]:
@@ -70,7 +71,7 @@ def probabilities_printed(stdout: str) -> dict[str, float]:
             float(line.split("\t")[2]) for line in stdout.splitlines() if "\t" in line}
 
 
-def test_predict_and_the_exports_apply_the_flip_and_the_temperature(calibrated, base_weights, tmp_path):
+def test_predict_and_the_exports_apply_the_crops_and_the_temperature(calibrated, base_weights, tmp_path):
     data, out, _ = calibrated
     summary = json.loads((out / "summary.json").read_text())
     ckpt = run_cli("-m", "tl.predict", "--checkpoint", out / "best.safetensors", data / "val")
@@ -91,3 +92,15 @@ def test_predict_and_the_exports_apply_the_flip_and_the_temperature(calibrated, 
                                                                                   "temperature")})
     uncalibrated = run_cli("-m", "tl.predict", "--checkpoint", tmp_path / "uncalibrated.safetensors", data / "val")
     assert probabilities_printed(uncalibrated.stdout) != pytest.approx(by_checkpoint, abs=1e-3)
+
+
+def test_tta_views():
+    from tl.eval import tta_views
+
+    x = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).view(2, 3, 16, 16)
+    assert len(tta_views(x)) == 1 and len(tta_views(x, "flip")) == 2
+    views = tta_views(x, "crops")
+    assert len(views) == 6 and all(v.shape == x.shape for v in views)
+    assert torch.equal(views[1], x.flip(-1))
+    assert views[2][..., 0, 0].tolist() == x[..., 0, 0].tolist()  # the top-left crop keeps the top-left corner
+    assert views[5][..., -1, -1].tolist() == x[..., -1, -1].tolist()  # and the bottom-right one its corner

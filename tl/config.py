@@ -125,7 +125,8 @@ class Config:
                         choices=("shuffle", "balanced"))
     tta: str = _opt("none", "test-time augmentation of the final evaluation (the best epoch on val and test), "
                     "tl.predict and tl.export: flip averages the probabilities of each image and its mirror "
-                    "image; reported beside the plain figures", choices=("none", "flip"))
+                    "image; crops those and of its four corner crops of 7/8 the side, resized back (6 views); "
+                    "reported beside the plain figures", choices=("none", "flip", "crops"))
     calibrate: bool = _opt(False, "after training, fit a temperature to the best epoch's val logits (temperature "
                            "scaling); summary.json gets the expected calibration error before and after, "
                            "reliability.png the diagram, and tl.predict and tl.export output calibrated "

@@ -33,10 +33,28 @@ def evaluate(model, loader, accelerator, total: int, pre: Preprocess = TUTORIAL,
     return gather_in_order(lambda x: predict_probs(model, x, tta, temperature), loader, accelerator, total, pre)
 
 
+CROP = 7 / 8  # --tta crops: the corner crops' side, of the image's
+
+
+def tta_views(x: torch.Tensor, tta: str = "none") -> list[torch.Tensor]:
+    """The batch as --tta sees it: itself; flip: and its mirror images; crops: and those, and the four
+    corner crops of 7/8 its side resized back to its size (bilinear), all from the input the model
+    takes (the center view), so an exported model computes them in its graph."""
+    views = [x]
+    if tta in ("flip", "crops"):
+        views.append(x.flip(-1))
+    if tta == "crops":
+        h, w = (int(side) for side in x.shape[-2:])  # constants in an export: its input size is fixed
+        ch, cw = round(h * CROP), round(w * CROP)
+        for top, left in ((0, 0), (0, w - cw), (h - ch, 0), (h - ch, w - cw)):
+            views.append(torch.nn.functional.interpolate(x[..., top:top + ch, left:left + cw], size=(h, w),
+                                                         mode="bilinear", align_corners=False))
+    return views
+
+
 def view_logits(model, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
-    """[N, views, classes] float32 logits: of the images, and under --tta flip of their mirror images too."""
-    views = [x, x.flip(-1)] if tta == "flip" else [x]
-    return torch.stack([model(v).float() for v in views], 1)
+    """[N, views, classes] float32 logits of the batch's tta_views."""
+    return torch.stack([model(v).float() for v in tta_views(x, tta)], 1)
 
 
 def view_probs(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0) -> torch.Tensor:

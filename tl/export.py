@@ -16,6 +16,7 @@ existing output is kept when it holds this export, and a different file is never
 import hashlib
 import io
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -201,7 +202,9 @@ def export(checkpoint_path, kind: str, output=None, weights: str | None = None, 
 
     wrapper = Classifier(model, pre, *output_of(ckpt_meta)).eval()
     example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
-    with torch.no_grad(), quiet_deprecations():
+    with torch.no_grad(), quiet_deprecations(), warnings.catch_warnings():
+        # --tta crops reads the input's size as numbers: right, as an export takes one size (image_size).
+        warnings.filterwarnings("ignore", "Converting a tensor to a Python integer", torch.jit.TracerWarning)
         artifact = (_onnx_model(wrapper, example) if kind == "onnx"
                     else torch.jit.trace(wrapper, example, check_trace=False))
     data = _serialize(kind, artifact, meta)
