@@ -281,7 +281,9 @@ def train(cfg: Config, stopper: Stopper | None = None) -> tuple[dict, torch.nn.M
             improved = checkpointer.end_epoch(row, preds, confidence, correct, time.perf_counter() - started)
             if main:
                 tracker.log_epoch(row)
-                print(f"epoch {epoch:>3}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
+                mixed = " (of mixed targets)" if s.mixer else ""  # --mixup/--cutmix: each image's larger share
+                print(f"epoch {epoch:>3}/{cfg.epochs}  train loss {row['train_loss']:.4f} "
+                      f"acc {row['train_acc']:.4f}{mixed}  "
                       f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  "
                       + (f"ema acc {row['ema_val_acc']:.4f}  " if "ema_val_acc" in row else "") +
                       f"lr {row['lr']:.2g}  "
