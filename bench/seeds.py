@@ -58,6 +58,9 @@ def main():
     p.add_argument("--out", required=True, help="the markdown file to write")
     p.add_argument("--results", help="a JSON file keeping every finished run; runs already in it are not repeated")
     p.add_argument("--note", action="append", default=[], help="a paragraph for the end of the markdown (repeat)")
+    p.add_argument("--table-only", action="store_true", help="train nothing: write the table of what --results holds")
+    p.add_argument("--short", action="append", default=[], metavar="NAME=ARGS",
+                   help="in the table, write NAME for these train.py args (repeat), e.g. RECIPE=\"--mode ...\"")
     args = p.parse_args()
     configs = dict(c.split("=", 1) for c in args.config)
     for need in (args.data_zip, args.weights):
@@ -66,20 +69,21 @@ def main():
     store = Path(args.results) if args.results else None
     done = json.loads(store.read_text()) if store and store.exists() else {}
     work = Path(tempfile.mkdtemp(prefix="tl-seeds-"))
-    subprocess.run(["unzip", "-q", args.data_zip, "-d", str(work)], check=True)
     paths = {"data": work / "hymenoptera_data", "pack": work / "pack", "imbalanced": work / "imbalanced"}
-    if any("{pack}" in c for c in configs.values()):
-        subprocess.run([sys.executable, "-m", "tl.pack", str(paths["data"]), str(paths["pack"])], cwd=ROOT,
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    if any("{imbalanced}" in c for c in configs.values()):
-        imbalanced_copy(paths["data"], paths["imbalanced"])
+    if not args.table_only:
+        subprocess.run(["unzip", "-q", args.data_zip, "-d", str(work)], check=True)
+        if any("{pack}" in c for c in configs.values()):
+            subprocess.run([sys.executable, "-m", "tl.pack", str(paths["data"]), str(paths["pack"])], cwd=ROOT,
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if any("{imbalanced}" in c for c in configs.values()):
+            imbalanced_copy(paths["data"], paths["imbalanced"])
 
     def key(name, seed):
         return f"{name} | {configs[name]} | {args.tl_args} | epochs {args.epochs} | seed {seed}"
 
     for seed in args.seeds:  # every configuration's first seed before any second one
         for name, extra in configs.items():
-            if key(name, seed) in done:
+            if key(name, seed) in done or args.table_only:
                 continue
             out = work / f"{name}-{seed}"
             t0 = time.time()
@@ -110,13 +114,20 @@ def main():
              "| config | train.py args | " + " | ".join(f"seed {s}" for s in args.seeds) +
              " | mean | min-max | balanced acc | with --tta | (train, val) images | wall s |",
              "|---|---|" + "---:|" * (len(args.seeds) + 2) + "---:|---:|---|---:|"]
+    shorts = [pair.split("=", 1) for pair in args.short]
+
+    def shown(extra: str) -> str:
+        for alias, text in shorts:
+            extra = extra.replace(text, alias)
+        return extra
+
     for name, by_seed in results.items():
         best = [r["best"] for r in by_seed.values()]
         cells = [f"{by_seed[s]['best']:.4f}" if s in by_seed else "not yet" for s in args.seeds]
         counts = sorted({tuple(c) for r in by_seed.values() for c in r["counts"]})
         balanced = [r["balanced"] for r in by_seed.values() if r.get("balanced") is not None]
         tta = [r["tta"] for r in by_seed.values() if r.get("tta") is not None]
-        lines.append(f"| {name} | `{configs[name]}` | " + " | ".join(cells) +
+        lines.append(f"| {name} | `{shown(configs[name])}` | " + " | ".join(cells) +
                      (f" | {statistics.mean(best):.4f} | {min(best):.4f}-{max(best):.4f}" if best else " | - | -") +
                      f" | {spread(balanced)} | {spread(tta)} | {counts} | "
                      f"{sum(r['wall'] for r in by_seed.values()):.0f} |")
@@ -126,7 +137,8 @@ def main():
             all(results[name][s]["curve"] is not None and results[name][s]["curve"] == results[first][s]["curve"]
                 for s in results[name])]
     lines += ["", f"Configurations whose every epoch (train loss, val accuracy) equals `{first}`'s for every seed: "
-              f"{', '.join(same) or 'none'}.", "", *[f"{note}\n" for note in args.note]]
+              f"{', '.join(same) or 'none'}.", "", *[f"`{alias}`: `{text}`.\n" for alias, text in shorts],
+              *[f"{note}\n" for note in args.note]]
     Path(args.out).write_text("\n".join(lines).rstrip("\n") + "\n")
     print("\n".join(lines))
 
