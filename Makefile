@@ -68,6 +68,7 @@ LEVERS_ALL = --augment trivialaugment --random-erasing 0.25 --mixup 0.8 --cutmix
 bench-recipes: install  ## RECIPE and the accuracy levers against the tutorial's scenarios, hymenoptera and an imbalanced cut, 25 epochs x 3 seeds (~4 h on 2 cores; goes on where it stopped, see bench/results-recipes.json); writes bench/results-recipes.md
 	$(PY) bench/seeds.py --epochs 25 --title "recipes and accuracy levers, best val accuracy over seeds" \
 		--out bench/results-recipes.md --results bench/results-recipes.json --short "RECIPE=$(RECIPE)" \
+		--note "finetune, feature-extract and recipe come from the 2026-12-03 run (kept in the results file without curves); the code they ran is bit-identical to today's for runs without the levers." \
 		--config "finetune=--mode finetune" --config "feature-extract=--mode feature-extract" \
 		--config "recipe=--mode finetune $(RECIPE)" \
 		--config "+ trivialaugment=--mode finetune $(RECIPE) --augment trivialaugment --tta flip" \
