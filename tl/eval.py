@@ -57,11 +57,10 @@ def view_logits(model, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
     return torch.stack([model(v).float() for v in tta_views(x, tta)], 1)
 
 
-def view_probs(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
+def view_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Class probabilities from view_logits: each view's softmax (of the logits divided by the
     --calibrate temperature), averaged over the views."""
-    return (logits if isinstance(temperature, float) and temperature == 1.0 else logits / temperature
-            ).softmax(2).mean(1)
+    return (logits if temperature == 1.0 else logits / temperature).softmax(2).mean(1)
 
 
 def predict_probs(model, x: torch.Tensor, tta: str = "none", temperature: float = 1.0) -> torch.Tensor:

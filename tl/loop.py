@@ -144,17 +144,22 @@ def set_generator_states(s: Setup, states: dict[str, torch.Tensor]) -> None:
         s.device_augment.generator.set_state(states["augment"])
 
 
-def run_epoch(s: Setup, net, optimizer, accelerator, stopper: Stopper, epoch: int, cfg: Config,
-              checkpointer: Checkpointer, started: float):
-    """Train one epoch (or the rest of one saved in its middle), evaluate every val image once; the
-    metrics row, predictions, probabilities."""
-    t0, rank = time.perf_counter(), accelerator.process_index
-    set_seed((cfg.seed * 10_000 + epoch) * 1_000 + rank)  # dropout and the like, per epoch
+def seed_epoch(s: Setup, seed: int, epoch: int, rank: int) -> None:
+    """Every random source of an epoch's training, from (seed, epoch, rank) alone."""
+    set_seed((seed * 10_000 + epoch) * 1_000 + rank)  # dropout and the like, per epoch
     s.sampler.set_epoch(epoch)
     if hasattr(s.train_set, "set_epoch"):
         s.train_set.set_epoch(epoch)  # each image's augmentation comes from (seed, epoch, index)
     if s.device_augment:
         s.device_augment.set_epoch(epoch)  # or, on the device, from (seed, epoch, rank)
+
+
+def run_epoch(s: Setup, net, optimizer, accelerator, stopper: Stopper, epoch: int, cfg: Config,
+              checkpointer: Checkpointer, started: float):
+    """Train one epoch (or the rest of one saved in its middle), evaluate every val image once; the
+    metrics row, predictions, probabilities."""
+    t0, rank = time.perf_counter(), accelerator.process_index
+    seed_epoch(s, cfg.seed, epoch, rank)
     p, loader, partial = checkpointer.progress, s.train_loader, (0.0, 0, 0)
     start = p.step if p.epoch == epoch - 1 else 0
     if start:  # resuming inside this epoch: its first batches are done

@@ -22,13 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from tl.cli import Parser, number
 from tl.config import Config, parse_args
 from tl.errors import UserError, run_cli
-from tl.loop import resolve_precision
+from tl.loop import resolve_precision, seed_epoch
 from tl.model import set_frozen
 from tl.pictures import save_lr_range
 from tl.preprocess import to_input
@@ -89,12 +88,7 @@ def batches(s: Setup, cfg: Config, rank: int) -> Iterator:
     epoch = 0
     while True:
         epoch += 1
-        set_seed((cfg.seed * 10_000 + epoch) * 1_000 + rank)  # as tl.loop.run_epoch
-        s.sampler.set_epoch(epoch)
-        if hasattr(s.train_set, "set_epoch"):
-            s.train_set.set_epoch(epoch)
-        if s.device_augment:
-            s.device_augment.set_epoch(epoch)
+        seed_epoch(s, cfg.seed, epoch, rank)  # as the run's epochs are
         yield from s.train_loader
 
 
