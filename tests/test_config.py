@@ -157,3 +157,15 @@ def test_a_runs_config_json_trains_the_run_again(tmp_path, tiny_data, base_weigh
     assert recorded["tl_version"] and recorded["data_files"] == {"train": 24, "val": 12}
     assert recorded["data_sample"].startswith("sha256:") and recorded["slurm"] is None
     assert recorded["tl_commit"] is None or re.fullmatch(r"[0-9a-f]{40}(-dirty)?", recorded["tl_commit"])
+
+
+def test_strict_images_takes_on_off_auto_and_reads_old_config_files(tmp_path):
+    assert parse_args([]).strict_images == "auto" and not parse_args([]).strict()
+    assert parse_args(["--strict-images"]).strict() and not parse_args(["--strict-images", "off"]).strict()
+    assert parse_args(["--data-file", "x.csv"]).strict()  # a label file's rows each claim an image
+    assert not parse_args(["--data-file", "x.csv", "--strict-images", "off"]).strict()
+    for old, now in ((True, "on"), (False, "auto")):  # config.json of runs from when it was a switch
+        (tmp_path / "c.json").write_text(json.dumps({"strict_images": old}))
+        assert parse_args(["--config", str(tmp_path / "c.json")]).strict_images == now
+    with pytest.raises(UserError, match="--data-root is where a --data-file's paths start from"):
+        parse_args(["--data-root", "somewhere"])

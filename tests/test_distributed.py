@@ -81,20 +81,30 @@ def test_two_processes_finetune_count_each_image_once_speak_once_and_test_once(t
 @pytest.mark.parametrize("data_mode", ["stream", "packed"])
 def test_three_processes_count_each_image_once_on_uneven_shards(tmp_path, odd_data, data_mode):
     """25 train and 13 val images over 3 processes: the sampler repeats 2 train images to give every
-    process 9 steps' worth, and those repeats are neither trained on nor counted."""
+    process 9 steps' worth, and those repeats are neither trained on nor counted. In stream mode the
+    same images from a label file (--data-file) make the same run."""
     data = tmp_path / "d"
     shutil.copytree(odd_data, data)
     (data / "train" / "blue" / "extra.jpg").write_bytes((data / "train" / "red" / "000.jpg").read_bytes())
     if data_mode == "packed":
         pack(data, tmp_path / "pack", progress=False)
         data = tmp_path / "pack"
-    out = tmp_path / "run"
+    args = ["--data-mode", "stream", "--num-workers", "1", "--epochs", "2", "--image-size", "32", "--batch-size", "5",
+            "--weights", "none"]  # 9 = 5 + 4: no batch of 1
     proc = run_cli(str(BIN / "torchrun"), "--nproc_per_node", "3", str(ROOT / "train.py"), "--data-dir", str(data),
-                   "--data-mode", "stream", "--num-workers", "1", "--epochs", "2", "--image-size", "32",
-                   "--batch-size", "5", "--weights", "none", "--output-dir", str(out))  # 9 = 5 + 4: no batch of 1
+                   "--output-dir", str(tmp_path / "run"), *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_without_timings(tmp_path / "run")
     assert [(r["train_images"], r["val_images"]) for r in rows] == [(25, 13), (25, 13)]
+    if data_mode == "stream":
+        images = sorted((p.relative_to(data).as_posix(), p.parent.name, p.parts[-3]) for p in data.rglob("*.jpg"))
+        (tmp_path / "l.jsonl").write_text("".join(json.dumps(dict(zip(("path", "label", "split"), r))) + "\n"
+                                                  for r in reversed(images)))
+        labelled = run_cli(str(BIN / "torchrun"), "--nproc_per_node", "3", str(ROOT / "train.py"), "--data-file",
+                           str(tmp_path / "l.jsonl"), "--data-root", str(data), "--output-dir", str(tmp_path / "l"),
+                           *args)
+        assert labelled.returncode == 0, labelled.stderr[-3000:]
+        assert metrics_without_timings(tmp_path / "l") == rows
 
 
 @pytest.mark.slow

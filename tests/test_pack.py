@@ -117,7 +117,7 @@ def test_unreadable_files_are_listed_not_packed(tmp_path, capsys):
     packed_split = load_packed_split(tmp_path / "dst", "train", Preprocess.tutorial(64), True, False)
     assert packed_split.skipped == unreadable and packed_split.targets == split.targets
     assert all(torch.equal(a, b) for a, b in zip(packed_split.images, split.images))
-    with pytest.raises(UserError, match="left out 2 unreadable train image.*drop --strict-images"):
+    with pytest.raises(UserError, match="left out 2 unreadable train image.*pass --strict-images off"):
         load_packed_split(tmp_path / "dst", "train", Preprocess.tutorial(64), True, False, strict=True)
     streamed = stream_packed_split(tmp_path / "dst", "train", Preprocess.tutorial(64), True, False)
     assert streamed.paths == packed_split.paths and streamed.skipped == unreadable

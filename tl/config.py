@@ -25,7 +25,8 @@ RECIPE = ("batch_size", "lr", "momentum", "step_size", "gamma", "train_size", "f
 # a run that does not use them saves what it saved before, and a saved run without them resumes.
 RECIPE_EXTRAS = ("random_erasing", "mixup", "cutmix", "ema", "class_weights", "sampler", "tta", "calibrate")
 POLICIES = ("randaugment", "trivialaugment", "autoaugment")  # --augment: torchvision v2's, in the loader
-RESUME_FREE = ("data_dir", "data_zip", "data_mode", "save_every", "epochs", "strict_images", "precision", "output_dir",
+RESUME_FREE = ("data_dir", "data_zip", "data_file", "data_root", "data_mode", "save_every", "epochs", "strict_images",
+               "precision", "output_dir",
                "resume", "overwrite", "wandb", "wandb_project", "wandb_entity", "wandb_name", "wandb_group",
                "wandb_log_model",
                "num_workers", "patience")
@@ -52,6 +53,11 @@ class Config:
                          "(python -m tl.pack)")
     data_zip: str | None = _opt(None, "local zip of the data set, extracted next to --data-dir "
                                 "when that is missing (for machines without internet)")
+    data_file: str | None = _opt(None, "instead of --data-dir's class folders: a label file, a CSV with the columns "
+                                 "path,label[,split] or a JSONL of such objects (split: train, val or test; without "
+                                 "it pass --val-split); see docs/label-files.md")
+    data_root: str | None = _opt(None, "the folder a --data-file's relative paths start from; default: the label "
+                                 "file's folder")
     model: str = _opt("resnet18", "any torchvision classification model name, or timm/NAME for a timm model "
                       "(pip install -e '.[timm]'; NAME may carry a pretrained tag, e.g. timm/resnet18.a1_in1k)")
     weights: str = _opt("DEFAULT", "torchvision weights name (DEFAULT, IMAGENET1K_V1, ...), "
@@ -87,7 +93,10 @@ class Config:
     val_split: float = _opt(0.0, "without a val/ folder: hold out this fraction of each class's train/ images as "
                             "val (0: off; at least one image a class), the same images for every --seed and "
                             "machine; python -m tl.predict --val-of DATA_DIR predicts them")
-    strict_images: bool = _opt(False, "stop at the first unreadable image instead of skipping it with a warning")
+    strict_images: str = _opt("auto", "on: stop at the first unreadable image, naming it; off: skip such images "
+                              "with a warning and count them in summary.json; auto: on for a --data-file (each of "
+                              "its rows claims an image), off for class folders. --strict-images alone means on",
+                              choices=("auto", "on", "off"), const="on")
     image_size: int = _opt(0, "crop size for training and validation; 0: the --preprocess one's (224 for tutorial). "
                            "Val resizes first, to size*256/224 (tutorial) or in the weights' own ratio")
     preprocess: str = _opt("tutorial", "tutorial: ImageNet mean/std, bilinear, val Resize(256)+CenterCrop(224); "
@@ -164,6 +173,10 @@ class Config:
         extras = {name: getattr(self, name) for name in RECIPE_EXTRAS if getattr(self, name) != defaults[name]}
         return {name: getattr(self, name) for name in RECIPE} | cosine | extras
 
+    def strict(self) -> bool:
+        """Whether an unreadable image ends the run (--strict-images)."""
+        return self.strict_images == "on" or (self.strict_images == "auto" and self.data_file is not None)
+
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
             if f.type is float and not math.isfinite(getattr(self, f.name)):
@@ -224,6 +237,11 @@ class Config:
         if self.random_erasing and self.augment == "device":
             raise UserError("--random-erasing works image by image in the loader; drop --augment device (or pass "
                             "--augment cpu)")
+        if self.data_root and not self.data_file:
+            raise UserError("--data-root is where a --data-file's paths start from; pass --data-file too, or drop "
+                            "--data-root")
+        if self.data_zip and self.data_file:
+            raise UserError("--data-zip is extracted to --data-dir, which a --data-file replaces; pass one of them")
         if self.num_workers < -1:
             raise UserError(f"--num-workers must be 0 or more, or -1 for the default, got {self.num_workers}")
         return self
@@ -268,6 +286,8 @@ def option_value(name: str, value, source: str):
     kind = f.type if f.type in (bool, int, float, str) else str  # `str | None`: a string or null
     if value is None and isinstance(f.type, types.UnionType):
         return None
+    if "const" in f.metadata and isinstance(value, bool):  # a config.json from when it was a switch
+        value = f.metadata["const"] if value else f.default
     if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
         try:
             value = float(value)
@@ -324,6 +344,9 @@ def parse_args(argv=None) -> Config:
         flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
         if f.type is bool:
             parser.add_argument(flag, action="store_true", help=help)
+        elif "const" in f.metadata:  # the flag alone means const (it was a switch before it took a value)
+            parser.add_argument(flag, nargs="?", const=f.metadata["const"], default=f.default, help=help,
+                                choices=f.metadata.get("choices"))
         else:
             kind = f.type if f.type in (int, float) else str
             parser.add_argument(flag, type=kind, default=f.default, help=help,

@@ -1,8 +1,9 @@
-"""Pack an ImageFolder set into WebDataset tar shards with wids indexes (see tl/pack_format.py).
+"""Pack an ImageFolder set or a label file into WebDataset tar shards with wids indexes (see tl/pack_format.py).
 
-    python -m tl.pack SRC DST [--shard-size-mb 256] [--workers N]
+    python -m tl.pack SRC DST [--shard-size-mb 256] [--workers N] [--data-root DIR]
 
-For train/ and val/ of SRC (listed exactly as training lists them: tl.listing.list_images) this writes
+For train/ and val/ of SRC (listed exactly as training lists them: tl.listing.list_images, or for a
+label file tl.labels.list_label_file) this writes
 DST/{split}-000000.tar, ... (each at most --shard-size-mb, 10^6 bytes, unless one image is larger),
 DST/{split}.json (the wids index), DST/{split}-offsets.npy (each image's offset and size in its
 shard, read back from each finished shard's tar headers: what tl reads by) and DST/tl-pack.json.
@@ -33,6 +34,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from tl import labels
 from tl.cli import Parser, number
 from tl.errors import UserError, run_cli
 from tl.listing import list_images
@@ -255,19 +257,30 @@ def check_dst(src: Path, dst: Path, classes: list[str], fingerprint: str) -> boo
     return True
 
 
-def pack(src, dst, shard_size_mb: float = 256, workers: int | None = None, progress: bool = True) -> dict:
-    """Pack SRC into DST; returns tl-pack.json's content (with "already_packed" if nothing was done)."""
+def pack(src, dst, shard_size_mb: float = 256, workers: int | None = None, progress: bool = True,
+         data_root: str | None = None) -> dict:
+    """Pack SRC (an ImageFolder, or a label file whose paths start from data_root) into DST; returns
+    tl-pack.json's content (with "already_packed" if nothing was done)."""
     src, dst = Path(src), Path(dst)
     if not src.exists():
-        raise UserError(f"SRC {src} does not exist; pass an ImageFolder root holding train/ and val/")
-    if not src.is_dir():
-        raise UserError(f"SRC {src} is not a folder; pass an ImageFolder root holding train/ and val/ "
-                        "(extract a zip first)")
+        raise UserError(f"SRC {src} does not exist; pass an ImageFolder root holding train/ and val/, or a label "
+                        "file (.csv or .jsonl)")
+    if not src.is_dir() and src.suffix.lower() not in labels.SUFFIXES:
+        raise UserError(f"SRC {src} is not a folder or a label file; pass an ImageFolder root holding train/ and val/ "
+                        "(extract a zip first), or a .csv or .jsonl label file")
+    if data_root and src.is_dir():
+        raise UserError("--data-root is where a label file's paths start from; SRC is a folder: drop --data-root")
     if not shard_size_mb > 0:
         raise UserError(f"--shard-size-mb {shard_size_mb} must be positive, e.g. 256")
     t0 = time.perf_counter()
-    listing = list_images(src, warn=True)
-    if check_dst(src, dst, listing.classes, listing.fingerprint):
+    if src.is_dir():
+        listing, base = list_images(src, warn=True), src
+    else:  # a pack holds train and val, as it does of a folder with test/
+        listing, base = labels.list_label_file(src, data_root), labels.base_dir(src, data_root)
+        if listing.test:
+            warnings.warn(f"{len(listing.test)} test rows of {src} are not packed: a pack holds train and val; "
+                          "evaluate test from the label file", stacklevel=1)
+    if check_dst(base, dst, listing.classes, listing.fingerprint):
         meta = read_meta(dst)
         return {**meta, "already_packed": True}
     created = not dst.exists()
@@ -280,8 +293,11 @@ def pack(src, dst, shard_size_mb: float = 256, workers: int | None = None, progr
     except OSError as e:
         raise UserError(f"cannot write to DST {dst} ({e.strerror}); pass a DST in a writable location") from None
     try:
-        meta = _write(src, dst, tmp, listing, int(shard_size_mb * 1e6), workers or min(32, 2 * usable_cpus()),
+        meta = _write(base, dst, tmp, listing, int(shard_size_mb * 1e6), workers or min(32, 2 * usable_cpus()),
                       progress)
+        meta["source"] = str(src.resolve())
+        if data_root:
+            meta["data_root"] = str(Path(data_root).resolve())
         meta["seconds"] = round(time.perf_counter() - t0, 3)
         write_json(tmp / PACK_FILE, meta)
         _commit(dst, tmp, meta)
@@ -344,7 +360,7 @@ def _write(src: Path, dst: Path, tmp: Path, listing, max_bytes: int, workers: in
                 writer.abort()
                 raise
             if not count:
-                raise UserError(f"none of the {len(samples)} files in {src / split} is a readable image "
+                raise UserError(f"none of the {len(samples)} {split} files of {src} is a readable image "
                                 f"({unreadable[0]['path']}: {unreadable[0]['error']}, ...); check the files")
             index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": split, "shardlist": shards}
             write_json(tmp / f"{split}.json", index)
@@ -398,7 +414,10 @@ def _commit(dst: Path, tmp: Path, meta: dict) -> None:
 def main(argv=None) -> int:
     parser = Parser(prog="python -m tl.pack", description=__doc__.split("\n\n")[0],
                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", metavar="SRC", help="ImageFolder root holding train/ and val/")
+    parser.add_argument("src", metavar="SRC", help="ImageFolder root holding train/ and val/, or a label file "
+                        "(.csv or .jsonl of path,label,split; see docs/label-files.md)")
+    parser.add_argument("--data-root", help="the folder a label file's relative paths start from (default: its "
+                        "folder)")
     parser.add_argument("dst", metavar="DST", help="folder for the pack (created; an identical pack there is kept)")
     parser.add_argument("--shard-size-mb", type=number(float, 0, above=True), default=256,
                         help="largest shard in MB (10^6 bytes) (default: %(default)s)")
@@ -408,7 +427,7 @@ def main(argv=None) -> int:
     def work():
         args = parser.parse_args(argv)
         Stopper()  # SIGINT/SIGTERM/SIGHUP/SIGUSR1: stop at once; the temporary folder is removed
-        meta = pack(args.src, args.dst, args.shard_size_mb, args.workers)
+        meta = pack(args.src, args.dst, args.shard_size_mb, args.workers, data_root=args.data_root)
         splits = meta["splits"]
         counts = " and ".join(f"{splits[s]['count']} {s}" for s in SPLITS)
         if meta.get("already_packed"):

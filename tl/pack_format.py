@@ -106,7 +106,8 @@ class PackInfo:
                        fingerprint=self.fingerprint)
 
     def repack_hint(self) -> str:
-        return f"pack the source again: python -m tl.pack {self.meta.get('source') or 'SRC'} {self.path}"
+        root = f" --data-root {self.meta['data_root']}" if self.meta.get("data_root") else ""
+        return f"pack the source again: python -m tl.pack {self.meta.get('source') or 'SRC'} {self.path}{root}"
 
 
 def _starts(shards: list[dict]) -> list[int]:

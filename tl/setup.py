@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 
-from tl import pack_format, provenance, shards
+from tl import labels, pack_format, provenance, shards
 from tl import run as rundir
 from tl.augment import DeviceAugment
 from tl.augment import collate as padded_batches
@@ -24,10 +24,11 @@ from tl.config import POLICIES, Config
 from tl.ema import WeightEMA
 from tl.errors import UserError
 from tl.features import FeatureRows, backbone_features, feature_loaders
-from tl.listing import ensure_data, list_images
+from tl.listing import Listing, ensure_data, list_images
 from tl.loaders import ImageSet, make_loaders
 from tl.model import build_model, check_input_size, preprocess_for, weights_id
 from tl.optim import build_optimizer, build_scheduler, describe, param_groups
+from tl.pack_format import PackInfo
 from tl.preprocess import TUTORIAL, Preprocess, center_view, train_transform
 from tl.splits import Split, choose_data_mode, load_split, stream_split, usable_cpus
 from tl.targets import BatchMix, batch_mix, class_weights
@@ -85,16 +86,7 @@ class Setup:
 def setup(cfg: Config, accelerator: Accelerator, out: Path, resuming: bool) -> tuple[Setup, Checkpointer]:
     """Fast checks first (data listing, weights, the saved state), then the slow work (decoding)."""
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    with accelerator.local_main_process_first():  # one download per node
-        root = ensure_data(cfg.data_dir, cfg.data_zip)
-    if root.resolve() == out.resolve() or root.resolve() in out.resolve().parents:
-        raise UserError(f"--output-dir {out} is inside --data-dir {root}: the run's pictures would become images "
-                        "of the next run; pass an --output-dir outside the data set")
-    pack = pack_format.open_pack(root) if pack_format.is_pack(root) else None  # a packed set (python -m tl.pack)
-    if pack and cfg.val_split:
-        raise UserError(f"--val-split holds out part of train/, but {root} is a pack, which holds its own val split; "
-                        "drop --val-split, or pass the ImageFolder itself")
-    listing = on_main(accelerator, lambda: pack.listing() if pack else list_images(root, val_split=cfg.val_split))
+    listing, root, pack = list_data(cfg, accelerator, out)
     frozen = cfg.mode == "feature-extract"
     if frozen and cfg.weights.lower() == "none" and main:
         warnings.warn("feature-extract with --weights none trains a head on a frozen random backbone, which "
@@ -129,8 +121,9 @@ def setup(cfg: Config, accelerator: Accelerator, out: Path, resuming: bool) -> t
         0 if mode == "memory" else max(1, usable_cpus() // node_processes)
     accelerator.print(f"data: {mode} ({why}), {workers} DataLoader worker(s) per process")
     # Train images are kept big enough for both the train crop and the feature cache's center view.
-    train_split = open_split(accelerator, root, pack, listing, "train", mode, pre, True, cfg.strict_images)
-    val_split = open_split(accelerator, root, pack, listing, "val", mode, pre, False, cfg.strict_images)
+    strict, name = cfg.strict(), labels.naming(cfg.data_file, cfg.data_root) if cfg.data_file else str
+    train_split = open_split(accelerator, root, pack, listing, "train", mode, pre, True, strict, name)
+    val_split = open_split(accelerator, root, pack, listing, "val", mode, pre, False, strict, name)
     cached = net is not model
     on_device = augment == "device" and not cached
     device_augment = (DeviceAugment(pre.train_crop, accelerator.device, cfg.seed, rank, mean=pre.mean, std=pre.std)
@@ -173,21 +166,40 @@ def setup(cfg: Config, accelerator: Accelerator, out: Path, resuming: bool) -> t
         setup.ema = checkpointer.ema = WeightEMA(model, head_name, frozen, cfg.ema, accelerator.device)
     if listing.test:  # read at the end: its images are not held through training
         setup.open_test = functools.partial(open_split, accelerator, root, pack, listing, "test", mode, pre, False,
-                                            cfg.strict_images)
+                                            strict, name)
     if main:
         setup.record = provenance.record(listing, pack)
     return setup, checkpointer
 
 
-def open_split(accelerator: Accelerator, root: Path, pack, listing, split: str, mode: str, pre: Preprocess,
-               train: bool, strict: bool):
-    """One split of an ImageFolder or a pack: decoded into memory by every process, or checked for
-    streaming by the main process for all."""
+def list_data(cfg: Config, accelerator: Accelerator, out: Path) -> tuple[Listing, Path | None, PackInfo | None]:
+    """The data set's Listing, from a label file, class folders or a pack (listed by the main process), and
+    the folder and pack it is read from (None for a label file)."""
+    if cfg.data_file:
+        return on_main(accelerator, lambda: labels.list_label_file(cfg.data_file, cfg.data_root, cfg.val_split)), \
+            None, None
+    with accelerator.local_main_process_first():  # one download per node
+        root = ensure_data(cfg.data_dir, cfg.data_zip)
+    if root.resolve() == out.resolve() or root.resolve() in out.resolve().parents:
+        raise UserError(f"--output-dir {out} is inside --data-dir {root}: the run's pictures would become images "
+                        "of the next run; pass an --output-dir outside the data set")
+    pack = pack_format.open_pack(root) if pack_format.is_pack(root) else None  # a packed set (python -m tl.pack)
+    if pack and cfg.val_split:
+        raise UserError(f"--val-split holds out part of train/, but {root} is a pack, which holds its own val split; "
+                        "drop --val-split, or pass the ImageFolder itself")
+    return on_main(accelerator, lambda: pack.listing() if pack else list_images(root, val_split=cfg.val_split)), \
+        root, pack
+
+
+def open_split(accelerator: Accelerator, root: Path | None, pack, listing, split: str, mode: str, pre: Preprocess,
+               train: bool, strict: bool, name=str):
+    """One split of an ImageFolder, a label file or a pack: decoded into memory by every process, or checked
+    for streaming by the main process for all. name(path): what messages call an image."""
     main = accelerator.is_main_process
     if pack:
         load = shards.load_packed_split if mode == "memory" else shards.stream_packed_split
         return load(root, split, pre, train, main, strict, pack)
     samples = getattr(listing, split)
     if mode == "memory":
-        return load_split(samples, pre, train, main, strict)
-    return on_main(accelerator, lambda: stream_split(samples, pre, train, True, strict))
+        return load_split(samples, pre, train, main, strict, name)
+    return on_main(accelerator, lambda: stream_split(samples, pre, train, True, strict, name))

@@ -189,7 +189,8 @@ def load_packed_split(path, split: str, pre, train: bool, main: bool, strict: bo
     left_out = ds.info.unreadable[split]
     if strict and left_out:
         raise UserError(f"the pack {path} left out {len(left_out)} unreadable {split} image(s) of its source (e.g. "
-                        f"{left_out[0]}); fix or remove them in the source and pack it again, or drop --strict-images")
+                        f"{left_out[0]}); fix or remove them in the source and pack it again, or pass "
+                        "--strict-images off")
     names = ds.info.names(split)
     out = Split([], [], [], skipped=list(left_out))
     workers = usable_cpus()
@@ -201,7 +202,7 @@ def load_packed_split(path, split: str, pre, train: bool, main: bool, strict: bo
             i, future = item
             img, where = future.result(), names[i]
             if isinstance(img, Exception) and strict:
-                raise UserError(f"unreadable image {where} ({img}); pack the source again, or drop --strict-images "
+                raise UserError(f"unreadable image {where} ({img}); pack the source again, or pass --strict-images off "
                                 "to skip such images")
             if isinstance(img, Exception):
                 if main:
@@ -256,5 +257,6 @@ def stream_packed_split(path, split: str, pre, train: bool, main: bool, strict: 
     left_out = ds.info.unreadable[split]
     if strict and left_out:
         raise UserError(f"the pack {path} left out {len(left_out)} unreadable {split} image(s) of its source (e.g. "
-                        f"{left_out[0]}); fix or remove them in the source and pack it again, or drop --strict-images")
+                        f"{left_out[0]}); fix or remove them in the source and pack it again, or pass "
+                        "--strict-images off")
     return Split(PackedImages(ds, pre, train), list(ds.targets), ds.info.names(split), skipped=list(left_out))

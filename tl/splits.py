@@ -38,11 +38,12 @@ def _decode_or_error(path: str, pre: Preprocess, train: bool):
 
 
 def _read_all(samples: list[tuple[str, int]], read, verb: str, train: bool, main: bool, strict: bool,
-              threads: bool = True) -> Split:
+              threads: bool = True, name=str) -> Split:
     """read(path) for every (path, label), in threads (PIL releases the GIL; without `threads` when a
     read is too short to pay for a thread hand-off), kept in order: a result,
     or the exception that makes a file unreadable: skipped with a warning, or with strict, the end of
-    the run. Only the main process shows progress and warnings."""
+    the run. Only the main process shows progress and warnings; they call a file name(path) (a label
+    file's line, tl.labels.naming)."""
     split = Split([], [], [])
     pool = ThreadPoolExecutor(max_workers=usable_cpus())
     try:
@@ -50,11 +51,11 @@ def _read_all(samples: list[tuple[str, int]], read, verb: str, train: bool, main
         for (path, target), result in tqdm(zip(samples, results), total=len(samples), leave=False,
                                            desc=f"{verb} {'train' if train else 'val'}", disable=not main):
             if isinstance(result, Exception) and strict:
-                raise UserError(f"unreadable image {path} ({result}); remove or replace it, or drop "
-                                "--strict-images to skip such files")
+                raise UserError(f"unreadable image {name(path)} ({result}); remove or replace it, or pass "
+                                "--strict-images off to skip such files")
             if isinstance(result, Exception):
                 if main:
-                    warnings.warn(f"skipping unreadable image {path}: {result}", stacklevel=1)
+                    warnings.warn(f"skipping unreadable image {name(path)}: {result}", stacklevel=1)
                 split.skipped.append(path)
             else:
                 split.images.append(result)
@@ -73,10 +74,11 @@ def _read_all(samples: list[tuple[str, int]], read, verb: str, train: bool, main
 
 
 def load_split(samples: list[tuple[str, int]], pre: Preprocess, train: bool, main: bool,
-               strict: bool = False) -> Split:
+               strict: bool = False, name=str) -> Split:
     """Decode (path, label) pairs, e.g. a Listing's train, into memory; unreadable files are skipped
     with a warning, or with strict, end the run."""
-    return _read_all(samples, lambda path: _decode_or_error(path, pre, train), "decode", train, main, strict)
+    return _read_all(samples, lambda path: _decode_or_error(path, pre, train), "decode", train, main, strict,
+                     name=name)
 
 
 class LazyImages:
@@ -128,10 +130,10 @@ def _signatures() -> list:
 
 
 def stream_split(samples: list[tuple[str, int]], pre: Preprocess, train: bool, main: bool,
-                 strict: bool = False) -> Split:
+                 strict: bool = False, name=str) -> Split:
     """Like load_split, but only each file's signature is checked now; the pixels are decoded every
     epoch by whoever indexes the split (DataLoader workers)."""
-    checked = _read_all(samples, _signature_or_error, "check", train, main, strict, threads=False)
+    checked = _read_all(samples, _signature_or_error, "check", train, main, strict, threads=False, name=name)
     checked.images = LazyImages(checked.paths, pre, train)
     return checked
 
