@@ -50,7 +50,7 @@ CASES = [  # (entry point, arguments, the phrase the error line holds)
     ("tl.predict", ["--checkpoint", "{d}/noise.safetensors", "{d}/d/val"], "is damaged or not a safetensors file"),
     ("tl.predict", ["--checkpoint", "{d}/empty", "{d}/d/val"], "checkpoint {d}/empty is a folder; pass the best"),
     ("train.py", ["--data-dir", "{d}/tensor.pth"], "data dir {d}/tensor.pth is a file, not a folder"),
-    ("tl.predict", ["--checkpoint", "x"], "pass image files or folders, or --val-of"),
+    ("tl.predict", ["--checkpoint", "x"], "pass image files or folders, --data-file LABELS"),
     ("tl.export", ["--checkpoint", "{d}/noise.safetensors", "--format", "onnx"], "is damaged"),
     ("tl.export", ["--checkpoint", "x", "--format", "pickle"], "argument --format: invalid choice: 'pickle'"),
     ("tl.pack", ["{d}/d", "{d}/pack", "--shard-size-mb", "0"], "argument --shard-size-mb: must be positive, got 0"),

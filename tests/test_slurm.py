@@ -249,3 +249,30 @@ def test_array_tasks_given_one_output_dir_one_trains(cluster, data, tmp_path):
     assert config["seed"] == winner and config["slurm"]["array_task_id"] == str(winner)
     assert json.loads((out / "summary.json").read_text())["epochs"] == 2
     assert not list(tmp_path.glob(".tl-user-error-*"))
+
+
+def test_predict_array_merges_what_one_process_writes(cluster, data, tmp_path):
+    """slurm/predict.sbatch as a 3-task array over 13 images in batches of 2 (7 batches): the last task
+    merges the parts into the file one process writes, byte for byte."""
+    env = ENV | {"OMP_NUM_THREADS": "1", "PREDICT_ARGS": "--batch-size 2"}
+    run = tmp_path / "run"
+    trained = subprocess.run([sys.executable, "train.py", "--data-dir", str(data), "--output-dir", str(run),
+                              "--epochs", "1", "--image-size", "64", "--batch-size", "4", "--weights", "none",
+                              "--wandb", "disabled"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    ckpt, out = run / "best.safetensors", tmp_path / "predictions.csv"
+    proc = subprocess.run(["sbatch", "--parsable", "--array=0-2", f"--output={tmp_path}/task-%a.log",
+                           "slurm/predict.sbatch", str(ckpt), str(out), str(data / "val")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    tasks = [f"{proc.stdout.strip().split(';')[0]}_{i}" for i in range(3)]
+    ref = subprocess.run([sys.executable, "-m", "tl.predict", "--checkpoint", str(ckpt), "--out",
+                          str(tmp_path / "ref.csv"), "--batch-size", "2", str(data / "val")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    wait_for(lambda: all(finished(t) for t in tasks), 300, "the array's tasks")
+    logs = [(tmp_path / f"task-{i}.log").read_text(errors="replace") for i in range(3)]
+    assert [job_state(t) for t in tasks] == ["COMPLETED"] * 3, logs
+    assert sum(f"wrote {out}: 13 rows" in log for log in logs) == 1, logs  # one task merged
+    assert out.read_bytes() == (tmp_path / "ref.csv").read_bytes()
+    assert not (tmp_path / "predictions.csv.parts").exists()

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from tl import checkpoint
+from tl import checkpoint, labels
 from tl import run as rundir
 from tl.cli import Parser
 from tl.errors import UserError, run_cli
@@ -41,7 +41,7 @@ from tl.exported import (
     quiet_deprecations,
 )
 from tl.files import write_atomic
-from tl.image_files import read_images, val_images
+from tl.image_files import read_images, run_data, val_images
 from tl.loaders import ImageSet
 from tl.preprocess import Preprocess
 from tl.splits import Split, load_split
@@ -97,12 +97,12 @@ def run_val_images(checkpoint_path: Path, meta: dict) -> tuple[str, list] | None
     """The run's val images (its val/ folder, or what its --val-split held out of train/), through the
     config.json next to the checkpoint; None when that data is not here."""
     try:
-        data_dir = json.loads((checkpoint_path.parent / rundir.CONFIG).read_text())["data_dir"]
+        data, data_root = run_data(json.loads((checkpoint_path.parent / rundir.CONFIG).read_text()))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if not (Path(data_dir) / "train").is_dir():
+    if not (Path(data) / "train").is_dir() and not labels.is_label_file(data):
         return None
-    return data_dir, val_images(data_dir, meta)
+    return data, val_images(data, meta, data_root)
 
 
 def check_images(val_dir, meta: dict) -> Split:

@@ -1,16 +1,18 @@
 """A run's trained classifier from its checkpoint: rebuilt (base weights checked), evaluated as the run evaluated."""
 
+import contextlib
+import os
+
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from tl import checkpoint
 from tl.checkpoint import Identity
 from tl.errors import UserError
-from tl.eval import evaluate
+from tl.eval import predict_probs
 from tl.model import build_model, weights_id
-from tl.preprocess import Preprocess
+from tl.preprocess import Preprocess, to_input
 
 
 def base_weights_arg(identity: Identity, weights: str | None) -> str:
@@ -61,10 +63,37 @@ def output_of(meta: dict) -> tuple[str, float]:
     return meta.get("recipe", {}).get("tta", "none"), float(meta.get("temperature", 1.0))
 
 
+def autocast(meta: dict, device: torch.device, cpu: bool = False):
+    """The run's mixed precision as Accelerate applies it to a prepared model's forward (bf16 on any
+    device, fp16 on GPUs only); cpu: fp32, as tl.export's reference is."""
+    precision = "no" if cpu else meta.get("mixed_precision", "no")
+    if precision == "bf16" or (precision == "fp16" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return contextlib.nullcontext()
+
+
+def batch_probabilities(model, meta: dict, cpu: bool = False):
+    """fn(uint8 batch of center views) -> float32 probabilities on the CPU: a checkpoint's model as a run
+    evaluates it (its mixed precision, --tta views and --calibrate temperature; tl.eval.predict_probs).
+    No process group: each process of tl.predict works alone (on the GPU of its LOCAL_RANK)."""
+    cuda = torch.cuda.is_available() and not cpu
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}" if cuda
+                          else "cpu")
+    model = model.to(device, memory_format=torch.channels_last)
+    pre, (tta, temperature) = Preprocess.from_meta(meta), output_of(meta)
+
+    def forward(v):  # autocast around the forward only, as Accelerate wraps it: the views and softmax stay fp32
+        with autocast(meta, device, cpu):
+            return model(v)
+
+    @torch.inference_mode()
+    def probs(x: torch.Tensor) -> torch.Tensor:
+        return predict_probs(forward, to_input(x, device, pre), tta, temperature).float().cpu()
+
+    return probs
+
+
 def probabilities(model, loader: DataLoader, meta: dict, cpu: bool = False) -> torch.Tensor:
-    """A checkpoint's model over the loader's images, evaluated as a run does (under its mixed precision,
-    with its --tta and --calibrate temperature)."""
-    accelerator = Accelerator(cpu=cpu or not torch.cuda.is_available(),
-                              mixed_precision="no" if cpu else meta.get("mixed_precision", "no"))
-    model = accelerator.prepare(model.to(memory_format=torch.channels_last))
-    return evaluate(model, loader, accelerator, len(loader.dataset), Preprocess.from_meta(meta), *output_of(meta))
+    """A checkpoint's model over the loader's images, in order, evaluated as a run does (batch_probabilities)."""
+    fn = batch_probabilities(model, meta, cpu)
+    return torch.cat([fn(x) for x, _ in loader])
