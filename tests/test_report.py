@@ -1,4 +1,5 @@
-"""python -m tl.report on real run dirs: three seeds and another lr, finished, killed and damaged runs."""
+"""python -m tl.report on real run dirs: three seeds and another lr, finished, killed and damaged runs; --errors
+(what one run got wrong) on a finetune run with a test/ folder and on a feature-extract one."""
 
 import csv
 import json
@@ -6,12 +7,13 @@ import math
 import shutil
 
 import pytest
-from conftest import FAST, run_cli
+from conftest import FAST, make_imagefolder, one_line_error, run_cli
 from PIL import Image
 
 from tl.config import parse_args
 from tl.errors import UserError
 from tl.loop import train
+from tl.mistakes import errors_report
 from tl.report import report
 
 # Trains and exports real runs in a module fixture: a minute or two, so `make test` only.
@@ -169,3 +171,99 @@ def test_cli(sweep, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "mean ± std (n=3)" in proc.stdout and proc.stdout.endswith("in out\n")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.csv", "report.md", "report.png"]
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory, base_weights):
+    """A finetune run on three classes with a test/ folder (green's images look like red's: mistakes)."""
+    from accelerate.state import AcceleratorState
+
+    root = tmp_path_factory.mktemp("errors")
+    data = make_imagefolder(root / "data", classes=("blue", "red", "green"), n_train=8, n_val=4, size=72, n_test=3)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    train(parse_args(["--data-dir", str(data), "--epochs", "2", "--weights", str(base_weights),
+                      "--output-dir", str(root / "run"), *FAST]))
+    return root / "run", data
+
+
+def errors_json(folder) -> dict:
+    return json.loads((folder / "errors.json").read_text())
+
+
+def test_errors_report_of_a_run(three):
+    run, data = three
+    proc = run_cli("-m", "tl.report", str(run), "--errors", "--top", "5")
+    assert proc.returncode == 0, proc.stderr
+    s, found = summary(run), errors_json(run)
+    assert found["accuracy"] == s["best_val_acc"] and found["correct"] == s["val_correct"]  # exactly the run's
+    assert found["balanced_accuracy"] == s["val_balanced_acc"] and found["images"] == s["num_val"] == 12
+    assert {r["class"]: r["accuracy"] for r in found["per_class"]} == s["per_class_acc"]
+    best = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][s["best_epoch"] - 1]
+    assert found["mean_loss"] == pytest.approx(best["val_loss"], rel=1e-4)
+    assert found["epoch"] == s["best_epoch"] and found["split"] == "val" and found["data_dir"] == str(data)
+    assert len(found["top_losses"]) == 5 and all(r["path"].startswith(str(data / "val")) for r in found["top_losses"])
+    accuracy = [r["accuracy"] for r in found["per_class"]]
+    assert accuracy == sorted(accuracy)
+    page = (run / "errors.html").read_text()
+    assert page.count("<img ") == 5 and all(f"<td>{c}</td>" in page for c in ("blue", "red", "green"))
+    with Image.open(run / "errors.png") as img:
+        img.verify()
+        assert img.format == "PNG" and img.size == (1000, 840)
+    lines = proc.stdout.splitlines()
+    assert lines[0] == (f"val: accuracy {s['best_val_acc']:.4f} ({s['val_correct']}/12), balanced accuracy "
+                        f"{s['val_balanced_acc']:.4f}, 3 classes")
+    assert lines[1].startswith("worst classes: ") and lines[2].startswith("most confused (true -> predicted): ")
+    assert lines[-1] == f"wrote errors.html, errors.png, errors.json in {run}"
+
+
+def test_errors_on_test_split_written_elsewhere(three, tmp_path):
+    run, _ = three
+    proc = run_cli("-m", "tl.report", str(run), "--errors", "--split", "test", "--out", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    s, found = summary(run), errors_json(tmp_path / "out")
+    assert (found["accuracy"], found["correct"], found["images"]) == (s["test_acc"], s["test_correct"], 9)
+    assert found["per_class"] and {r["class"]: r["accuracy"] for r in found["per_class"]} == s["test_per_class_acc"]
+    assert len(found["top_losses"]) == 9  # --top 16, of 9 images
+    assert proc.stdout.startswith(f"test: accuracy {s['test_acc']:.4f} (")
+
+
+def test_errors_of_a_feature_extract_run_need_its_base_weights(sweep, tiny_data, base_weights, tmp_path):
+    run = sweep / "s0"
+    moved = shutil.copytree(tiny_data, tmp_path / "moved")  # the data set elsewhere now: --data-dir
+    errors_report(str(run), weights=str(base_weights), data_dir=str(moved), out=str(tmp_path))
+    found = errors_json(tmp_path)
+    assert found["accuracy"] == summary(run)["best_val_acc"] and found["images"] == 12
+    assert found["data_dir"] == str(moved)
+    proc = run_cli("-m", "tl.report", str(run), "--errors", "--out", str(tmp_path))
+    one_line_error(proc, "pass that file with --weights")
+
+
+def test_errors_bad_input_is_one_line(three, sweep, tmp_path, base_weights):
+    run, data = three
+    cases = [
+        ([str(sweep), "--errors"], ["has no best.safetensors", "not a run dir", "e.g. runs/sweep/s0"]),
+        ([str(run), str(sweep / "s0"), "--errors"], ["--errors takes one run dir, got 2"]),
+        ([str(run), "--top", "3"], ["--top go with --errors only"]),
+        ([str(run), "--errors", "--top", "0"], ["--top", "must be positive"]),
+        ([str(sweep / "s0"), "--errors", "--split", "test", "--weights", str(base_weights)],
+         ["has no test/ folder", "--split val"]),
+        ([str(tmp_path / "nope"), "--errors"], ["is not a folder; pass a run dir"]),
+    ]
+    started = tmp_path / "started"  # a run that has not finished an epoch
+    started.mkdir()
+    shutil.copy(run / "config.json", started / "config.json")
+    cases.append(([str(started), "--errors"], ["holds config.json but no epoch's weights yet"]))
+    moved = tmp_path / "moved"  # the run's data set is gone from where config.json says
+    moved.mkdir()
+    shutil.copy(run / "config.json", moved / "config.json")
+    (moved / "best.safetensors").symlink_to(run / "best.safetensors")
+    config = json.loads((moved / "config.json").read_text())
+    (moved / "config.json").write_text(json.dumps(config | {"data_dir": str(tmp_path / "gone")}))
+    cases.append(([str(moved), "--errors"], [f"the run's data set {tmp_path / 'gone'}", "pass --data-dir"]))
+    cases.append(([str(moved), "--errors", "--data-dir", str(tmp_path / "gone")], ["does not exist"]))
+    other = make_imagefolder(tmp_path / "other", classes=("a", "b", "c"), n_train=1, n_val=1, size=32)
+    cases.append(([str(moved), "--errors", "--data-dir", str(other)],
+                  ["holds the classes [a, b, c], the run [blue, green, red]", "pass --data-dir"]))
+    for argv, phrases in cases:
+        one_line_error(run_cli("-m", "tl.report", *argv, cwd=tmp_path), *phrases)
+    assert not (moved / "errors.json").exists() and not (sweep / "errors.json").exists()

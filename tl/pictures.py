@@ -104,6 +104,15 @@ def pick_examples(truth: list[int], predicted: list[int], n: int = 16, seed: int
     return sorted(picked)
 
 
+def _fit(fig: Figure, text, side: float) -> None:
+    """Shrink a title of wide letters (W, M) to its image's width `side` (inches), 0.03 in each side; 6 pt at least."""
+    for _ in range(4):
+        wide = text.get_window_extent(fig.canvas.get_renderer()).width / fig.dpi
+        if wide <= side + 0.06 or text.get_fontsize() <= 6:
+            break
+        text.set_fontsize(max(6.0, text.get_fontsize() * (side + 0.06) / wide * 0.98))
+
+
 def _grid(images: list[torch.Tensor], titles: list[str], colors: list[str], cols: int, suptitle: str = "",
           side: float = 2.8, max_height: float = 13.0) -> Figure:
     """uint8 CHW images in rows of `cols`, each in a square `side` inches wide under its title.
@@ -126,12 +135,7 @@ def _grid(images: list[torch.Tensor], titles: list[str], colors: list[str], cols
         ax = fig.add_axes((left / width, bottom / height, side / width, side / height))
         ax.axis("off")
         ax.imshow(img.permute(1, 2, 0).numpy())
-        text = ax.set_title(title, fontsize=10, color=color, linespacing=1.25, pad=3)
-        for _ in range(4):  # shrink titles of wide letters (W, M) to their image's width, 0.03 in each side
-            wide = text.get_window_extent(fig.canvas.get_renderer()).width / fig.dpi
-            if wide <= side + 0.06 or text.get_fontsize() <= 6:
-                break
-            text.set_fontsize(max(6.0, text.get_fontsize() * (side + 0.06) / wide * 0.98))
+        _fit(fig, ax.set_title(title, fontsize=10, color=color, linespacing=1.25, pad=3), side)
     if suptitle:
         fig.suptitle(suptitle, fontsize=12, y=1 - 0.1 / height, va="top")
     return fig
@@ -316,3 +320,65 @@ def save_lr_range(lrs: list[float], losses: list[float], window: tuple[int, int]
     ax.set_title(title, fontsize=11)
     fig.tight_layout(pad=0.5)
     _save(fig, path)
+
+
+WORST_SHOWN, PAIRS_SHOWN = 20, 10  # errors_figure's bar charts: the worst classes, the most-confused pairs
+
+
+def errors_figure(images: list[torch.Tensor], truth: list[str], predicted: list[str], confidence: list[float],
+                  worst: list[tuple[str, float, int]], pairs: list[tuple[str, str, int]], title: str) -> Figure:
+    """The figure save_errors writes: a fixed 1000 x 840 px whatever the counts."""
+    worst, pairs = worst[:WORST_SHOWN], pairs[:PAIRS_SHOWN]
+    if not len(images) == len(truth) == len(predicted) == len(confidence):
+        raise ValueError("images, truth, predicted and confidence must have the same length")
+    width, height, margin, gap = 12.5, 10.5, 0.15, 0.1  # inches
+    cols, rows, band = 8, 2, 0.42  # up to 16 images; a title band of two lines
+    side = (width - 2 * margin - (cols - 1) * gap) / cols
+    title = "\n".join(short(line, 130) for line in title.splitlines()[:2])
+    head = 0.25 + 0.24 * (title.count("\n") + 1)
+    fig = plt.figure(figsize=(width, height), dpi=DPI)
+    fig.suptitle(title, fontsize=12, y=1 - 0.08 / height, va="top")
+    for k, (img, t, p, c) in enumerate(list(zip(images, truth, predicted, confidence))[:cols * rows]):
+        r, col = divmod(k, cols)
+        left = margin + col * (side + gap)
+        bottom = height - head - r * (band + side + gap) - band - side
+        ax = fig.add_axes((left / width, bottom / height, side / width, side / height))
+        ax.axis("off")
+        ax.imshow(img.permute(1, 2, 0).numpy())
+        _fit(fig, ax.set_title(f"true: {short(t, 15)}\npred: {short(p, 15)} ({c:.2f})", fontsize=8, linespacing=1.2,
+                               pad=2, color="green" if t == p else "red"), side)
+    if not images:
+        fig.text(0.5, 1 - (head + band + side / 2) / height, "no images", ha="center", fontsize=12)
+    top = height - head - rows * (band + side + gap) - 0.45  # the charts' top, inches from the bottom
+    low = 0.55
+    chart_h = top - low
+    names = [f"{short(n)} ({count})" for n, _, count in worst]
+    ax = fig.add_axes((1.9 / width, low / height, 3.4 / width, chart_h / height))
+    ax.barh(range(len(worst)), [a for _, a, _ in worst], color="#c44e52", height=0.7)
+    ax.set_yticks(range(len(worst)), names, fontsize=8)
+    ax.set_ylim(max(len(worst), WORST_SHOWN) - 0.5, -0.5)  # worst at the top; bars as thick for 3 classes as 20
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("accuracy (recall)", fontsize=9)
+    ax.tick_params(axis="x", labelsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(f"the {len(worst)} worst classes (images)", fontsize=10)
+    for i, (_, a, _) in enumerate(worst):
+        ax.text(min(a + 0.02, 0.85), i, f"{a:.2f}", va="center", fontsize=7)
+    ax = fig.add_axes((8.6 / width, low / height, 3.6 / width, chart_h / height))
+    ax.barh(range(len(pairs)), [n for *_, n in pairs], color="#4c72b0", height=0.7)
+    ax.set_yticks(range(len(pairs)), [f"{short(t)} \u2192 {short(p)}" for t, p, _ in pairs], fontsize=8)
+    ax.set_ylim(max(len(pairs), PAIRS_SHOWN) - 0.5, -0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("images (true \u2192 predicted)", fontsize=9)
+    ax.tick_params(axis="x", labelsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(f"the {len(pairs)} most-confused pairs" if pairs else "no mistakes", fontsize=10)
+    return fig
+
+
+def save_errors(images: list[torch.Tensor], truth: list[str], predicted: list[str], confidence: list[float],
+                worst: list[tuple[str, float, int]], pairs: list[tuple[str, str, int]], path, title: str) -> None:
+    """python -m tl.report --errors: the highest-loss images (up to 16, titled true / predicted (its
+    probability), red when wrong), the worst classes' accuracy (name, accuracy, images; worst first, up
+    to 20) and the most-confused pairs (true, predicted, count; up to 10) as bars. Its size is fixed."""
+    _save(errors_figure(images, truth, predicted, confidence, worst, pairs, title), path)

@@ -1,4 +1,4 @@
-"""Compare runs: python -m tl.report RUN_OR_SWEEP_DIR... [--out DIR]
+"""Compare runs: python -m tl.report RUN_OR_SWEEP_DIR... [--out DIR]; what one got wrong: RUN --errors
 
 One row per run: the options whose values differ across the runs, best val accuracy and its epoch,
 test accuracy when a summary has one, epochs, wall time, train images/s; plus, for runs that differ
@@ -7,6 +7,8 @@ report.png (val accuracy per epoch, one line per run, a seed group in one colour
 
 A run dir is a folder holding config.json, metrics.jsonl or summary.json; any other folder is a sweep,
 whose immediate sub-folders that are run dirs are taken (in natural order: s2 before s10).
+
+python -m tl.report RUN --errors [--split val|test] [--top N]: what one run's model got wrong (tl.mistakes).
 """
 
 import csv
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tl import run as rundir
-from tl.cli import Parser
+from tl.cli import Parser, number
 from tl.errors import UserError, run_cli
 from tl.files import write_atomic
 
@@ -339,15 +341,41 @@ def report(paths: list[str], out: str | None = None) -> dict:
     return {"options": options, "rows": rows, "header": header, "cells": cells, "out": target}
 
 
+ERRORS_ONLY = ("split", "top", "weights", "data_dir")  # options of --errors alone
+
+
 def main(argv=None):
     parser = Parser(prog="python -m tl.report", description=__doc__.split("\n")[0])
     parser.add_argument("dirs", nargs="+", metavar="RUN_OR_SWEEP_DIR",
-                        help="run dirs, or folders whose sub-folders are run dirs")
+                        help="run dirs, or folders whose sub-folders are run dirs; with --errors, one run dir")
     parser.add_argument("--out", help="where report.md, report.csv and report.png go; default: the sweep dir "
-                        "when one is given alone, else the current dir (never a run dir)")
+                        "when one is given alone, else the current dir (never a run dir); with --errors, where "
+                        "errors.html, errors.png and errors.json go (default: the run dir)")
+    errors = parser.add_argument_group("what one run got wrong")
+    errors.add_argument("--errors", action="store_true", help="evaluate the run's best.safetensors on its val (or "
+                        "test) images: the highest-loss images, the most-confused class pairs, per-class accuracy "
+                        "worst first; writes errors.html, errors.png, errors.json")
+    errors.add_argument("--split", choices=("val", "test"), help="the images to evaluate (default val; test: "
+                        "the data set's test/ folder)")
+    errors.add_argument("--top", type=number(int, 1, 1000), help="how many highest-loss images to show (default 16; "
+                        "errors.png shows the first 16)")
+    errors.add_argument("--weights", help="the base weights file a feature-extract run used, when it was a local "
+                        "file (torchvision weights are found by name)")
+    errors.add_argument("--data-dir", help="where the run's data set is now (default: config.json's data_dir)")
+
     def go():
         args = parser.parse_args(argv)  # inside run_cli: a mistake is one error line
-        return report(args.dirs, args.out)
+        if not args.errors:
+            given = [f"--{k.replace('_', '-')}" for k in ERRORS_ONLY if getattr(args, k) is not None]
+            if given:
+                raise UserError(f"{', '.join(given)} go with --errors only; add --errors and one run dir, or drop "
+                                f"{'them' if len(given) > 1 else 'it'} to compare runs")
+            return report(args.dirs, args.out)
+        if len(args.dirs) > 1:
+            raise UserError(f"--errors takes one run dir, got {len(args.dirs)}; run it once per run")
+        from tl.mistakes import errors_report  # here: it imports torch, which comparing runs does not need
+
+        return errors_report(args.dirs[0], args.split or "val", args.top or 16, args.weights, args.data_dir, args.out)
 
     run_cli(go)
 
