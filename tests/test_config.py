@@ -169,3 +169,5 @@ def test_strict_images_takes_on_off_auto_and_reads_old_config_files(tmp_path):
         assert parse_args(["--config", str(tmp_path / "c.json")]).strict_images == now
     with pytest.raises(UserError, match="--data-root is where a --data-file's paths start from"):
         parse_args(["--data-root", "somewhere"])
+    with pytest.raises(UserError, match="--data-dir and --data-file both name the data set"):
+        parse_args(["--data-file", "x.csv", "--data-dir", "somewhere"])

@@ -152,10 +152,11 @@ def wait_for_commit(proc, progress, after=0):
 
 
 def test_stopped_and_killed_prediction_resumes_without_a_row_twice(runs, tmp_path):
-    """300 images in 75 batches; a commit after the first batch of each start: a stop signal and a SIGKILL
-    land well before the end, and the resumed file equals an uninterrupted run's."""
+    """300 images in 150 batches; a commit after the first batch of each start: a stop signal and a SIGKILL
+    land well before the end (the test polls every 5 ms; the rest of the batches take seconds), and the
+    resumed file equals an uninterrupted run's."""
     data = make_imagefolder(tmp_path / "big", n_train=1, n_val=150, size=64)
-    ckpt, args = runs["finetune"] / "best.safetensors", ["--batch-size", "4", "--num-workers", "0", data / "val"]
+    ckpt, args = runs["finetune"] / "best.safetensors", ["--batch-size", "2", "--num-workers", "0", data / "val"]
     ref = tmp_path / "ref.csv"
     assert predict_out(ckpt, ref, *args).returncode == 0
     out = tmp_path / "p.csv"
@@ -170,7 +171,7 @@ def test_stopped_and_killed_prediction_resumes_without_a_row_twice(runs, tmp_pat
     assert 0 < stopped["images"] < 300 and not stopped["done"]
     proc = spawn("-m", "tl.predict", "--checkpoint", ckpt, "--out", out, *args, env=ONE_THREAD)
     wait_for_commit(proc, progress, stopped["images"])
-    proc.kill()  # right after the resumed run's first commit; 70-odd batches to go
+    proc.kill()  # right after the resumed run's first commit; a hundred-odd batches to go
     proc.wait(30)
     assert not read_progress(progress)["done"] and not out.exists()
     with open(progress.with_suffix(".csv"), "ab") as f:  # rows written after the last commit, as a kill leaves them

@@ -240,8 +240,10 @@ class Config:
         if self.data_root and not self.data_file:
             raise UserError("--data-root is where a --data-file's paths start from; pass --data-file too, or drop "
                             "--data-root")
-        if self.data_zip and self.data_file:
-            raise UserError("--data-zip is extracted to --data-dir, which a --data-file replaces; pass one of them")
+        if self.data_file and (self.data_zip or self.data_dir != Config.data_dir):
+            flag = "--data-zip" if self.data_zip else "--data-dir"
+            raise UserError(f"{flag} and --data-file both name the data set; pass one of them (a label file's paths "
+                            "start from --data-root)")
         if self.num_workers < -1:
             raise UserError(f"--num-workers must be 0 or more, or -1 for the default, got {self.num_workers}")
         return self

@@ -31,7 +31,7 @@ SPLITS = ("train", "val", "test")
 COLUMNS = "path,label[,split]"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Row:
     line: int  # in the file, 1-based (a CSV's header is line 1)
     path: str  # as written
