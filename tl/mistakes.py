@@ -17,12 +17,22 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 
-from tl import image_files
+from tl import image_files, pack_format
 from tl import run as rundir
 from tl.errors import UserError
 from tl.eval import balanced_scores, class_scores, confusion_matrix
 from tl.files import write_atomic
+from tl.image_files import val_images
+from tl.labels import list_label_file
+from tl.listing import class_folders, list_images
+from tl.loaders import ImageSet
+from tl.pictures import save_errors
+from tl.preprocess import Preprocess, to_pil
+from tl.shards import stream_packed_split
+from tl.splits import stream_split, usable_cpus
+from tl.trained import load_model, probabilities
 
 PAIRS = 20  # confused pairs kept
 THUMB = 128  # px, the longer side of an errors.html thumbnail
@@ -88,8 +98,6 @@ def analyse(paths: list[str], targets, probs: torch.Tensor, classes: list[str], 
 
 def thumbnail(image: torch.Tensor, side: int = THUMB) -> bytes:
     """A uint8 CHW image as JPEG bytes, its longer side at most `side` px."""
-    from tl.preprocess import to_pil
-
     img = to_pil(image)
     img.thumbnail((side, side))
     out = io.BytesIO()
@@ -147,8 +155,6 @@ def save_outputs(result: dict, images: list[torch.Tensor], out: Path, title: str
                  record: dict) -> dict[str, Path]:
     """errors.json (record + result), errors.html and errors.png in `out`, each written atomically;
     images: the top losses' uint8 CHW views, in result's order."""
-    from tl.pictures import save_errors
-
     files = {name: out / f for name, f in rundir.ERRORS.items()}
     write_atomic(files["json"], (json.dumps(record | result, indent=1) + "\n").encode())
     write_atomic(files["html"], html_page(result, [thumbnail(img) for img in images], title, facts).encode())
@@ -203,12 +209,6 @@ def short_list(names: list[str], limit: int = 5) -> str:
 def open_split(data: Path, split: str, meta: dict, pre, data_root: str | None = None):
     """The run's val or test images of its data set, streamed (checked now, decoded when read): a folder
     (tl.image_files.val_images, or its test/), a label file (its val or test rows) or a pack (val)."""
-    from tl import pack_format
-    from tl.image_files import val_images
-    from tl.listing import class_folders, list_images
-    from tl.shards import stream_packed_split
-    from tl.splits import stream_split
-
     val_split = meta.get("recipe", {}).get("val_split", 0.0)
     if pack_format.is_pack(data):
         if split == "test":
@@ -225,8 +225,6 @@ def open_split(data: Path, split: str, meta: dict, pre, data_root: str | None = 
     if data.is_file():  # a label file (tl.labels)
         if split == "val":
             return stream_split(val_images(str(data), meta, data_root), pre, False, True)
-        from tl.labels import list_label_file
-
         listing = list_label_file(data, data_root, val_split, warn=False)
         if listing.classes != meta["classes"]:
             raise UserError(f"{data} holds the classes {short_list(listing.classes)}, the run "
@@ -249,13 +247,6 @@ def errors_report(run: str, split: str = "val", top: int = 16, weights: str | No
                   data_dir: str | None = None, out: str | None = None) -> dict:
     """Evaluate RUN's best.safetensors on its val (or test) images and write errors.json, errors.html and
     errors.png into RUN (or `out`); print a short summary. Returns analyse()'s result and the files."""
-    from torch.utils.data import DataLoader
-
-    from tl.loaders import ImageSet
-    from tl.preprocess import Preprocess
-    from tl.splits import usable_cpus
-    from tl.trained import load_model, probabilities
-
     path = Path(run)
     if not path.is_dir():
         raise UserError(f"{path} is not a folder; pass a run dir (the --output-dir of a run)")
