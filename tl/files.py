@@ -1,4 +1,4 @@
-"""Files written whole or not at all: atomic writes and directory fsyncs."""
+"""Files written whole or not at all: atomic writes, directory fsyncs, an output folder checked first."""
 
 import contextlib
 import os
@@ -35,3 +35,15 @@ def fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def output_folder(path: Path) -> Path:
+    """An --out folder, created if needed and checked writable before any work."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot make the folder {path} ({e.strerror}); pass --out a writable folder") from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"cannot write in {path}; pass --out a writable folder")
+    return path

@@ -12,7 +12,6 @@ import html
 import io
 import json
 import math
-import os
 import warnings
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from tl import image_files, pack_format
 from tl import run as rundir
 from tl.errors import UserError
 from tl.eval import balanced_scores, class_scores, confusion_matrix
-from tl.files import write_atomic
+from tl.files import output_folder, write_atomic
 from tl.image_files import val_images
 from tl.labels import list_label_file
 from tl.listing import class_folders, list_images
@@ -256,13 +255,7 @@ def errors_report(run: str, split: str = "val", top: int = 16, weights: str | No
         why = (f"it holds {', '.join(held)} but no epoch's weights yet" if held else
                "it is not a run dir; --errors takes one run dir, e.g. runs/sweep/s0, not a sweep")
         raise UserError(f"{path} has no {rundir.BEST}: {why}; pass the dir of a run that finished an epoch")
-    target = Path(out) if out else path
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot make the folder {target} ({e.strerror}); pass --out a writable folder") from None
-    if not os.access(target, os.W_OK):
-        raise UserError(f"cannot write in {target}; pass --out a writable folder")
+    target = output_folder(Path(out) if out else path)
     if (path / rundir.LOCK).exists():
         warnings.warn(f"{path} holds a lock ({rundir.LOCK}): a run may still be training there; these are the "
                       "mistakes of its best epoch so far", stacklevel=1)

@@ -15,7 +15,6 @@ import csv
 import io
 import json
 import math
-import os
 import re
 import statistics
 import warnings
@@ -25,7 +24,7 @@ from pathlib import Path
 from tl import run as rundir
 from tl.cli import Parser, number
 from tl.errors import UserError, run_cli
-from tl.files import write_atomic
+from tl.files import output_folder, write_atomic
 
 REPORT_MD, REPORT_CSV, REPORT_PNG = "report.md", "report.csv", "report.png"
 # Options that never change a run's numbers or speed, or that every run has its own value of.
@@ -321,12 +320,7 @@ def report(paths: list[str], out: str | None = None) -> dict:
     target = Path(out) if out else Path(paths[0]) if sweep else Path.cwd()
     if is_run_dir(target):
         raise UserError(f"{target} is a run dir; pass --out another folder for the report")
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot make the folder {target} ({e.strerror}); pass --out a writable folder") from None
-    if not os.access(target, os.W_OK):
-        raise UserError(f"cannot write in {target}; pass --out a writable folder")
+    output_folder(target)
     runs = [read_run(d) for d in dirs]
     _unique_names(runs)
     options, rows = build_rows(runs)
