@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny generated ImageFolder set, the real one when ../shared has it."""
 
 import atexit
+import contextlib
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ HYMENOPTERA_ZIP = SHARED / "data" / "hymenoptera_data.zip"
 PROXY_WEIGHTS = SHARED / "weights" / "resnet18-catsdogs-proxy.pth"
 # Small and fast: 64 px crops keep a resnet18 epoch on a few dozen images well under a second.
 os.environ.setdefault("WANDB_MODE", "disabled")  # tests that check W&B turn it on
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")  # a hung command's stacks on SIGABRT (run_cli's timeout)
 FAST = ["--model", "resnet18", "--image-size", "64", "--batch-size", "8"]
 
 
@@ -174,14 +176,40 @@ def spawn(*args, env=None, cwd=ROOT) -> "Forked | subprocess.Popen":
 
 
 def run_cli(*args, env=None, cwd=ROOT, timeout=600) -> subprocess.CompletedProcess:
-    """Run a command line as a user would (see spawn); returns the finished process, output captured."""
+    """Run a command line as a user would (see spawn); returns the finished process, output captured. A
+    command still running after `timeout` s has hung: the failure shows every process's Python stacks."""
     proc = spawn(*args, env=env, cwd=cwd)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
+        stacks = hung_stacks(proc)
+        raise AssertionError(f"{' '.join(map(str, args))} hung for {timeout} s; the Python stacks of its processes "
+                             f"(faulthandler, on SIGABRT):\n{stacks}") from None
     return subprocess.CompletedProcess(list(args), proc.returncode, out, err)
+
+
+def hung_stacks(proc) -> str:
+    """SIGABRT to a hung command and every process under it (PYTHONFAULTHANDLER, set above, makes each
+    print its threads' stacks), then SIGKILL; the end of what they printed."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(proc.pid)]
+        procs += procs[0].children(recursive=True)
+    except psutil.Error:
+        procs = []
+    for p in reversed(procs):  # the workers first: a launcher may kill them once it sees a child die
+        with contextlib.suppress(psutil.Error):
+            p.send_signal(signal.SIGABRT)
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate(timeout=30)
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    return (err or "")[-20000:]
 
 
 def one_line_error(proc: subprocess.CompletedProcess, *phrases: str) -> None:
