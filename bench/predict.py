@@ -67,18 +67,18 @@ def run(cmd: list[str], env: dict, log: Path, memory: bool = False) -> tuple[str
     t0 = time.perf_counter()
     with open(log, "w") as f, bench_data.OtherCpu() as other:
         proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=f, stderr=subprocess.STDOUT)
-        mem = TreeRss(proc.pid)
-        if memory:
+        mem = TreeRss(proc.pid) if memory else None
+        if mem:
             mem.start()
         code = proc.wait()
-        mem.stopped.set()
-        if memory:
+        if mem:
+            mem.stopped.set()
             mem.join()
     text = log.read_text(errors="replace")
     OTHER[log.stem] = round(other.value, 2)
     if code:
         sys.exit(f"{' '.join(cmd)} failed ({code}):\n{text[-3000:]}")
-    return text, time.perf_counter() - t0, mem.peak
+    return text, time.perf_counter() - t0, mem.peak if mem else 0
 
 
 def rate(text: str) -> tuple[int, float]:

@@ -74,6 +74,17 @@ def confusion_matrix(targets: torch.Tensor, preds: torch.Tensor, num_classes: in
     return counts.view(num_classes, num_classes)
 
 
+def confused_pairs(confusion: torch.Tensor, k: int) -> list[tuple[int, int, int]]:
+    """The k most frequent mistakes of a confusion matrix, (true, predicted, count), most first; ties in
+    (true, predicted) order. Only the counts are read: nothing grows with the classes squared but them."""
+    c = confusion.shape[0]
+    flat = confusion.flatten().clone()
+    flat[:: c + 1] = 0  # the diagonal: the right answers
+    wrong = flat.nonzero().squeeze(1)  # in (true, predicted) order: a stable sort keeps it for ties
+    ranked = wrong[torch.sort(flat[wrong], descending=True, stable=True).indices[:max(0, k)]].tolist()
+    return [(i // c, i % c, int(flat[i])) for i in ranked]
+
+
 def top5_correct(probs: torch.Tensor, targets: torch.Tensor) -> int | None:
     """Images whose class is among their 5 most probable; None up to 5 classes, where every one is."""
     if probs.shape[1] <= 5:

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from tl import labels
@@ -14,9 +13,8 @@ from tl.errors import UserError
 from tl.listing import list_images
 from tl.pack_format import is_pack
 from tl.preprocess import Preprocess, decode
+from tl.shards import PackedSplit, decode_bytes
 from tl.splits import Split, load_split
-
-UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)  # what makes a file unreadable, not a bug
 
 
 def image_files(paths: list[str]) -> list[Path]:
@@ -84,11 +82,9 @@ class Source:
         return bool(self.labels) and min(self.labels) >= 0
 
     def read(self, i: int, pre: Preprocess) -> torch.Tensor:
-        """Image i as tl evaluates it; raises one of UNREADABLE for a file that is no image."""
+        """Image i as tl evaluates it; raises one of tl.splits.UNREADABLE for a file that is no image."""
         if self.pack is None:
             return decode(self.names[i], pre, False)
-        from tl.shards import decode_bytes
-
         return decode_bytes(self.pack.read(i), pre, False)
 
     def read_name(self, name: str, pre: Preprocess) -> torch.Tensor:
@@ -100,8 +96,6 @@ class Source:
 
 def pack_source(path: str, split: str, classes: list[str]) -> Source:
     """A pack's split; its classes map to the checkpoint's by name (-1 for a class the model lacks)."""
-    from tl.shards import PackedSplit
-
     ds = PackedSplit(path, split)
     index = [classes.index(c) if c in classes else -1 for c in ds.info.classes]
     return Source(ds.info.names(split), [index[t] for t in ds.targets], ds)
@@ -110,10 +104,8 @@ def pack_source(path: str, split: str, classes: list[str]) -> Source:
 def open_source(paths: list[str], val_of: str | None, meta: dict, split: str | None = None,
                 data_file: str | None = None, data_root: str | None = None) -> Source:
     """What tl.predict classifies: image files and folders, a pack folder (its `split`, default val), a label
-    file's rows (of `split`, default all), or --val-of's images (a data dir or a run's label file)."""
-    if sum(map(bool, (paths, val_of, data_file))) != 1:
-        raise UserError("pass image files or folders, --data-file LABELS for a label file's images, or --val-of "
-                        "DATA_DIR for a run's val images (one of them)")
+    file's rows (of `split`, default all), or --val-of's images (a data dir or a run's label file); exactly one
+    of them (tl.predict checks that before it loads the model)."""
     if data_root and not (data_file or (val_of and labels.is_label_file(val_of))):
         raise UserError("--data-root is where a label file's paths start from; pass --data-file (or --val-of a "
                         "label file) too, or drop --data-root")

@@ -13,18 +13,16 @@ split, an empty label, a duplicate path, a CSV without its columns.
 
 import csv
 import functools
-import hashlib
 import io
 import json
 import os
 import stat
 import unicodedata
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from tl.errors import UserError
-from tl.listing import Listing, file_kind, split_val
+from tl.listing import Listing, assemble, file_kind, split_val
 
 SUFFIXES = (".csv", ".jsonl")
 SPLITS = ("train", "val", "test")
@@ -187,16 +185,7 @@ def list_label_file(file, data_root: str | None = None, val_split: float = 0.0, 
         found[split].sort(key=lambda item: (item[1], item[0]))  # ImageFolder's order: class, then path
     if val_split:
         found["train"], found["val"] = split_val(found["train"], val_split, classes)
-    train_files = {key: path for path, _, key, _ in found["train"]}
-    for split in ("val", "test"):
-        shared = [(path, train_files[key]) for path, _, key, _ in found[split] if key in train_files]
-        if warn and shared:
-            warnings.warn(f"{len(shared)} {split} images are also train images (e.g. {shared[0][0]} is "
-                          f"{shared[0][1]}); {split} accuracy will be optimistic", stacklevel=2)
-    table = [(split, *row) for split, items in found.items() for *_, row in items]
-    digest = hashlib.sha256(json.dumps(["labels", *sorted(table)]).encode()).hexdigest()
-    return Listing(classes, *([(path, c) for path, c, *_ in found[s]] for s in ("train", "val")),
-                   fingerprint=f"sha256:{digest}", test=[(path, c) for path, c, *_ in found["test"]])
+    return assemble(classes, found, warn, tag=["labels"])
 
 
 @functools.lru_cache(maxsize=4)

@@ -144,16 +144,22 @@ def list_images(root: Path, warn: bool = True, val_split: float = 0.0) -> Listin
                         "remove the empty ones")
     if val_split:
         found["train"], found["val"] = split_val(found["train"], val_split, classes)
-    # The same file in two splits, by identity: a link or a hard link to a train image counts.
+    return assemble(classes, found, warn)
+
+
+def assemble(classes: list[str], found: dict[str, list], warn: bool, tag: list | None = None) -> Listing:
+    """A Listing from each split's (path, class, file identity, fingerprint row), in order: a warning for a
+    file (by identity: a link or a hard link counts) that is in train and another split; the fingerprint
+    over every split's rows (tag: what else it covers, e.g. that they come from a label file)."""
     train_files = {key: path for path, _, key, _ in found["train"]}
     for split in [s for s in found if s != "train"]:
         shared = [(path, train_files[key]) for path, _, key, _ in found[split] if key in train_files]
         if warn and shared:
             warnings.warn(f"{len(shared)} {split} images are also train images (e.g. {shared[0][0]} is "
-                          f"{shared[0][1]}); {split} accuracy will be optimistic", stacklevel=2)
+                          f"{shared[0][1]}); {split} accuracy will be optimistic", stacklevel=3)
     # A split-out val counts as val: the split is part of the set's identity. No test/, no test rows.
-    rows = [(split, *row) for split, files in found.items() for *_, row in files]
-    digest = hashlib.sha256(json.dumps(sorted(rows)).encode()).hexdigest()
+    rows = sorted((split, *row) for split, files in found.items() for *_, row in files)
+    digest = hashlib.sha256(json.dumps([*(tag or []), *rows]).encode()).hexdigest()
     return Listing(classes, *([(path, c) for path, c, *_ in found[s]] for s in ("train", "val")),
                    fingerprint=f"sha256:{digest}", test=[(path, c) for path, c, *_ in found.get("test", [])])
 

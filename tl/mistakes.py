@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from tl import image_files, pack_format
 from tl import run as rundir
 from tl.errors import UserError
-from tl.eval import balanced_scores, class_scores, confusion_matrix
+from tl.eval import balanced_scores, class_scores, confused_pairs, confusion_matrix
 from tl.files import output_folder, write_atomic
 from tl.image_files import val_images
 from tl.labels import list_label_file
@@ -31,7 +31,7 @@ from tl.pictures import save_errors
 from tl.preprocess import Preprocess, to_pil
 from tl.shards import stream_packed_split
 from tl.splits import stream_split, usable_cpus
-from tl.trained import load_model, probabilities
+from tl.trained import load_model, output_of, probabilities
 
 PAIRS = 20  # confused pairs kept
 THUMB = 128  # px, the longer side of an errors.html thumbnail
@@ -72,13 +72,10 @@ def analyse(paths: list[str], targets, probs: torch.Tensor, classes: list[str], 
 
     confusion = confusion_matrix(targets, preds, c)
     counts = confusion.sum(1)
+    confused = [{"true": classes[t], "predicted": classes[p], "count": count, "share": count / int(counts[t])}
+                for t, p, count in confused_pairs(confusion, pairs)]
     off = confusion.clone()
     off.fill_diagonal_(0)
-    flat = off.flatten()
-    wrong = flat.nonzero().squeeze(1)  # in (true, predicted) order: a stable sort keeps it for ties
-    ranked = wrong[torch.sort(flat[wrong], descending=True, stable=True).indices[:max(0, pairs)]].tolist()
-    confused = [{"true": classes[k // c], "predicted": classes[k % c], "count": int(flat[k]),
-                 "share": int(flat[k]) / int(counts[k // c])} for k in ranked]
 
     scores = class_scores(confusion, classes)
     worst_count, worst_as = off.max(1)
@@ -268,7 +265,7 @@ def errors_report(run: str, split: str = "val", top: int = 16, weights: str | No
     loader = DataLoader(ImageSet(images), batch_size=batch, num_workers=workers)
     probs = probabilities(model, loader, meta)
     result = analyse(images.paths, images.targets, probs, classes, top)
-    tta, temperature = meta.get("recipe", {}).get("tta", "none"), float(meta.get("temperature", 1.0))
+    tta, temperature = output_of(meta)
     how = ([f"--tta {tta}"] if tta != "none" else []) + ([f"temperature {temperature:.3g}"] if "temperature" in meta
                                                           else [])
     title = f"What {path.name} got wrong on {split} ({rundir.BEST}, epoch {meta.get('epoch', '?')})"

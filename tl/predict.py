@@ -30,13 +30,14 @@ from tqdm import tqdm
 
 from tl.cli import Parser, number
 from tl.errors import UserError, is_main_rank, run_cli
-from tl.eval import balanced_scores, class_scores
+from tl.eval import balanced_scores, class_scores, confused_pairs
 from tl.exported import open_exported
-from tl.image_files import UNREADABLE, Source, open_source
+from tl.files import write_atomic
+from tl.image_files import Source, open_source
 from tl.pictures import pick_examples, save_predictions
 from tl.prediction_files import FORMATS, Output, encode_rows, format_of, job_identity, read_rows
 from tl.preprocess import Preprocess
-from tl.splits import usable_cpus
+from tl.splits import UNREADABLE, usable_cpus
 from tl.stop import Stopper, StopRequested
 from tl.trained import batch_probabilities, load_model
 
@@ -277,16 +278,10 @@ def summarize(path, fmt: str, classes: list[str], labelled: bool, output: Output
     if c <= CONFUSION_TABLE_CLASSES:
         record["confusion"] = confusion.tolist()
     else:
-        from tl.files import write_atomic
-
         text = ",".join(["true\\predicted", *classes]) + "\n" + "".join(
             ",".join([classes[t], *map(str, confusion[t].tolist())]) + "\n" for t in range(c))
         write_atomic(output.confusion, text.encode())
-        off = confusion.clone()
-        off.fill_diagonal_(0)
-        values, flat = off.flatten().topk(min(10, c * c))
-        record["most_confused"] = [[classes[i // c], classes[i % c], v] for v, i in zip(values.tolist(), flat.tolist())
-                                   if v > 0]
+        record["most_confused"] = [[classes[t], classes[p], v] for t, p, v in confused_pairs(confusion, 10)]
     return record
 
 

@@ -30,14 +30,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from tl.errors import UserError
 from tl.pack_format import BLOCK, OFFSETS_DTYPE, SPLITS, PackInfo, _damaged, open_pack, sample_key, tar_header
 from tl.preprocess import decode
-from tl.splits import Split, usable_cpus
+from tl.splits import UNREADABLE, Split, usable_cpus
 
 
 def _open_file_budget(shards: int) -> int:
@@ -176,7 +175,7 @@ def decode_bytes(data: bytes, pre, train: bool) -> torch.Tensor:
 def _decode_or_error(args):
     try:
         return decode_bytes(*args)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:  # what tl.splits.load_split skips
+    except UNREADABLE as e:  # what tl.splits.load_split skips
         return e
 
 
@@ -244,7 +243,7 @@ class PackedImages:
         data = self.split.read(i)
         try:
             return decode_bytes(data, self.pre, self.train)
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
+        except UNREADABLE as e:
             raise UserError(f"unreadable image {self.split.where(i)} while streaming ({e}): the pack is damaged; "
                             "copy it again, or pack the source again with python -m tl.pack") from None
 

@@ -30,10 +30,13 @@ class Split:
     skipped: list[str] = field(default_factory=list)
 
 
+UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)  # what makes a file no image, not a bug
+
+
 def _decode_or_error(path: str, pre: Preprocess, train: bool):
     try:
         return decode(path, pre, train)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    except UNREADABLE as e:
         return e
 
 
@@ -94,7 +97,7 @@ class LazyImages:
     def __getitem__(self, i):
         try:
             return decode(self.paths[i], self.pre, self.train)
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
+        except UNREADABLE as e:
             raise UserError(f"unreadable image {self.paths[i]} while streaming ({e}); replace it or remove it and "
                             "start the run afresh (a resume refuses a changed data set); --data-mode memory and "
                             "python -m tl.pack decode every image before training and skip such files") from None
