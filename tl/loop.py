@@ -170,7 +170,8 @@ def run_epoch(s: Setup, net, optimizer, accelerator, stopper: Stopper, epoch: in
     def save(step: int, totals: list) -> None:
         gathered = gather_object([(totals, generator_states(s))])  # every process's, in rank order
         generators = {f"{r}.{name}": state for r, (_, states) in enumerate(gathered) for name, state in states.items()}
-        checkpointer.save_step(step, [t for t, _ in gathered], generators, time.perf_counter() - started)
+        with stopper.saving():
+            checkpointer.save_step(step, [t for t, _ in gathered], generators, time.perf_counter() - started)
 
     lr = optimizer.param_groups[0]["lr"]
     frozen = s.frozen or epoch <= cfg.freeze_epochs  # --freeze-epochs: the first epochs as feature-extract
@@ -283,16 +284,17 @@ def train(cfg: Config, stopper: Stopper | None = None) -> tuple[dict, torch.nn.M
                 break
             row, preds, confidence, correct = run_epoch(s, net, optimizer, accelerator, stopper, epoch, cfg,
                                                         checkpointer, started)
-            improved = checkpointer.end_epoch(row, preds, confidence, correct, time.perf_counter() - started)
-            if main:
-                tracker.log_epoch(row)
-                mixed = " (of mixed targets)" if s.mixer else ""  # --mixup/--cutmix: each image's larger share
-                print(f"epoch {epoch:>3}/{cfg.epochs}  train loss {row['train_loss']:.4f} "
-                      f"acc {row['train_acc']:.4f}{mixed}  "
-                      f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  "
-                      + (f"ema acc {row['ema_val_acc']:.4f}  " if "ema_val_acc" in row else "") +
-                      f"lr {row['lr']:.2g}  "
-                      f"{row['seconds']:.1f}s{'  *best*' if improved else ''}")
+            with stopper.saving():  # a second stop signal waits for the epoch's files and its W&B row
+                improved = checkpointer.end_epoch(row, preds, confidence, correct, time.perf_counter() - started)
+                if main:
+                    tracker.log_epoch(row)
+                    mixed = " (of mixed targets)" if s.mixer else ""  # --mixup/--cutmix: each image's larger share
+                    print(f"epoch {epoch:>3}/{cfg.epochs}  train loss {row['train_loss']:.4f} "
+                          f"acc {row['train_acc']:.4f}{mixed}  "
+                          f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  "
+                          + (f"ema acc {row['ema_val_acc']:.4f}  " if "ema_val_acc" in row else "") +
+                          f"lr {row['lr']:.2g}  "
+                          f"{row['seconds']:.1f}s{'  *best*' if improved else ''}")
             stopper.check()
         found = evaluate_best(cfg, s, accelerator, out, checkpointer.best_meta["eval_batch_size"])
         summary = finish(cfg, s, p, run, tracker, started, found)

@@ -2,9 +2,12 @@
 
 During start-up (listing, decoding, loading weights) a signal stops the process at once. While
 training, it is remembered and every process agrees at its next step, so all stop together
-after a consistent state; a second signal stops at once (saves are atomic, so nothing breaks).
+after a consistent state; a second signal stops at once, except inside a save (`saving`), which
+finishes first. One stop often arrives twice: under `accelerate launch`, from scancel or the
+terminal and again from torchrun's agent, which passes it on.
 """
 
+import contextlib
 import signal
 
 
@@ -21,6 +24,7 @@ class Stopper:
 
     def __init__(self):
         self.signum, self.deferred, self.accelerator = 0, False, None
+        self.in_save = self.forced = False
         self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame):
@@ -28,7 +32,21 @@ class Stopper:
         again = bool(self.signum)
         self.signum = signum
         if again or not self.deferred:
+            if self.in_save:  # the save a resume needs finishes; `saving` stops right after it
+                self.forced = True
+                return
             raise StopRequested(signum)
+
+    @contextlib.contextmanager
+    def saving(self):
+        """Around the writes of a saved state: a second signal waits for them, then stops at once."""
+        self.in_save = True
+        try:
+            yield
+        finally:
+            self.in_save = False
+        if self.forced:
+            raise StopRequested(self.signum)
 
     def defer(self, accelerator) -> None:
         """From now on a signal waits for `check`, where all processes agree."""
