@@ -1,10 +1,11 @@
 """What a run leaves for people: W&B records read back from the offline run file, and the pictures."""
 
 import json
+import time
 
 import numpy as np
 import pytest
-from conftest import FAST, make_imagefolder, run_cli
+from conftest import FAST, make_imagefolder, run_cli, spawn
 from PIL import Image
 from wandb_records import config, find_run_file, history, read_records, summary
 
@@ -99,6 +100,28 @@ def test_a_wandb_failure_never_changes_the_outcome_of_training(tmp_path, tiny_da
                                        "--output-dir", str(out), "--wandb", "offline", *FAST]))
     assert json.loads((out / "summary.json").read_text())["best_val_acc"] == summary["best_val_acc"]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_killed_wandb_service_is_one_warning_and_no_traceback(tmp_path, tiny_data, wandb_home):
+    """W&B's service process dies mid-run (OOM killer, a job's scancel): training ends as usual, with one
+    warning, and neither tl nor W&B's exit hook prints a traceback."""
+    import psutil
+
+    out = tmp_path / "run"
+    proc = spawn("train.py", "--wandb", "offline", "--data-dir", str(tiny_data), "--epochs", "3", "--weights", "none",
+                 "--output-dir", str(out), *FAST)
+    deadline = time.time() + 120  # batch.png: written once the W&B run has started, before epoch 1
+    while not (out / "batch.png").exists():
+        assert time.time() < deadline and proc.poll() is None, proc.communicate(10)[1][-2000:]
+        time.sleep(0.01)
+    services = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.name() == "wandb-core"]
+    assert len(services) == 1, services
+    services[0].kill()
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "warning: W&B: could not" in stderr and "Traceback" not in stderr and "Exception ignored" not in stderr, \
+        stderr[-3000:]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
 
 
 def test_tl_makes_no_deprecated_calls(tmp_path, tiny_data, wandb_home):

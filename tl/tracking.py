@@ -5,6 +5,7 @@ Only the main process makes a Tracker. W&B runs online when it is configured (WA
 W&B never changes the outcome of training: any W&B error becomes one warning and logging stops.
 """
 
+import contextlib
 import netrc
 import os
 import re
@@ -27,6 +28,15 @@ def wandb_mode(requested: str) -> str:
     except (OSError, netrc.NetrcParseError):
         logged_in = False
     return "online" if os.environ.get("WANDB_API_KEY") or logged_in else "offline"
+
+
+def end_service() -> None:
+    """After a W&B failure (its service killed, say): close W&B's connection now, quietly, or its exit
+    hook fails the same way and prints a traceback as the process ends."""
+    with contextlib.suppress(Exception):
+        import wandb
+
+        wandb.teardown()
 
 
 def wandb_command() -> str:
@@ -73,6 +83,7 @@ class Tracker:
         warnings.warn(f"W&B: could not {what} ({type(e).__name__}: {first}); training goes on without W&B",
                       stacklevel=2)
         self.run = None
+        end_service()
 
     def _run_id(self, resume: bool) -> str:
         """One W&B run per output dir, so a resumed run continues its history."""
@@ -126,3 +137,4 @@ class Tracker:
                 run.finish(exit_code=exit_code)
             except Exception as e:
                 warnings.warn(f"W&B: could not finish the run ({type(e).__name__}: {e})", stacklevel=2)
+                end_service()
