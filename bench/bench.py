@@ -166,7 +166,7 @@ def run_tl(mode: str, seed: int, args, work: Path, variant: int = 0) -> dict:
 HEAD_CHECK = """
 import sys, torch, torchvision
 from accelerate.utils import set_seed
-from tl.model import build_model
+from tl.model.network import build_model
 seed, weights = int(sys.argv[1]), sys.argv[2]
 set_seed(seed)
 tl_head = build_model("resnet18", weights, 2, "finetune")[0].fc

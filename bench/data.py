@@ -6,11 +6,11 @@ Two parts:
   photo-like by default (about 500x375, smooth noise: 20-90 KB files), `--small` for ~64 px files
   (100k of them in a minute or two on 2 cores). A set already generated with the same parameters
   is reused (its `.tl-synth.json` marker);
-- a loader benchmark that runs tl's own path (tl.listing.list_images, load_split or stream_split,
-  ImageSet, make_loaders; packed: tl.shards) in a fresh process per configuration and measures the
+- a loader benchmark that runs tl's own path (tl.data.listing.list_images, load_split or stream_split,
+  ImageSet, make_loaders; packed: tl.data.packs) in a fresh process per configuration and measures the
   start-up to the first training batch, the loader's images/s over an epoch (no model), the peak
   RSS of the process and of its DataLoader workers, and in the same process a plain Python loop
-  (tl.preprocess.decode + tl.preprocess.train_transform over the same files, one thread) for reference.
+  (tl.data.preprocess.decode + tl.data.preprocess.train_transform over the same files, one thread) for reference.
   A two-process variant (RANK/WORLD_SIZE, DistributedSampler shards, as torchrun would run tl)
   shows each rank's memory in stream mode.
 
@@ -191,12 +191,12 @@ def child(cfg: dict) -> dict:
     import torch
     from accelerate import Accelerator
 
-    from tl.listing import list_images
-    from tl.loaders import ImageSet, make_loaders
-    from tl.pack_format import open_pack
-    from tl.preprocess import Preprocess, decode, train_transform
-    from tl.setup import on_main, open_split
-    from tl.splits import choose_data_mode, usable_cpus
+    from tl.data.listing import list_images
+    from tl.data.loaders import ImageSet, make_loaders
+    from tl.data.packs import open_pack
+    from tl.data.preprocess import Preprocess, decode, train_transform
+    from tl.data.splits import choose_data_mode, usable_cpus
+    from tl.train.setup import on_main, open_split
     accelerator = Accelerator(cpu=True)  # with RANK/WORLD_SIZE set (2 procs): a gloo group, as under torchrun
     t_imports = time.time()
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -205,11 +205,11 @@ def child(cfg: dict) -> dict:
     mem.start()
     size, mode, root = cfg["image_size"], cfg["mode"], Path(cfg["root"])
     pre = Preprocess.tutorial(size)
-    # tl's own defaults (tl.setup.setup): no workers in memory mode, else the usable cores shared out.
+    # tl's own defaults (tl.train.setup.setup): no workers in memory mode, else the usable cores shared out.
     workers = cfg["workers"] if cfg["workers"] >= 0 else \
         0 if mode == "memory" else max(1, usable_cpus() // node_processes)
     t0 = time.time()
-    # tl.setup.setup's own path: the main process lists (and in stream mode checks) for all.
+    # tl.train.setup.setup's own path: the main process lists (and in stream mode checks) for all.
     data = Path(cfg["pack"]) if mode == "packed" else root
     pack = open_pack(data) if mode == "packed" else None
     listing = on_main(accelerator, lambda: pack.listing() if pack else list_images(root))
@@ -367,13 +367,13 @@ def measure_ranks(cfg: dict, world: int, what: str, logs: list[Path]) -> list[di
 # --------------------------------------------------------------------------- report
 
 def packed_available() -> tuple[bool, str]:
-    if not ((ROOT / "tl" / "pack.py").is_file() and (ROOT / "tl" / "shards.py").is_file()):
-        return False, "tl/pack.py and tl/shards.py are not in this tree"
-    r = subprocess.run([sys.executable, "-c", "import tl.pack, tl.shards, wids, webdataset"], cwd=ROOT,
+    if not ((ROOT / "tl" / "pack.py").is_file() and (ROOT / "tl" / "data" / "packs.py").is_file()):
+        return False, "tl/pack.py and tl/data/packs.py are not in this tree"
+    r = subprocess.run([sys.executable, "-c", "import tl.pack, tl.data.packs, wids, webdataset"], cwd=ROOT,
                        capture_output=True, text=True)
     if r.returncode:
-        return False, f"tl.pack/tl.shards do not import here ({r.stderr.strip().splitlines()[-1]})"
-    return True, "tl.pack + tl.shards (wids)"
+        return False, f"tl.pack/tl.data.packs do not import here ({r.stderr.strip().splitlines()[-1]})"
+    return True, "tl.pack + tl.data.packs (wids)"
 
 
 def machine_info() -> dict:
@@ -461,13 +461,15 @@ def report(res: dict) -> str:
         f"(no model){cap}. "
         f"Packed: {res['packed_note']}.\n",
         "Each row is a fresh process (two at once for `2 procs`). *start-up*: from the process's start (interpreter "
-        "and imports included) to the first train batch out of the DataLoader; *list*: tl.listing.list_images (packed: "
-        "tl.pack_format.open_pack); *decode/check*: load_split decodes every image (memory), stream_split reads every "
-        "header (stream), tl.shards.stream_packed_split reads nothing (packed); *first batch*: from iter() to "
+        "and imports included) to the first train batch out of the DataLoader; *list*: "
+        "tl.data.listing.list_images (packed: tl.data.packs.open_pack); *decode/check*: load_split decodes every "
+        "image (memory), stream_split reads every "
+        "header (stream), tl.data.packs.stream_packed_split reads nothing (packed); *first batch*: from iter() to "
         "the first batch (worker start-up "
         "included). *img/s per worker*: loader images/s after the first batch over max(1, workers). *plain loop*: "
-        "tl.preprocess.decode + tl.preprocess.train_transform over the same files in this process, one torch thread, "
-        "no DataLoader. *RSS per process*: the largest of the process and any of its DataLoader workers (ru_maxrss, "
+        "tl.data.preprocess.decode + tl.data.preprocess.train_transform over the same files in this process, "
+        "one torch thread, no DataLoader. *RSS per process*: the largest of the process and any of its DataLoader "
+        "workers (ru_maxrss, "
         "exact; a forked worker counts the pages it shares with the main process); *tree PSS*: process + workers, "
         "shared pages divided among them (polled every 0.2 s). *other CPU*: cores busy with anything else during "
         "the row (noise from other work on the machine; above ~0.1 the row's speeds are disturbed).\n",
@@ -515,7 +517,7 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
-                   help="packed is left out (with a note) when tl.pack/tl.shards are missing")
+                   help="packed is left out (with a note) when tl.pack/tl.data.packs are missing")
     p.add_argument("--workers", type=int, nargs="+", default=[-1], help="DataLoader workers per process to "
                    "measure; -1: tl's default (memory 0, stream and packed the usable cores)")
     p.add_argument("--batch-size", type=int, default=32)

@@ -5,8 +5,8 @@ and results-gpu.json (bench/ by default, --out elsewhere). Sections, each in bud
 
 1. bare: ResNet-18 fwd+bwd+SGD on random tensors already on the GPU (batch 256, bf16 autocast,
    channels_last), the ceiling for any loop;
-2. tl loop: tl.loop.train_epoch on tl's memory-mode path (tl.loaders.ImageSet of uint8 images of
-   decoded-train size, tl.loaders.make_loaders, on CUDA tl.augment's padded collate + DeviceAugment),
+2. tl loop: tl.train.loop.train_epoch on tl's memory-mode path (tl.data.loaders.ImageSet of uint8 images of
+   decoded-train size, tl.data.loaders.make_loaders, on CUDA tl.data.augment's padded collate + DeviceAugment),
    steady-state epoch; and the same loop on batches collated in advance (loader cost removed),
    which splits what the loop costs from what the loader costs;
 3. host syncs per step in that steady-state epoch: on CUDA counted by
@@ -155,11 +155,11 @@ class PausedLoader:
 # --------------------------------------------------------------------------- tl's loop in this process
 
 def synthetic_split(n: int, classes: int, short_side: tuple[int, int], seed: int = 0):
-    """A tl.splits.Split of random uint8 CHW images of the size tl.preprocess.decode keeps for train images
+    """A tl.data.splits.Split of random uint8 CHW images of the size tl.data.preprocess.decode keeps for train images
     (short side up to 2x the crop, 4:3 or 3:4), as memory mode holds them."""
     import torch
 
-    from tl.splits import Split
+    from tl.data.splits import Split
     g = torch.Generator().manual_seed(seed)
     images, targets = [], []
     for i in range(n):
@@ -173,17 +173,17 @@ def synthetic_split(n: int, classes: int, short_side: tuple[int, int], seed: int
 
 def make_tl_loop(device: str, batch_size: int, crop: int, steps: int, short_side, classes: int = 10,
                  workers: int = 0, precision: str = "bf16", augment: str = "auto"):
-    """Everything tl.setup.setup builds for finetune in memory mode, on synthetic images: the
+    """Everything tl.train.setup.setup builds for finetune in memory mode, on synthetic images: the
     accelerator, the prepared model and optimizer, the loader, the device augmentation, a Stopper."""
     import torch
     from accelerate import Accelerator
 
-    from tl.augment import DeviceAugment
-    from tl.augment import collate as padded_batches
-    from tl.loaders import ImageSet, make_loaders
-    from tl.model import build_model
-    from tl.preprocess import Preprocess, train_transform
-    from tl.stop import Stopper
+    from tl.core.stop import Stopper
+    from tl.data.augment import DeviceAugment
+    from tl.data.augment import collate as padded_batches
+    from tl.data.loaders import ImageSet, make_loaders
+    from tl.data.preprocess import Preprocess, train_transform
+    from tl.model.network import build_model
 
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=precision)
     torch.backends.cudnn.benchmark = True
@@ -205,8 +205,8 @@ def make_tl_loop(device: str, batch_size: int, crop: int, steps: int, short_side
 
 
 def run_tl_epoch(s, epoch: int, loader=None, counter: SyncCounter | None = None) -> tuple[float, int]:
-    """One tl.loop.train_epoch; returns (seconds, images). Its result's .tolist() waits for the device."""
-    from tl.loop import train_epoch
+    """One tl.train.loop.train_epoch; returns (seconds, images). Its result's .tolist() waits for the device."""
+    from tl.train.loop import train_epoch
 
     s.sampler.set_epoch(epoch)
     s.train_set.set_epoch(epoch)
@@ -226,7 +226,7 @@ def count_syncs(s, epoch: int, cuda: bool) -> dict:
     steps = len(s.loader)
     with SyncCounter(cuda=cuda) as counter:
         run_tl_epoch(s, epoch, counter=counter)
-    from tl.loop import AGREE_EVERY
+    from tl.train.loop import AGREE_EVERY
     return {"steps": steps, "tensor_calls": counter.total, "calls": counter.calls, "where": counter.where,
             "cuda_sync_warnings": counter.cuda_syncs if cuda else None,
             "expected_at_most": math.ceil(steps / AGREE_EVERY) + 2}
@@ -382,10 +382,11 @@ def report(res: dict) -> str:
         lines += [f"## Training images/s, ResNet-18, batch {a['batch_size']}, {a['crop']} px, bf16, channels_last\n",
                   "| what | images/s | of the bare model |", "|---|---:|---:|",
                   f"| bare model (random tensors on the device, {b['steps']} steps) | {b['images_per_s']:.0f} | 100% |",
-                  f"| tl.loop.train_epoch, tl's memory-mode loader ({'device' if lp['device_augment'] else 'CPU'} "
+                  f"| tl.train.loop.train_epoch, tl's memory-mode loader "
+                  f"({'device' if lp['device_augment'] else 'CPU'} "
                   f"augmentation, {lp['steps']} steps, steady state) | {lp['images_per_s']:.0f} | "
                   f"{lp['images_per_s'] / b['images_per_s']:.0%} |",
-                  f"| tl.loop.train_epoch on batches collated in advance (no loader) | "
+                  f"| tl.train.loop.train_epoch on batches collated in advance (no loader) | "
                   f"{lp['prebatched_images_per_s']:.0f} | {lp['prebatched_images_per_s'] / b['images_per_s']:.0%} |"]
         if "train_py" in r:
             t = r["train_py"]
@@ -398,7 +399,7 @@ def report(res: dict) -> str:
         where = "; ".join(f"{n}x {k}" for k, n in {**plain["where"], **sy["where"]}.items()) or "none"
         verdict = "as expected" if max(plain["tensor_calls"], cuda or 0) <= sy["expected_at_most"] else \
             "more than expected"
-        lines += ["## Host syncs in tl.loop.train_epoch, steady state (the DataLoader's fetching excluded)\n",
+        lines += ["## Host syncs in tl.train.loop.train_epoch, steady state (the DataLoader's fetching excluded)\n",
                   f"{sy['steps']} steps: "
                   + (f"{cuda} synchronizing CUDA calls (set_sync_debug_mode warnings), " if cuda is not None else "")
                   + f"{plain['tensor_calls']} value reads by Tensor methods ({where}); tl agrees every 16 "

@@ -8,7 +8,7 @@
    (the first warms up), each configuration run --repeats times, interleaved, the median taken.
    Target: at most 10% over plain.
 2. Loader throughput per worker: one process decodes every hymenoptera train image from its file
-   and applies the train transform (tl.preprocess.train_transform: crop + flip, then the policy /
+   and applies the train transform (tl.data.preprocess.train_transform: crop + flip, then the policy /
    erasing), as a stream-mode DataLoader worker does; images/s, each transform --repeats times,
    interleaved, the median taken. Target: each policy at least 80% of plain.
 """
@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared"
 
-from tl.listing import list_images  # noqa: E402
-from tl.preprocess import Preprocess, decode, train_transform  # noqa: E402
+from tl.data.listing import list_images  # noqa: E402
+from tl.data.preprocess import Preprocess, decode, train_transform  # noqa: E402
 
 TRAIN = {"plain": [], "ema 0.99": ["--ema", "0.99"], "mixup 0.8": ["--mixup", "0.8"], "cutmix 1.0": ["--cutmix", "1.0"],
          "mixup + cutmix": ["--mixup", "0.8", "--cutmix", "1.0"]}

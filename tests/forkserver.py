@@ -20,7 +20,7 @@ import accelerate  # noqa: F401  imported once here, not in every child
 import torch  # noqa: F401
 import torchvision  # noqa: F401
 
-import tl.loop  # noqa: F401
+import tl.train.loop  # noqa: F401
 
 
 def child(request: dict) -> None:

@@ -1,4 +1,4 @@
-"""tl.augment: batched device augmentation matches v2's RandomResizedCrop + RandomHorizontalFlip."""
+"""tl.data.augment: batched device augmentation matches v2's RandomResizedCrop + RandomHorizontalFlip."""
 
 import io
 import json
@@ -12,8 +12,8 @@ from conftest import FAST, HYMENOPTERA_ZIP, one_line_error, run_cli
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as TF
 
-from tl.augment import DeviceAugment, batch_augment, collate, crop_boxes, crop_resize, pad_batch
-from tl.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, decode
+from tl.data.augment import DeviceAugment, batch_augment, collate, crop_boxes, crop_resize, pad_batch
+from tl.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, decode
 
 MEAN, STD = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
 DRAWS = 20_000
@@ -242,9 +242,9 @@ def test_close_to_v2_on_real_photos():
 
 @pytest.mark.parametrize("policy", ["randaugment", "trivialaugment", "autoaugment"])
 def test_policies_work_on_uint8_seeded_per_image(policy):
-    from tl.loaders import ImageSet
-    from tl.preprocess import train_transform
-    from tl.splits import Split
+    from tl.data.loaders import ImageSet
+    from tl.data.preprocess import train_transform
+    from tl.data.splits import Split
 
     torch.manual_seed(0)
     images = [torch.randint(0, 256, (3, 90, 120), dtype=torch.uint8) for _ in range(8)]
@@ -259,7 +259,7 @@ def test_policies_work_on_uint8_seeded_per_image(policy):
 
 
 def test_random_erasing_fills_the_mean_color():
-    from tl.preprocess import train_transform
+    from tl.data.preprocess import train_transform
 
     pre = Preprocess.tutorial(64)
     erase = train_transform(pre, None, 1.0)

@@ -10,8 +10,8 @@ from accelerate import Accelerator
 from conftest import ROOT, run_cli
 from torch import nn
 
-from tl.loop import AGREE_EVERY, train_epoch
-from tl.stop import Stopper
+from tl.core.stop import Stopper
+from tl.train.loop import AGREE_EVERY, train_epoch
 
 sys.path.insert(0, str(ROOT / "bench"))
 import data as bench_data  # noqa: E402  (bench/data.py)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import FAST, make_imagefolder, run_cli
 
-from tl import checkpoint
-from tl.calibration import T_RANGE, calibrate, fit_temperature, reliability
+from tl.model.calibration import T_RANGE, calibrate, fit_temperature, reliability
+from tl.runs import checkpoints
 
 
 def overconfident(n=4000, classes=5, seed=0):
@@ -61,7 +61,7 @@ def test_a_run_reports_tta_and_calibration_beside_the_plain_figures(calibrated):
     assert {"val_ece_before", "val_ece_after", "test_ece_before", "test_ece_after"} <= set(c)
     assert summary["tta"] == "crops" and {"val_acc_tta", "test_acc_tta", "test_acc", "best_val_acc"} <= set(summary)
     assert (out / "reliability.png").stat().st_size > 1000
-    meta = checkpoint.read_metadata(out / "best.safetensors")
+    meta = checkpoints.read_metadata(out / "best.safetensors")
     assert meta["temperature"] == c["temperature"] and meta["tta_val_acc"] == summary["val_acc_tta"]
     assert "with --tta crops: val acc" in stdout and "calibration: temperature" in stdout
 
@@ -85,9 +85,9 @@ def test_predict_and_the_exports_apply_the_crops_and_the_temperature(calibrated,
         exported = run_cli("-m", "tl.predict", "--checkpoint", tmp_path / f"m.{kind}", data / "val")
         assert probabilities_printed(exported.stdout) == pytest.approx(by_checkpoint, abs=2e-4)
     # The temperature is in the numbers: without it (T = 1) the same logits give other probabilities.
-    plain = checkpoint.load(out / "best.safetensors")
+    plain = checkpoints.load(out / "best.safetensors")
     tensors, meta = plain
-    checkpoint.save(tmp_path / "uncalibrated.safetensors", tensors, {k: v for k, v in meta.items()
+    checkpoints.save(tmp_path / "uncalibrated.safetensors", tensors, {k: v for k, v in meta.items()
                                                                      if k not in ("format", "format_version",
                                                                                   "temperature")})
     uncalibrated = run_cli("-m", "tl.predict", "--checkpoint", tmp_path / "uncalibrated.safetensors", data / "val")
@@ -95,7 +95,7 @@ def test_predict_and_the_exports_apply_the_crops_and_the_temperature(calibrated,
 
 
 def test_tta_views():
-    from tl.eval import tta_views
+    from tl.model.evaluation import tta_views
 
     x = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).view(2, 3, 16, 16)
     assert len(tta_views(x)) == 1 and len(tta_views(x, "flip")) == 2

@@ -10,8 +10,8 @@ import torch
 from conftest import make_imagefolder, one_line_error, run_cli, spawn
 from safetensors.torch import save_file
 
-from tl import checkpoint
-from tl.errors import UserError
+from tl.core.errors import UserError
+from tl.runs import checkpoints
 
 ARGS = ["--epochs", "6", "--step-size", "2", "--image-size", "64", "--batch-size", "8", "--lr", "0.01",
         "--weights", "none"]
@@ -75,7 +75,7 @@ def test_sigkill_at_a_random_moment_then_resume_matches_an_uninterrupted_run(tmp
     assert proc.wait() == -signal.SIGKILL
     assert (out / "config.json").exists() and not (out / "summary.json").exists(), "ended before the kill"
     if (out / "state.safetensors").exists():  # absent if killed before the first state was written
-        checkpoint.load_state(out / "state.safetensors")  # the last complete state is loadable
+        checkpoints.load_state(out / "state.safetensors")  # the last complete state is loadable
     # What a kill inside an atomic write leaves (tl's and safetensors' temporary files): cleaned up.
     (out / ".state.safetensors.tmp").write_bytes(b"partial")
     (out / ".tmpAb12Cd").write_bytes(b"partial")
@@ -113,7 +113,7 @@ def test_ctrl_c_saves_and_exits_cleanly_then_resumes(tmp_path, data):
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 2, stderr
     assert "stopped by SIGINT" in stderr and "--resume" in stderr and "Traceback" not in stderr
-    done = checkpoint.read_metadata(out / "state.safetensors")["epoch"]
+    done = checkpoints.read_metadata(out / "state.safetensors")["epoch"]
     assert done >= 2 and len(metrics_without_timings(out)) == done
     resumed = run_cli("train.py", "--mode", "finetune", "--data-dir", str(data), "--output-dir", str(out),
                       *ARGS, "--resume")
@@ -127,8 +127,8 @@ def test_state_holds_only_trained_tensors_and_round_trips(tmp_path):
     model(torch.ones(3, 4)).sum().backward()
     opt.step()
     sched.step()
-    checkpoint.save_state(tmp_path / "s.safetensors", model.state_dict(), opt, sched, {"epoch": 1})
-    tensors, opt_state, sched_state, meta = checkpoint.load_state(tmp_path / "s.safetensors")
+    checkpoints.save_state(tmp_path / "s.safetensors", model.state_dict(), opt, sched, {"epoch": 1})
+    tensors, opt_state, sched_state, meta = checkpoints.load_state(tmp_path / "s.safetensors")
     assert set(tensors) == {"weight", "bias"} and meta["epoch"] == 1
     assert torch.equal(opt_state["state"][0]["momentum_buffer"], opt.state_dict()["state"][0]["momentum_buffer"])
     assert opt_state["param_groups"] == opt.state_dict()["param_groups"] and sched_state == sched.state_dict()
@@ -137,7 +137,7 @@ def test_state_holds_only_trained_tensors_and_round_trips(tmp_path):
 
 def test_unusable_checkpoints_are_one_line_errors(tmp_path):
     good = tmp_path / "good.safetensors"
-    checkpoint.save(good, {"fc.weight": torch.ones(2, 3)}, {"model": "resnet18", "mode": "finetune",
+    checkpoints.save(good, {"fc.weight": torch.ones(2, 3)}, {"model": "resnet18", "mode": "finetune",
                                                             "classes": ["a", "b"], "base_weights": "none"})
     (tmp_path / "truncated.safetensors").write_bytes(good.read_bytes()[:-10])
     save_file({"x": torch.ones(1)}, tmp_path / "foreign.safetensors")
@@ -146,19 +146,19 @@ def test_unusable_checkpoints_are_one_line_errors(tmp_path):
     for name, message in [("truncated", "damaged"), ("foreign", "not a tl checkpoint"),
                           ("newer", "newer than this tl reads"), ("missing", "does not exist")]:
         with pytest.raises(UserError, match=message):
-            checkpoint.load(tmp_path / f"{name}.safetensors")
+            checkpoints.load(tmp_path / f"{name}.safetensors")
     with pytest.raises(UserError, match="lacks part of its identity"):
-        checkpoint.identity_of(good, checkpoint.read_metadata(good))
-    saved = checkpoint.Identity("resnet18", "finetune", ["a", "b"], "none", "none", "fc", 224, 0, "sha256:1",
+        checkpoints.identity_of(good, checkpoints.read_metadata(good))
+    saved = checkpoints.Identity("resnet18", "finetune", ["a", "b"], "none", "none", "fc", 224, 0, "sha256:1",
                                 {"lr": 0.001, "processes": 1})
     for key, other, named in [("model", "resnet34", "--model"), ("mode", "feature-extract", "--mode"),
                               ("classes", ["a", "b", "c"], "class folders"), ("base_weights", "sha256:00", "--weights"),
                               ("data", "sha256:2", "the files of --data-dir"),
                               ("recipe", {"lr": 0.01, "processes": 1}, "--lr"),
                               ("recipe", {"lr": 0.001, "processes": 2}, "number of processes")]:
-        changed = checkpoint.Identity(**saved.meta() | {key: other})
+        changed = checkpoints.Identity(**saved.meta() | {key: other})
         assert [named in d for d in saved.differences(changed)] == [True], (key, saved.differences(changed))
-    assert saved.differences(checkpoint.Identity(**saved.meta() | {"weights": "/elsewhere/same.pth"})) == []
+    assert saved.differences(checkpoints.Identity(**saved.meta() | {"weights": "/elsewhere/same.pth"})) == []
 
 
 @pytest.mark.slow
@@ -194,7 +194,7 @@ def kill_inside_an_epoch(proc, out, kill=lambda proc: proc.send_signal(signal.SI
     """SIGKILL a run (started with --save-every 0.0001) once it has saved a state inside an epoch."""
     deadline = time.time() + 300
     while not ((out / "state.safetensors").exists()
-               and checkpoint.read_metadata(out / "state.safetensors")["step"] > 0):
+               and checkpoints.read_metadata(out / "state.safetensors")["step"] > 0):
         assert time.time() < deadline and proc.poll() is None, "no state inside an epoch was saved"
         time.sleep(0.01)
     kill(proc)
@@ -215,7 +215,7 @@ def test_a_run_stopped_inside_an_epoch_resumes_there_exactly(tmp_path, long_epoc
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 2 and "--resume" in stderr, stderr[-2000:]
-    meta = checkpoint.read_metadata(out / "state.safetensors")
+    meta = checkpoints.read_metadata(out / "state.safetensors")
     assert meta["step"] > 0 or how == "SIGINT"  # a SIGINT on an epoch's last steps waits for its end
     resumed = run_cli("train.py", "--data-dir", str(long_epochs), "--output-dir", str(out), *MID, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import make_imagefolder, one_line_error, run_cli
 
-from tl.cli import number
+from tl.core.cli import number
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +94,8 @@ def test_a_warning_or_error_under_an_open_progress_bar_starts_a_line_of_its_own(
 
     from tqdm import tqdm
 
-    from tl.errors import UserError
-    from tl.errors import run_cli as tl_run_cli
+    from tl.core.errors import UserError
+    from tl.core.errors import run_cli as tl_run_cli
 
     def work():
         bar = tqdm(total=10, desc="decode train")  # never closed: the error's traceback keeps it alive

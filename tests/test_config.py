@@ -8,8 +8,8 @@ import pytest
 from accelerate.state import AcceleratorState
 from conftest import FAST, run_cli
 
-from tl.config import Config, parse_args
-from tl.errors import UserError
+from tl.core.config import Config, parse_args
+from tl.core.errors import UserError
 
 
 def test_defaults_are_the_tutorials():
@@ -70,7 +70,7 @@ def test_help_shows_each_default_once():
 
 def test_every_option_says_what_a_resume_does_with_it():
     """A new option must be classified: part of the run's identity or recipe (checked on --resume), or free."""
-    from tl.config import IDENTITY, RECIPE, RECIPE_EXTRAS, RESUME_FREE
+    from tl.core.config import IDENTITY, RECIPE, RECIPE_EXTRAS, RESUME_FREE
 
     names = [f.name for f in dataclasses.fields(Config)]
     classified = [*IDENTITY, *RECIPE, *RECIPE_EXTRAS, *RESUME_FREE]
@@ -130,7 +130,7 @@ def test_config_file_that_is_missing_or_bad_json(tmp_path):
 def test_a_runs_config_json_trains_the_run_again(tmp_path, tiny_data, base_weights):
     """Run X is resumed once (its config.json then says resume: true); --config X/config.json --output-dir Y
     trains a new run with X's options, to X's metrics (timings aside), and records what reproduces it."""
-    from tl.loop import train
+    from tl.train.loop import train
 
     x, y = tmp_path / "X", tmp_path / "Y"
     argv = ["--mode", "feature-extract", "--data-dir", str(tiny_data), "--weights", str(base_weights), "--seed", "3",

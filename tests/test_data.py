@@ -16,14 +16,14 @@ from conftest import make_imagefolder, run_cli
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-import tl.loaders
-import tl.preprocess
-import tl.splits
-from tl.errors import UserError
-from tl.listing import ensure_data, list_images
-from tl.loaders import ImageSet, make_loaders
-from tl.preprocess import Preprocess, to_input, train_transform
-from tl.splits import Split, load_split
+import tl.data.loaders
+import tl.data.preprocess
+import tl.data.splits
+from tl.core.errors import UserError
+from tl.data.listing import ensure_data, list_images
+from tl.data.loaders import ImageSet, make_loaders
+from tl.data.preprocess import Preprocess, to_input, train_transform
+from tl.data.splits import Split, load_split
 
 
 def test_local_zip_is_extracted_next_to_the_data_dir(tmp_path):
@@ -68,7 +68,7 @@ def test_shards_cover_every_image_once(tiny_data):
     repeats = [-1 - i for i in seen_train if i < 0]
     assert len(repeats) == 1 and 0 <= repeats[0] < 24
     x, y = ImageSet(train)[-1 - repeats[0]]
-    assert y == tl.loaders.PAD and torch.equal(x, ImageSet(train)[repeats[0]][0])
+    assert y == tl.data.loaders.PAD and torch.equal(x, ImageSet(train)[repeats[0]][0])
 
 
 def test_unreadable_images_are_skipped_with_a_warning(tmp_path):
@@ -279,7 +279,7 @@ def slow_decodes(monkeypatch) -> list[str]:
             raise OSError("cannot identify image file")
         return torch.zeros(3, 8, 8, dtype=torch.uint8)
 
-    monkeypatch.setattr(tl.splits, "decode", slow_decode)
+    monkeypatch.setattr(tl.data.splits, "decode", slow_decode)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     return decoded
 
@@ -296,7 +296,7 @@ def test_a_stop_signal_while_decoding_returns_at_once(monkeypatch):
     def handler(signum, frame):  # as the loop's stop handler may do during start-up
         raise Stop
 
-    monkeypatch.setattr(tl.splits, "tqdm", bar)
+    monkeypatch.setattr(tl.data.splits, "tqdm", bar)
     previous = signal.signal(signal.SIGALRM, handler)
     started = time.perf_counter()
     try:
@@ -368,8 +368,8 @@ def test_normalization_constants_are_built_once_per_device(monkeypatch):
     monkeypatch.setattr(torch, "tensor", lambda *a, **k: calls.append(a) or real(*a, **k))
     again = [to_input(x, torch.device("cpu")) for _ in range(3)]
     assert calls == [] and all(torch.equal(first, y) for y in again)
-    mean = real(tl.preprocess.IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = real(tl.preprocess.IMAGENET_STD).view(1, 3, 1, 1)
+    mean = real(tl.data.preprocess.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = real(tl.data.preprocess.IMAGENET_STD).view(1, 3, 1, 1)
     assert torch.allclose(first, (x.float() / 255 - mean) / std)
     assert first.is_contiguous(memory_format=torch.channels_last)
 
@@ -404,7 +404,7 @@ def test_stream_start_up_check_reads_signatures(tmp_path):
     listing = list_images(root)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        split = tl.splits.stream_split(listing.train, Preprocess.tutorial(32), True, main=True)
+        split = tl.data.splits.stream_split(listing.train, Preprocess.tutorial(32), True, main=True)
     assert sorted(os.path.basename(p) for p in split.skipped) == ["empty.jpg", "page.jpg", "tiny.jpg"]
     assert len(caught) == 3 and any("an empty file" in str(w.message) for w in caught)
     assert len(split.targets) == len(split.images) == 6

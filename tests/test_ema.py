@@ -8,8 +8,8 @@ import torch
 from conftest import FAST, one_line_error, run_cli
 from safetensors.torch import load_file
 
-from tl import checkpoint
-from tl.ema import WeightEMA
+from tl.runs import checkpoints
+from tl.train.ema import WeightEMA
 
 
 def small_model():
@@ -58,7 +58,7 @@ def test_best_keeps_the_higher_scoring_weights_and_says_which(tmp_path, tiny_dat
     won = best["ema_val_acc"] > best["val_acc"]
     assert summary["best_val_acc"] == max(best["val_acc"], best["ema_val_acc"])
     assert summary["best_weights"] == ("ema" if won else "model") == (winner or summary["best_weights"])
-    meta = checkpoint.read_metadata(out / "best.safetensors")
+    meta = checkpoints.read_metadata(out / "best.safetensors")
     assert meta["weights_from"] == summary["best_weights"] and meta["recipe"]["ema"] == 0.5
     state = load_file(out / "state.safetensors")
     averaged = {k for k in state if k.startswith("averaged.")}

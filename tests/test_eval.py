@@ -1,9 +1,9 @@
-"""The metrics tl.eval computes from a set's probabilities: confusion, top-5, per-class scores."""
+"""The metrics tl.model.evaluation computes from a set's probabilities: confusion, top-5, per-class scores."""
 
 import pytest
 import torch
 
-from tl.eval import class_scores, confusion_matrix, top5_correct
+from tl.model.evaluation import class_scores, confusion_matrix, top5_correct
 
 
 def test_confusion_counts_true_class_by_row():

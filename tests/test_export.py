@@ -10,15 +10,15 @@ import pytest
 import torch
 from conftest import FAST, PROXY_WEIGHTS, run_cli
 
-from tl import checkpoint
-from tl.config import parse_args
-from tl.errors import UserError
+from tl.core.config import parse_args
+from tl.core.errors import UserError
+from tl.data.preprocess import to_input
 from tl.export import export
-from tl.exported import Exported, open_exported, quiet_deprecations
-from tl.loop import train
+from tl.inference.exported import Exported, open_exported, quiet_deprecations
+from tl.inference.trained import load_model
 from tl.predict import predict
-from tl.preprocess import to_input
-from tl.trained import load_model
+from tl.runs import checkpoints
+from tl.train.loop import train
 
 # Trains and exports real runs in a module fixture: a minute or two, so `make test` only.
 pytestmark = pytest.mark.slow
@@ -75,7 +75,7 @@ def test_export_reproduces_the_best_val_accuracy_and_records_the_preprocessing(r
     parity = meta["parity"]
     assert parity["reproduces_best_val_acc"] and parity["accuracy"] == summary["best_val_acc"]
     assert (parity["correct"], parity["images"]) == (summary["val_correct"], summary["num_val"])
-    ckpt = checkpoint.read_metadata(runs[mode] / "best.safetensors")
+    ckpt = checkpoints.read_metadata(runs[mode] / "best.safetensors")
     assert {k: meta[k] for k in ("model", "mode", "classes", "base_weights", "image_size", "epoch")} == \
         {k: ckpt[k] for k in ("model", "mode", "classes", "base_weights", "image_size", "epoch")}
     assert meta["checkpoint_sha256"] == "sha256:" + hashlib.sha256(
@@ -140,10 +140,10 @@ def test_a_checkpoint_away_from_its_run_is_checked_on_the_folder_given(tmp_path,
 def test_a_run_evaluated_otherwise_is_checked_against_its_model_in_fp32(tmp_path, runs, tiny_data, capsys):
     """A bf16 run records an accuracy an fp32 export need not reproduce: then the export must give the
     fp32 model's prediction on every image. Anything else writes nothing."""
-    tensors, meta = checkpoint.load(runs["finetune"] / "best.safetensors")
+    tensors, meta = checkpoints.load(runs["finetune"] / "best.safetensors")
     recorded = meta["val_correct"] + 1 if meta["val_correct"] < 12 else 11  # not what fp32 gives
     meta |= {"mixed_precision": "bf16", "val_acc": recorded / 12, "val_correct": recorded}
-    checkpoint.save(tmp_path / "best.safetensors", tensors, meta)
+    checkpoints.save(tmp_path / "best.safetensors", tensors, meta)
     result = export(tmp_path / "best.safetensors", "onnx", val_dir=tiny_data / "val")
     parity = result["meta"]["parity"]
     assert not parity["reproduces_best_val_acc"] and parity["differs_from_fp32_model"] == 0

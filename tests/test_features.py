@@ -15,18 +15,18 @@ from accelerate import Accelerator
 from conftest import FAST, ROOT, run_cli
 from torch.utils.data import TensorDataset
 
-from tl import features
-from tl import setup as tl_setup
-from tl.config import parse_args
-from tl.errors import UserError
-from tl.features import FeatureRows, backbone_features, feature_loaders, part_path, remove_files
-from tl.loaders import PAD, ImageSet, make_loaders
-from tl.loop import train
-from tl.model import build_model
-from tl.preprocess import to_input
-from tl.run import FEATURES
-from tl.splits import Split
-from tl.stop import StopRequested
+from tl.core.config import parse_args
+from tl.core.errors import UserError
+from tl.core.stop import StopRequested
+from tl.data import features
+from tl.data.features import FeatureRows, backbone_features, feature_loaders, part_path, remove_files
+from tl.data.loaders import PAD, ImageSet, make_loaders
+from tl.data.preprocess import to_input
+from tl.data.splits import Split
+from tl.model.network import build_model
+from tl.runs.rundir import FEATURES
+from tl.train import setup as tl_setup
+from tl.train.loop import train
 
 
 class Rank:

@@ -1,11 +1,11 @@
-"""tl/files.py: a failed write names its fix and leaves nothing behind."""
+"""tl/core/files.py: a failed write names its fix and leaves nothing behind."""
 
 import re
 
 import pytest
 
-from tl.errors import UserError
-from tl.files import write_atomic
+from tl.core.errors import UserError
+from tl.core.files import write_atomic
 
 
 def test_a_write_into_a_missing_folder_says_to_create_it(tmp_path):

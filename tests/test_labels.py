@@ -9,9 +9,9 @@ from conftest import FAST, make_imagefolder, one_line_error, run_cli
 from safetensors.torch import load_file
 from test_checkpoint import metrics_without_timings
 
-from tl.errors import UserError
-from tl.labels import list_label_file, samples_for_predict
-from tl.listing import list_images
+from tl.core.errors import UserError
+from tl.data.labels import list_label_file, samples_for_predict
+from tl.data.listing import list_images
 from tl.pack import pack
 from tl.predict import predict
 

@@ -9,11 +9,11 @@ from conftest import FAST, HYMENOPTERA_ZIP, PROXY_WEIGHTS, run_cli
 from PIL import Image
 from safetensors.torch import load_file
 
-from tl import checkpoint
-from tl.config import parse_args
-from tl.loop import train
+from tl.core.config import parse_args
+from tl.inference.trained import load_model
 from tl.predict import predict
-from tl.trained import load_model
+from tl.runs import checkpoints
+from tl.train.loop import train
 
 
 def run(tmp_path, data, mode, *extra, epochs=8):
@@ -47,7 +47,7 @@ def test_mode_learns_and_writes_every_output(tmp_path, tiny_data, base_weights, 
     assert config["mode"] == mode and config["epochs"] == 8 and config["weights"] == str(base_weights)
     with Image.open(out / "predictions.png") as img:
         assert img.width > 400 and img.height > 200
-    meta = checkpoint.read_metadata(out / "best.safetensors")
+    meta = checkpoints.read_metadata(out / "best.safetensors")
     assert meta["mode"] == mode and meta["model"] == "resnet18"
     assert meta["classes"] == ["blue", "red"]
     assert meta["base_weights"].startswith("sha256:")
@@ -87,7 +87,7 @@ def test_smaller_train_crops_still_validate_at_image_size(tmp_path, tiny_data, b
     assert "(48 px train crops, 64 px val; the tutorial's preprocessing)" in proc.stdout
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["best_val_acc"] >= 0.9
-    meta = checkpoint.read_metadata(tmp_path / "out" / "best.safetensors")
+    meta = checkpoints.read_metadata(tmp_path / "out" / "best.safetensors")
     assert meta["image_size"] == 64  # what predict evaluates at, as the loop did
     assert predict(tmp_path / "out" / "best.safetensors", [str(tiny_data / "val")])["accuracy"] == meta["val_acc"]
 
@@ -147,9 +147,9 @@ def test_streaming_gives_the_same_run_as_decoding_into_memory(tmp_path, tiny_dat
 
 
 def test_auto_data_mode_streams_what_would_not_fit(tmp_path):
-    from tl.listing import Listing
-    from tl.preprocess import Preprocess
-    from tl.splits import choose_data_mode
+    from tl.data.listing import Listing
+    from tl.data.preprocess import Preprocess
+    from tl.data.splits import choose_data_mode
 
     small = Listing(["a", "b"], [("x", 0)] * 244, [("y", 1)] * 153, "sha256:0")
     mode, why = choose_data_mode("auto", small, Preprocess.tutorial(224), 1)

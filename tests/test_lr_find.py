@@ -7,9 +7,9 @@ import torch
 from conftest import FAST, one_line_error, run_cli
 from PIL import Image
 
-from tl.config import Config
+from tl.core.config import Config
 from tl.lr_find import lr_at, lr_ratios, set_lrs, smoothed, suggest
-from tl.optim import build_optimizer, build_scheduler, param_groups
+from tl.train.optim import build_optimizer, build_scheduler, param_groups
 
 SUGGESTION = re.compile(r"^suggested --lr (\S+) \(steepest descent; minimum loss at (\S+), /10: (\S+)\); plot in (.+)$",
                         flags=re.M)

@@ -1,4 +1,4 @@
-"""tl.mistakes's analysis and its files on generated probabilities: exact figures on a small case, and
+"""tl.inference.mistakes's analysis and its files on generated probabilities: exact figures on a small case, and
 1000 classes over 20,000 images (pure tensors, a second or two). The CLI on real runs: test_report.py."""
 
 import json
@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tl.finish import scores
-from tl.mistakes import analyse, html_page, save_outputs
-from tl.pictures import save_errors
+from tl.inference.mistakes import analyse, html_page, save_outputs
+from tl.runs.pictures import save_errors
+from tl.train.finish import scores
 
 CLASSES = ["ant", "bee", "cat", "dog"]
 
@@ -60,7 +60,7 @@ def test_top_losses_pairs_and_classes_worst_first(small):
     assert per_class[-1] | {"precision": 0, "f1": 0} == {"class": "dog", "accuracy": None, "correct": 0, "images": 0,
                                                          "precision": 0, "f1": 0, "confused_with": None,
                                                          "confused_count": 0}
-    # the run's own figures (tl.finish.scores, as summary.json has them) from the same probabilities
+    # the run's own figures (tl.train.finish.scores, as summary.json has them) from the same probabilities
     run = scores(probs, torch.tensor(targets), CLASSES, "")
     assert result["accuracy"] == run["acc"] and result["balanced_accuracy"] == run["balanced_acc"]
     assert result["macro_f1"] == run["macro_f1"]

@@ -12,14 +12,14 @@ from conftest import run_cli
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from tl.errors import UserError
-from tl.listing import list_images
-from tl.loaders import ImageSet
-from tl.model import build_model, check_input_size, preprocess_for, weights_id
+from tl.core.errors import UserError
+from tl.data.listing import list_images
+from tl.data.loaders import ImageSet
+from tl.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from tl.data.splits import load_split
+from tl.inference.trained import load_model, probabilities
+from tl.model.network import build_model, check_input_size, preprocess_for, weights_id
 from tl.predict import predict
-from tl.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
-from tl.splits import load_split
-from tl.trained import load_model, probabilities
 
 
 @pytest.mark.parametrize("name, head", [

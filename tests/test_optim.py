@@ -11,10 +11,10 @@ from conftest import FAST, make_imagefolder, run_cli, spawn
 from safetensors.torch import load_file
 from test_checkpoint import metrics_without_timings, wait_for_epochs
 
-from tl import checkpoint
-from tl.config import parse_args
-from tl.loop import train
-from tl.optim import build_optimizer, build_scheduler, param_groups
+from tl.core.config import parse_args
+from tl.runs import checkpoints
+from tl.train.loop import train
+from tl.train.optim import build_optimizer, build_scheduler, param_groups
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def backbone(tensors: dict, prefix: str = "") -> dict:
 def test_frozen_epochs_leave_the_backbone_bit_identical_then_it_trains(tmp_path, data, base_weights):
     base = torch.load(base_weights, weights_only=True)
     out = run(tmp_path, data, base_weights, "run", "--freeze-epochs", "2")
-    state, _ = checkpoint.load(out / "state.safetensors")
+    state, _ = checkpoints.load(out / "state.safetensors")
     frozen = backbone(state, "model.")
     assert frozen.keys() == backbone(base).keys()
     # Weights and BatchNorm statistics alike: the frozen epochs ran the backbone as feature-extract does.
@@ -46,7 +46,7 @@ def test_frozen_epochs_leave_the_backbone_bit_identical_then_it_trains(tmp_path,
     assert not torch.equal(state["model.fc.weight"], torch.zeros_like(state["model.fc.weight"]))
     train(parse_args(["--data-dir", str(data), "--output-dir", str(out), "--epochs", "3", "--lr", "0.01",
                       "--weights", str(base_weights), *FAST, "--freeze-epochs", "2", "--resume"]))
-    state, _ = checkpoint.load(out / "state.safetensors")
+    state, _ = checkpoints.load(out / "state.safetensors")
     after = backbone(state, "model.")
     assert not torch.equal(after["layer1.0.conv1.weight"], base["layer1.0.conv1.weight"])
     assert not torch.equal(after["bn1.running_mean"], base["bn1.running_mean"])  # BatchNorm trains again
@@ -61,7 +61,7 @@ def test_groups_learning_rates_and_weight_decay_are_as_configured(tmp_path, data
     assert groups["head"]["weight_decay"] == 0.05 and groups["backbone.no_decay"]["weight_decay"] == 0
     assert groups["head"]["tensors"] == 1 and groups["head.no_decay"]["tensors"] == 1  # fc.weight, fc.bias
     assert sum(g["parameters"] for g in groups.values()) == 11_177_538  # resnet18 with a 2-class head
-    state, _ = checkpoint.load(out / "state.safetensors")
+    state, _ = checkpoints.load(out / "state.safetensors")
     assert any(k.endswith(".exp_avg_sq") for k in state)  # AdamW's state, saved for a resume
 
 
@@ -112,7 +112,7 @@ def test_label_smoothing_changes_the_training_loss(tmp_path, data, base_weights)
     (["--weight-decay", "-1"], "--weight-decay must be 0 or more"),
 ])
 def test_bad_recipe_options_are_one_line_errors(args, message):
-    from tl.errors import UserError
+    from tl.core.errors import UserError
     with pytest.raises(UserError, match=message):
         parse_args(args)
 

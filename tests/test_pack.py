@@ -1,5 +1,5 @@
 """Packed shards: python -m tl.pack writes WebDataset tars + wids indexes + each image's offset;
-tl.shards reads them back at those offsets."""
+tl.data.packs reads them back at those offsets."""
 
 import errno
 import json
@@ -17,14 +17,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import tl.pack
-from tl.errors import UserError
-from tl.listing import list_images
-from tl.loaders import ImageSet
+from tl.core.errors import UserError
+from tl.data.listing import list_images
+from tl.data.loaders import ImageSet
+from tl.data.packs import VERSION, PackedSplit, decode_bytes, is_pack, load_packed_split, open_pack, stream_packed_split
+from tl.data.preprocess import Preprocess, decode
+from tl.data.splits import load_split
 from tl.pack import pack
-from tl.pack_format import VERSION, is_pack, open_pack
-from tl.preprocess import Preprocess, decode
-from tl.shards import PackedSplit, decode_bytes, load_packed_split, stream_packed_split
-from tl.splits import load_split
 
 PACK_FILES = ["tl-pack.json", "train-000000.tar", "train-offsets.npy", "train.json", "val-000000.tar",
               "val-offsets.npy", "val.json"]
@@ -107,7 +106,7 @@ def test_unreadable_files_are_listed_not_packed(tmp_path, capsys):
     assert unreadable == ["train/blue/003.jpg", "train/red/002.jpg"]
     info = open_pack(tmp_path / "dst")
     assert info.counts == {"train": 8, "val": 4} and info.unreadable["train"] == unreadable
-    # What tl.splits skips when training on the folder is exactly what the pack left out.
+    # What tl.data.splits skips when training on the folder is exactly what the pack left out.
     listing = list_images(src)
     split = load_split(listing.train, Preprocess.tutorial(64), True, False)
     assert sorted(os.path.relpath(p, src) for p in split.skipped) == unreadable
@@ -412,7 +411,7 @@ def test_hymenoptera(hymenoptera, tmp_path):
     listing = list_images(hymenoptera)
     meta = pack(hymenoptera, tmp_path / "hym", progress=False)
     info = open_pack(tmp_path / "hym")
-    # train/ants/imageNotFound.gif is no image file to tl.listing (.gif is not an ImageFolder extension).
+    # train/ants/imageNotFound.gif is no image file to tl.data.listing (.gif is not an ImageFolder extension).
     assert info.counts == {"train": 244, "val": 153} and info.classes == ["ants", "bees"]
     assert meta["splits"]["train"]["unreadable"] == [] and info.fingerprint == listing.fingerprint
     ds = PackedSplit(tmp_path / "hym", "val")

@@ -7,7 +7,7 @@ import torch
 from matplotlib.colors import to_rgba
 from PIL import Image
 
-from tl.pictures import (
+from tl.runs.pictures import (
     confusion_figure,
     curves_figure,
     pick_examples,

@@ -14,11 +14,11 @@ import pytest
 from conftest import FAST, ROOT, make_imagefolder, one_line_error, run_cli, spawn
 from PIL import Image
 
-from tl.config import parse_args
-from tl.errors import UserError
-from tl.loop import train
+from tl.core.config import parse_args
+from tl.core.errors import UserError
+from tl.inference.predictions import read_progress
 from tl.predict import predict
-from tl.prediction_files import read_progress
+from tl.train.loop import train
 
 
 @pytest.fixture(scope="module")
@@ -186,13 +186,13 @@ def test_stopped_and_killed_prediction_resumes_without_a_row_twice(runs, tmp_pat
 def test_full_disk_keeps_what_was_committed(runs, tiny_data, reference, tmp_path, monkeypatch):
     import errno
 
-    import tl.prediction_files
+    import tl.inference.predictions
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     out = tmp_path / "predictions.csv"
-    monkeypatch.setattr(tl.prediction_files.os, "fsync", full)
+    monkeypatch.setattr(tl.inference.predictions.os, "fsync", full)
     with pytest.raises(UserError, match="is full; the 0 images committed are kept: run the same command again"):
         predict(runs["finetune"] / "best.safetensors", [str(tiny_data / "val")], batch_size=2, out=out, workers=0)
     monkeypatch.undo()

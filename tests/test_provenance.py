@@ -7,10 +7,10 @@ import shutil
 import pytest
 from conftest import make_imagefolder
 
-from tl import provenance
-from tl.errors import UserError
-from tl.listing import list_images
-from tl.run import CONFIG, RunDir
+from tl.core.errors import UserError
+from tl.data.listing import list_images
+from tl.runs import provenance
+from tl.runs.rundir import CONFIG, RunDir
 
 
 def test_data_sample_sees_content_not_location(tmp_path):
@@ -58,12 +58,12 @@ def test_version_commit_and_job_never_fail(monkeypatch):
 
 
 def test_a_pack_records_its_shards_md5(tmp_path):
-    from tl import pack_format
+    from tl.data import packs
     from tl.pack import pack
 
     root = make_imagefolder(tmp_path / "a", n_train=5, n_val=3)
     pack(root, tmp_path / "p", progress=False)
-    info = pack_format.open_pack(tmp_path / "p")
+    info = packs.open_pack(tmp_path / "p")
     packed = provenance.record(info.listing(), info)
     assert packed["data_files"] == {"train": 10, "val": 6}
     assert all(s.get("md5sum") for split in info.shards.values() for s in split)

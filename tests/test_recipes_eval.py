@@ -7,11 +7,11 @@ import pytest
 from accelerate.state import AcceleratorState
 from conftest import FAST, HYMENOPTERA_ZIP, PROXY_WEIGHTS, make_imagefolder, run_cli
 
-from tl.config import parse_args
-from tl.errors import UserError
-from tl.listing import list_images
-from tl.loop import train
+from tl.core.config import parse_args
+from tl.core.errors import UserError
+from tl.data.listing import list_images
 from tl.predict import predict
+from tl.train.loop import train
 
 TEN = [f"c{i}" for i in range(10)]
 

@@ -10,11 +10,11 @@ import pytest
 from conftest import FAST, make_imagefolder, one_line_error, run_cli
 from PIL import Image
 
-from tl.config import parse_args
-from tl.errors import UserError
-from tl.loop import train
-from tl.mistakes import errors_report
+from tl.core.config import parse_args
+from tl.core.errors import UserError
+from tl.inference.mistakes import errors_report
 from tl.report import report
+from tl.train.loop import train
 
 # Trains and exports real runs in a module fixture: a minute or two, so `make test` only.
 pytestmark = pytest.mark.slow

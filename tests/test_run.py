@@ -1,5 +1,5 @@
 """The run directory: nothing of an earlier run lost, one writer at a time, truthful resume, files
-rebuilt or refused when damaged. Each test failed on the code before tl/run.py existed."""
+rebuilt or refused when damaged. Each test failed on the code before tl/runs/rundir.py existed."""
 
 import json
 import os
@@ -16,9 +16,9 @@ import torch
 from conftest import ROOT, make_imagefolder, one_line_error, run_cli, spawn
 from safetensors.torch import load_file
 
-from tl import checkpoint
-from tl.errors import UserError
-from tl.run import LOCK, RunDir
+from tl.core.errors import UserError
+from tl.runs import checkpoints
+from tl.runs.rundir import LOCK, RunDir
 
 QUICK = ["--mode", "feature-extract", "--image-size", "32", "--batch-size", "4", "--weights", "none", "--lr", "0.01",
          "--wandb", "disabled"]
@@ -147,9 +147,9 @@ def test_damaged_or_deleted_metrics_are_rebuilt_on_resume(data, tmp_path, damage
 
 
 def _rewrite_state(path, tensors=None, drop_meta=()):
-    loaded, meta = checkpoint.load(path)
+    loaded, meta = checkpoints.load(path)
     meta = {k: v for k, v in meta.items() if k not in drop_meta and k not in ("format", "format_version")}
-    checkpoint.save(path, tensors(loaded) if tensors else loaded, meta)
+    checkpoints.save(path, tensors(loaded) if tensors else loaded, meta)
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -230,7 +230,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_loses_nothing(data, tmp
               f"status=$?; cp -a {disk / 'run'} {copy}; exit $status")
     proc = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=600)
     one_line_error(proc, "cannot write", "No space left on device", "--resume")
-    assert checkpoint.read_metadata(copy / "state.safetensors")["epoch"] == 1  # the last good state is whole
+    assert checkpoints.read_metadata(copy / "state.safetensors")["epoch"] == 1  # the last good state is whole
     assert not [p.name for p in copy.iterdir() if p.name.endswith(".tmp")]  # no half-written file left
     ref = tmp_path / "ref"
     assert run_cli("train.py", *args[:2], "--output-dir", str(ref), *args[4:]).returncode == 0
@@ -283,7 +283,7 @@ def test_stop_messages_name_the_saved_epochs_correctly(data, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
-    done = checkpoint.read_metadata(out / "state.safetensors")["epoch"]
+    done = checkpoints.read_metadata(out / "state.safetensors")["epoch"]
     saved = "epoch 1 is saved" if done == 1 else f"epochs 1-{done} are saved"
     assert f"stopped by SIGINT during epoch {done + 1}; {saved} in {out}" in stderr, stderr[-2000:]
     assert not re.search(r"epochs 1-1\b", stderr)
@@ -294,7 +294,7 @@ def test_resume_after_a_start_killed_before_its_first_epoch_starts_afresh(data, 
     out.mkdir()
     (out / "config.json").write_text("{}")  # what a kill during start-up or the first epoch's saves leaves
     (out / "metrics.jsonl").write_text('{"epoch": 1}\n')
-    checkpoint.save(out / "best.safetensors", {"fc.bias": torch.zeros(2)}, {"epoch": 1})
+    checkpoints.save(out / "best.safetensors", {"fc.bias": torch.zeros(2)}, {"epoch": 1})
     (out / LOCK).write_text(json.dumps({"host": "gone", "pid": 1, "machine": "gone", "start": "1", "since": "x"}))
     os.utime(out / LOCK, (0, 0))
     proc = train(data, out, "--resume", epochs=2)
@@ -365,11 +365,11 @@ def test_a_kill_between_writing_best_and_the_state_resumes(data, tmp_path):
     """best is written before the state: after a kill between the two it is one epoch ahead."""
     out = tmp_path / "run"
     assert train(data, out, epochs=2).returncode == 0
-    tensors, meta = checkpoint.load(out / "best.safetensors")
+    tensors, meta = checkpoints.load(out / "best.safetensors")
     ahead = {k: v for k, v in meta.items() if k not in ("format", "format_version")} | {"epoch": 3}
-    checkpoint.save(out / "best.safetensors", tensors, ahead)
+    checkpoints.save(out / "best.safetensors", tensors, ahead)
     proc = train(data, out, "--resume", epochs=3)
     assert proc.returncode == 0 and "resuming after epoch 2" in proc.stdout, proc.stderr[-2000:]
     ahead["epoch"] = 5  # the state now says 3: two ahead is not this run's best
-    checkpoint.save(out / "best.safetensors", tensors, ahead)
+    checkpoints.save(out / "best.safetensors", tensors, ahead)
     one_line_error(train(data, out, "--resume", epochs=5), "is not the best epoch")

@@ -8,11 +8,11 @@ import signal
 import pytest
 from conftest import FAST
 
-from tl import checkpoint, checkpointer
-from tl.config import parse_args
-from tl.errors import UserError
-from tl.loop import train
-from tl.stop import Stopper, StopRequested
+from tl.core.config import parse_args
+from tl.core.errors import UserError
+from tl.core.stop import Stopper, StopRequested
+from tl.runs import checkpointer, checkpoints
+from tl.train.loop import train
 
 
 def test_a_second_signal_stops_at_once_but_waits_for_a_save():
@@ -50,7 +50,7 @@ def test_two_signals_during_the_epochs_save_keep_the_epoch_and_resume_after_it(t
     monkeypatch.setattr(checkpointer, "save_state", signalled_save_state)
     with pytest.raises(UserError, match=r"stopped by SIGTERM during epoch 2; epoch 1 is saved in .*--resume"):
         train(parse_args(argv))
-    assert checkpoint.read_metadata(out / "state.safetensors")["epoch"] == 1
+    assert checkpoints.read_metadata(out / "state.safetensors")["epoch"] == 1
     summary, _ = train(parse_args([*argv, "--resume"]))
     assert summary["epochs"] == 2
     assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]

@@ -11,7 +11,7 @@ import pytest
 from conftest import FAST, ROOT, run_cli
 
 from tl import sweep
-from tl.errors import UserError
+from tl.core.errors import UserError
 from tl.report import report
 
 

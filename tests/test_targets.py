@@ -1,4 +1,4 @@
-"""tl.targets and the balanced sampler: class weights, MixUp/CutMix with repeated images, the soft-target
+"""tl.train.targets and the balanced sampler: class weights, MixUp/CutMix with repeated images, the soft-target
 loss and its honest accuracy; --sampler balanced is exact at any world size."""
 
 import json
@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from conftest import FAST, make_imagefolder, one_line_error, run_cli
 
-from tl.loaders import PAD, BalancedSampler, ShardSampler
-from tl.targets import batch_mix, class_weights, loss_and_hits
+from tl.data.loaders import PAD, BalancedSampler, ShardSampler
+from tl.train.targets import batch_mix, class_weights, loss_and_hits
 
 
 def test_class_weights_are_inverse_frequency():

@@ -10,13 +10,13 @@ import torch
 from conftest import make_imagefolder, run_cli
 from safetensors.torch import load_file, save_file
 
-from tl import checkpoint
-from tl.config import parse_args
-from tl.errors import UserError
-from tl.loop import train
-from tl.model import build_model, timm_preprocess, weights_id
+from tl.core.config import parse_args
+from tl.core.errors import UserError
+from tl.inference.trained import load_model
+from tl.model.network import build_model, timm_preprocess, weights_id
 from tl.predict import predict
-from tl.trained import load_model
+from tl.runs import checkpoints
+from tl.train.loop import train
 
 timm = pytest.importorskip("timm")
 
@@ -77,7 +77,7 @@ def test_predict_command_reproduces_the_best_val_accuracy(runs, tiny_data, timm_
     accuracy = re.search(r"^accuracy \S+ \((\d+)/(\d+)\)$", printed, re.M)
     assert accuracy and int(accuracy.group(1)) / int(accuracy.group(2)) == summary["best_val_acc"]
     # and each image's class and probability, as the run's best epoch recorded them
-    state = checkpoint.read_metadata(out / "state.safetensors")
+    state = checkpoints.read_metadata(out / "state.safetensors")
     rows = [line.split("\t") for line in printed.splitlines() if line.count("\t") == 2]
     assert [row[1] for row in rows] == [state["classes"][c] for c in state["best_preds"]]
     assert [float(row[2]) for row in rows] == pytest.approx(state["best_confidence"], abs=2e-4)
@@ -158,7 +158,7 @@ def test_a_conv_head_also_takes_the_feature_caches_rows():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         logits = model.eval()(x)
-        model.set_submodule(head_name, torch.nn.Identity())  # what tl.features does
+        model.set_submodule(head_name, torch.nn.Identity())  # what tl.data.features does
         rows = model(x)
     assert rows.shape == (2, head.in_channels) and torch.allclose(head(rows), logits, atol=1e-5)
 
@@ -172,8 +172,9 @@ def test_timm_preprocess_is_timms_data_config():
 
 
 def test_torchvision_models_never_import_timm():
-    proc = run_cli("-c", "import sys; from tl.model import build_model, weights_id; build_model('resnet18', 'none', 2, "
-                   "'finetune'); weights_id('DEFAULT', 'resnet18'); print('timm' in sys.modules)")
+    proc = run_cli("-c", "import sys; from tl.model.network import build_model, weights_id; "
+                   "build_model('resnet18', 'none', 2, 'finetune'); weights_id('DEFAULT', 'resnet18'); "
+                   "print('timm' in sys.modules)")
     assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr
 
 
@@ -182,13 +183,13 @@ def test_preprocess_weights_uses_timms_data_config_in_training_predict_and_expor
     the crop: the run, tl.predict and the ONNX export all use it."""
     from test_model import assert_evaluated_with_its_preprocessing
 
+    from tl.data.preprocess import Preprocess
     from tl.export import export
-    from tl.preprocess import Preprocess
 
     out = tmp_path / "run"
     train_run(out, tiny_data, "--mode", "feature-extract", "--weights", str(timm_weights), "--preprocess", "weights",
               "--precision", "no")
-    meta = checkpoint.read_metadata(out / "best.safetensors")
+    meta = checkpoints.read_metadata(out / "best.safetensors")
     assert meta["preprocessing"] == {"crop": 32, "resize": 34, "train_crop": 32, "interpolation": "bilinear",
                                      "mean": [0.5] * 3, "std": [0.5] * 3}
     assert_evaluated_with_its_preprocessing(out, tiny_data, timm_weights, Preprocess.tutorial(32))  # ImageNet's

@@ -9,8 +9,8 @@ from conftest import FAST, make_imagefolder, run_cli, spawn
 from PIL import Image
 from wandb_records import config, find_run_file, history, read_records, summary
 
-from tl.config import parse_args
-from tl.loop import train
+from tl.core.config import parse_args
+from tl.train.loop import train
 
 PICTURES = ("predictions", "curves", "confusion", "batch")
 

@@ -23,12 +23,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from tl import checkpoint, labels
-from tl import run as rundir
-from tl.cli import Parser
-from tl.errors import UserError, run_cli
-from tl.eval import predict_probs
-from tl.exported import (
+from tl.core.cli import Parser
+from tl.core.errors import UserError, run_cli
+from tl.core.files import write_atomic
+from tl.data import labels
+from tl.data.loaders import ImageSet
+from tl.data.preprocess import Preprocess
+from tl.data.sources import read_images, run_data, val_images
+from tl.data.splits import Split, load_split
+from tl.inference.exported import (
     FORMAT,
     FORMAT_VERSION,
     INPUT,
@@ -40,12 +43,9 @@ from tl.exported import (
     file_kind,
     quiet_deprecations,
 )
-from tl.files import write_atomic
-from tl.image_files import read_images, run_data, val_images
-from tl.loaders import ImageSet
-from tl.preprocess import Preprocess
-from tl.splits import Split, load_split
-from tl.trained import load_model, output_of, probabilities
+from tl.inference.trained import load_model, output_of, probabilities
+from tl.model.evaluation import predict_probs
+from tl.runs import checkpoints, rundir
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 CARRIED = ("epoch", "val_acc", "val_correct", "mixed_precision", "eval_batch_size", "weights_from", "temperature",
@@ -54,7 +54,7 @@ CARRIED = ("epoch", "val_acc", "val_correct", "mixed_precision", "eval_batch_siz
 
 class Classifier(nn.Module):
     """What an exported file holds: uint8 center views in, class probabilities out (with the run's
-    --tta and --calibrate temperature, as tl.eval.predict_probs)."""
+    --tta and --calibrate temperature, as tl.model.evaluation.predict_probs)."""
 
     def __init__(self, model: nn.Module, pre: Preprocess, tta: str = "none", temperature: float = 1.0):
         super().__init__()
@@ -63,7 +63,7 @@ class Classifier(nn.Module):
         self.register_buffer("std", torch.tensor(pre.std).view(1, 3, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float() / 255  # the operations of tl.preprocess.to_input, so the model sees the same floats
+        x = images.float() / 255  # the operations of tl.data.preprocess.to_input, so the model sees the same floats
         return predict_probs(self.model, (x - self.mean) / self.std, self.tta, self.temperature)
 
 
@@ -188,7 +188,7 @@ def export(checkpoint_path, kind: str, output=None, weights: str | None = None, 
         else:
             split, where = load_split(found[1], pre, False, False), f"the val images of {found[0]}"
 
-    identity = checkpoint.identity_of(checkpoint_path, ckpt_meta)
+    identity = checkpoints.identity_of(checkpoint_path, ckpt_meta)
     size = pre.crop
     meta = identity.meta() | {k: ckpt_meta[k] for k in CARRIED if k in ckpt_meta} | {
         "format": FORMAT, "format_version": FORMAT_VERSION, "export_format": kind, "checkpoint_sha256": sha256,

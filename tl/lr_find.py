@@ -2,7 +2,7 @@
 
     python -m tl.lr_find [--start-lr 1e-7] [--end-lr 10] [--steps 100] [--out lr_find.png] [train.py's options]
 
-The model, optimizer and data are built exactly as train.py builds them (tl.setup), then trained for
+The model, optimizer and data are built exactly as train.py builds them (tl.train.setup), then trained for
 --steps batches while every parameter group's learning rate grows exponentially (the groups keep their
 ratios; the head's goes from --start-lr to --end-lr). The exponentially smoothed loss (beta 0.98,
 bias-corrected) gives the suggestion: the learning rate where it falls fastest. One process; it writes
@@ -24,15 +24,15 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from tl.cli import Parser, number
-from tl.config import Config, parse_args
-from tl.errors import UserError, run_cli
-from tl.loop import resolve_precision, seed_epoch
-from tl.model import set_frozen
-from tl.pictures import save_lr_range
-from tl.preprocess import to_input
-from tl.setup import Setup, setup
-from tl.targets import loss_and_hits
+from tl.core.cli import Parser, number
+from tl.core.config import Config, parse_args
+from tl.core.errors import UserError, run_cli
+from tl.data.preprocess import to_input
+from tl.model.network import set_frozen
+from tl.runs.pictures import save_lr_range
+from tl.train.loop import resolve_precision, seed_epoch
+from tl.train.setup import Setup, setup
+from tl.train.targets import loss_and_hits
 
 BETA = 0.98  # the loss's exponential smoothing
 DIVERGED = 4.0  # stop once the smoothed loss passes this many times its minimum
@@ -193,7 +193,7 @@ def check_output(cfg: Config, out: Path) -> None:
 
 
 def help_text(own: Parser) -> str:
-    """lr_find's own options, then train.py's (tl.config's parser prints them and exits)."""
+    """lr_find's own options, then train.py's (tl.core.config's parser prints them and exits)."""
     text = io.StringIO()
     with contextlib.redirect_stdout(text), contextlib.suppress(SystemExit):
         parse_args(["--help"])

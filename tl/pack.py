@@ -1,9 +1,9 @@
-"""Pack an ImageFolder set or a label file into WebDataset tar shards with wids indexes (see tl/pack_format.py).
+"""Pack an ImageFolder set or a label file into WebDataset tar shards with wids indexes (see tl/data/packs.py).
 
     python -m tl.pack SRC DST [--shard-size-mb 256] [--workers N] [--data-root DIR]
 
-For train/ and val/ of SRC (listed exactly as training lists them: tl.listing.list_images, or for a
-label file tl.labels.list_label_file) this writes
+For train/ and val/ of SRC (listed exactly as training lists them: tl.data.listing.list_images, or for a
+label file tl.data.labels.list_label_file) this writes
 DST/{split}-000000.tar, ... (each at most --shard-size-mb, 10^6 bytes, unless one image is larger),
 DST/{split}.json (the wids index), DST/{split}-offsets.npy (each image's offset and size in its
 shard, read back from each finished shard's tar headers: what tl reads by) and DST/tl-pack.json.
@@ -34,11 +34,12 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from tl import labels
-from tl.cli import Parser, number
-from tl.errors import UserError, run_cli
-from tl.listing import list_images
-from tl.pack_format import (
+from tl.core.cli import Parser, number
+from tl.core.errors import UserError, run_cli
+from tl.core.stop import Stopper
+from tl.data import labels
+from tl.data.listing import list_images
+from tl.data.packs import (
     BLOCK,
     FORMAT,
     KEY_DIGITS,
@@ -54,8 +55,7 @@ from tl.pack_format import (
     shard_name,
     tar_header,
 )
-from tl.splits import usable_cpus
-from tl.stop import Stopper
+from tl.data.splits import usable_cpus
 
 TMP_PREFIX = ".tl-pack-tmp-"
 RECORD = 10240  # a stream-written tar ends on a 20-block record (BLOCK: a header, and the data unit)
@@ -98,7 +98,7 @@ def image_offsets(path: Path, first: int, count: int) -> np.ndarray:
 
 
 def check_image(data: bytes) -> None:
-    """Decode the whole file, as tl.preprocess.decode would (JPEG at a reduced scale: every byte is still
+    """Decode the whole file, as tl.data.preprocess.decode would (JPEG at a reduced scale: every byte is still
     parsed, so a truncated or corrupt file fails here). Raises what PIL raises."""
     with Image.open(io.BytesIO(data)) as img:
         img.draft("RGB", (64, 64))

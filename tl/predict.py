@@ -28,18 +28,18 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from tl.cli import Parser, number
-from tl.errors import UserError, is_main_rank, run_cli
-from tl.eval import balanced_scores, class_scores, confused_pairs
-from tl.exported import open_exported
-from tl.files import write_atomic
-from tl.image_files import Source, open_source
-from tl.pictures import pick_examples, save_predictions
-from tl.prediction_files import FORMATS, Output, encode_rows, format_of, job_identity, read_rows
-from tl.preprocess import Preprocess
-from tl.splits import UNREADABLE, usable_cpus
-from tl.stop import Stopper, StopRequested
-from tl.trained import batch_probabilities, load_model
+from tl.core.cli import Parser, number
+from tl.core.errors import UserError, is_main_rank, run_cli
+from tl.core.files import write_atomic
+from tl.core.stop import Stopper, StopRequested
+from tl.data.preprocess import Preprocess
+from tl.data.sources import Source, open_source
+from tl.data.splits import UNREADABLE, usable_cpus
+from tl.inference.exported import open_exported
+from tl.inference.predictions import FORMATS, Output, encode_rows, format_of, job_identity, read_rows
+from tl.inference.trained import batch_probabilities, load_model
+from tl.model.evaluation import balanced_scores, class_scores, confused_pairs
+from tl.runs.pictures import pick_examples, save_predictions
 
 COMMIT_SECONDS = 5.0  # between commits of a part (and after its first batch): what a kill can cost
 CONFUSION_TABLE_CLASSES = 20  # up to this many classes the confusion matrix is printed, else written to a file
@@ -53,7 +53,7 @@ def predict(checkpoint_path, paths: list[str], weights: str | None = None, png: 
     """Without `out`: print each image's class and probability, and with labelled folders (class/img.jpg)
     the accuracy. With `out`: this process's share of the images into OUT's parts, then OUT when it
     finishes last. The checkpoint may also be a model written by tl.export. With val_of (a data dir)
-    the images are the run's val images of it (tl.image_files.val_images); with data_file, a label file's."""
+    the images are the run's val images of it (tl.data.sources.val_images); with data_file, a label file's."""
     if sum(map(bool, (paths, val_of, data_file))) != 1:  # before loading anything
         raise UserError("pass image files or folders, --data-file LABELS for a label file's images, or --val-of "
                         "DATA_DIR for a run's val images (one of them)")

@@ -8,7 +8,7 @@ report.png (val accuracy per epoch, one line per run, a seed group in one colour
 A run dir is a folder holding config.json, metrics.jsonl or summary.json; any other folder is a sweep,
 whose immediate sub-folders that are run dirs are taken (in natural order: s2 before s10).
 
-python -m tl.report RUN --errors [--split val|test] [--top N]: what one run's model got wrong (tl.mistakes).
+python -m tl.report RUN --errors [--split val|test] [--top N]: what one run's model got wrong (tl.inference.mistakes).
 """
 
 import csv
@@ -21,10 +21,10 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tl import run as rundir
-from tl.cli import Parser, number
-from tl.errors import UserError, run_cli
-from tl.files import output_folder, write_atomic
+from tl.core.cli import Parser, number
+from tl.core.errors import UserError, run_cli
+from tl.core.files import output_folder, write_atomic
+from tl.runs import rundir
 
 REPORT_MD, REPORT_CSV, REPORT_PNG = "report.md", "report.csv", "report.png"
 # Options that never change a run's numbers or speed, or that every run has its own value of.
@@ -281,9 +281,9 @@ def csv_text(options: list[str], rows: list[dict]) -> str:
 
 def save_picture(options: list[str], rows: list[dict], path: Path) -> None:
     """Val accuracy per epoch, one line per run; a group's runs (seeds) share a colour, differ in marker."""
-    import matplotlib.pyplot as plt  # here: tl.pictures imports torch, which the rest does not need
+    import matplotlib.pyplot as plt  # here: tl.runs.pictures imports torch, which the rest does not need
 
-    from tl.pictures import DPI, _save, short
+    from tl.runs.pictures import DPI, _save, short
 
     runs = [r for r in rows if r["kind"] == "run"]
     colors = plt.get_cmap("tab10" if len({r["group"] for r in runs}) <= 10 else "tab20").colors
@@ -367,7 +367,7 @@ def main(argv=None):
             return report(args.dirs, args.out)
         if len(args.dirs) > 1:
             raise UserError(f"--errors takes one run dir, got {len(args.dirs)}; run it once per run")
-        from tl.mistakes import errors_report  # here: it imports torch, which comparing runs does not need
+        from tl.inference.mistakes import errors_report  # here: it imports torch, which comparing runs does not need
 
         return errors_report(args.dirs[0], args.split or "val", args.top or 16, args.weights, args.data_dir, args.out)
 

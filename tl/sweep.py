@@ -28,11 +28,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tl import run as rundir
-from tl.cli import Parser, number
-from tl.config import ACTIONS, Config, file_options, parse_args, read_mapping
-from tl.errors import UserError, run_cli
-from tl.stop import Stopper
+from tl.core.cli import Parser, number
+from tl.core.config import ACTIONS, Config, file_options, parse_args, read_mapping
+from tl.core.errors import UserError, run_cli
+from tl.core.stop import Stopper
+from tl.runs import rundir
 
 KEYS = ("name", "base", "grid", "runs")
 
@@ -166,7 +166,7 @@ def train_one(sweep: Sweep, i: int) -> None:
         return
     print(f"sweep {sweep.name}: run {i + 1} of {len(sweep.sets)}, {path}", flush=True)
     stopper = Stopper()  # before the slow imports, as train.py does
-    from tl.loop import train
+    from tl.train.loop import train
 
     started = (path / rundir.CONFIG).is_file()  # tl writes it first: an empty dir has nothing to resume
     train(parse_args([*sweep.argv(i), f"--output-dir={path}", *(["--resume"] if started else [])]), stopper)

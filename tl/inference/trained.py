@@ -1,0 +1,99 @@
+"""A run's trained classifier from its checkpoint: rebuilt (base weights checked), evaluated as the run evaluated."""
+
+import contextlib
+import os
+
+import torch
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+
+from tl.core.errors import UserError
+from tl.data.preprocess import Preprocess, to_input
+from tl.model.evaluation import predict_probs
+from tl.model.network import build_model, weights_id
+from tl.runs import checkpoints
+from tl.runs.checkpoints import Identity
+
+
+def base_weights_arg(identity: Identity, weights: str | None) -> str:
+    """The --weights value that rebuilds the checkpoint's base, checked against its identity."""
+    base = identity.base_weights
+    if weights is None:
+        if base.startswith("sha256:"):
+            used = f" ({identity.weights})" if identity.weights else ""
+            raise UserError(f"this feature-extract checkpoint was trained on a local weights file{used}; pass "
+                            "that file with --weights (its sha256 is checked)")
+        if base.startswith("timm:"):  # timm's pretrained weights of the tag load_model puts in the model name
+            return "DEFAULT"
+        return "none" if base == "none" else base.rsplit(".", 1)[1]
+    if weights_id(weights, identity.model) != base:
+        used = f", the file {identity.weights}" if base.startswith("sha256:") and identity.weights else ""
+        raise UserError(f"--weights {weights} is not the base this checkpoint was trained on ({base}{used}); "
+                        "pass the same weights the run used")
+    return weights
+
+
+def load_model(path, weights: str | None = None) -> tuple[torch.nn.Module, dict]:
+    """The trained classifier a checkpoint describes, in eval mode, on the CPU."""
+    tensors, meta = checkpoints.load(path)
+    identity = checkpoints.identity_of(path, meta)
+    classes = identity.classes
+    frozen = identity.mode == "feature-extract"
+    set_seed(identity.seed)  # a random-init base is rebuilt from the run's seed
+    base = base_weights_arg(identity, weights) if frozen else "none"
+    if weights is not None and not frozen:
+        weights_id(weights, identity.model)  # checked to exist, though a finetune checkpoint holds every weight
+    # timm: the tag the run resolved (timm:ARCH.TAG), even if this timm's default tag for the name is another
+    timm_tag = frozen and identity.base_weights.startswith("timm:")
+    name = "timm/" + identity.base_weights.removeprefix("timm:") if timm_tag else identity.model
+    model, head = build_model(name, base, len(classes), identity.mode)
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=not frozen)
+    except RuntimeError as e:
+        raise UserError(f"checkpoint {path} does not fit {meta['model']}: "
+                        f"{str(e).splitlines()[1].strip()}") from None
+    if unexpected or any(k.startswith(head + ".") for k in missing):
+        raise UserError(f"checkpoint {path} does not hold the {head} head of {meta['model']}")
+    return model.eval(), meta
+
+
+def output_of(meta: dict) -> tuple[str, float]:
+    """How a checkpoint's model turns logits into probabilities: its run's --tta, and the temperature
+    its --calibrate fitted (1: none)."""
+    return meta.get("recipe", {}).get("tta", "none"), float(meta.get("temperature", 1.0))
+
+
+def autocast(meta: dict, device: torch.device, cpu: bool = False):
+    """The run's mixed precision as Accelerate applies it to a prepared model's forward (bf16 on any
+    device, fp16 on GPUs only); cpu: fp32, as tl.export's reference is."""
+    precision = "no" if cpu else meta.get("mixed_precision", "no")
+    if precision == "bf16" or (precision == "fp16" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return contextlib.nullcontext()
+
+
+def batch_probabilities(model, meta: dict, cpu: bool = False):
+    """fn(uint8 batch of center views) -> float32 probabilities on the CPU: a checkpoint's model as a run
+    evaluates it (its mixed precision, --tta views and --calibrate temperature; tl.model.evaluation.predict_probs).
+    No process group: each process of tl.predict works alone (on the GPU of its LOCAL_RANK)."""
+    cuda = torch.cuda.is_available() and not cpu
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}" if cuda
+                          else "cpu")
+    model = model.to(device, memory_format=torch.channels_last)
+    pre, (tta, temperature) = Preprocess.from_meta(meta), output_of(meta)
+
+    def forward(v):  # autocast around the forward only, as Accelerate wraps it: the views and softmax stay fp32
+        with autocast(meta, device, cpu):
+            return model(v)
+
+    @torch.inference_mode()
+    def probs(x: torch.Tensor) -> torch.Tensor:
+        return predict_probs(forward, to_input(x, device, pre), tta, temperature).float().cpu()
+
+    return probs
+
+
+def probabilities(model, loader: DataLoader, meta: dict, cpu: bool = False) -> torch.Tensor:
+    """A checkpoint's model over the loader's images, in order, evaluated as a run does (batch_probabilities)."""
+    fn = batch_probabilities(model, meta, cpu)
+    return torch.cat([fn(x) for x, _ in loader])

@@ -1,0 +1,2 @@
+"""The network: a classifier by name with its weights, new head and freezing; exact evaluation, metrics,
+calibration."""

@@ -1,0 +1,101 @@
+"""What config.json records to reproduce a run besides its options: tl's version and commit, the data
+set's file counts and a cheap content fingerprint, the SLURM job. Nothing here ever fails a run.
+
+The data's identity (Identity.data, checked on --resume) covers names and sizes only; `data_sample`
+adds content: sha256 over the bytes (the first MiB of each) of at most SAMPLE_FILES files spread
+evenly over the listing, so a re-encoded or replaced image is likely seen at the cost of about a
+thousand reads, whatever the set's size. A pack records its shards' md5 sums (from its wids
+indexes), which cover every byte.
+"""
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from tl.core.errors import UserError
+
+SAMPLE_FILES = 1000
+SAMPLE_BYTES = 1 << 20
+
+
+def tl_version() -> str | None:
+    try:
+        return importlib.metadata.version("tl")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def tl_commit() -> str | None:
+    """HEAD of the checkout tl runs from, `-dirty` when tracked files changed; None outside a git checkout
+    (an installed copy) or without git."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode:
+            return None
+        changed = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    dirty = changed.returncode != 0 or bool(changed.stdout.strip())
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def slurm_job() -> dict | None:
+    """The SLURM job (and array task) the run trains in; None outside SLURM."""
+    env = os.environ
+    if not env.get("SLURM_JOB_ID"):
+        return None
+    return {"job_id": env["SLURM_JOB_ID"], "array_job_id": env.get("SLURM_ARRAY_JOB_ID"),
+            "array_task_id": env.get("SLURM_ARRAY_TASK_ID")}
+
+
+def data_sample(paths: list[str]) -> str:
+    """sha256 over the first SAMPLE_BYTES of at most SAMPLE_FILES of `paths`, spread evenly (the same
+    files for the same listing); an unreadable file counts as a marker, not an error."""
+    n = len(paths)
+    k = min(n, SAMPLE_FILES)
+    digest = hashlib.sha256(f"{n} {k}\n".encode())
+    for i in range(k):
+        try:
+            with open(paths[i * n // k], "rb") as f:
+                data = f.read(SAMPLE_BYTES)
+        except OSError:
+            data = b"\0unreadable"
+        digest.update(hashlib.sha256(data).digest())
+    return f"sha256:{digest.hexdigest()}"
+
+
+def record(listing, pack=None) -> dict:
+    """config.json's reproduction keys (see tl.core.config.RECORDED); the main process calls this once."""
+    splits = {"train": listing.train, "val": listing.val, **({"test": listing.test} if listing.test else {})}
+    if pack is not None:  # every byte of every shard, as tl.pack hashed it
+        md5 = {split: [s.get("md5sum") for s in shards] for split, shards in pack.shards.items()}
+        sample = "sha256:" + hashlib.sha256(json.dumps(md5, sort_keys=True).encode()).hexdigest()
+    else:
+        sample = data_sample([path for items in splits.values() for path, _ in items])
+    return {"tl_version": tl_version(), "tl_commit": tl_commit(),
+            "data_files": {split: len(items) for split, items in splits.items()}, "data_sample": sample,
+            "slurm": slurm_job()}
+
+
+def check_array_task(config: Path) -> None:
+    """An array task must not continue another task's run: launch.sh resumes any existing OUTPUT_DIR, so
+    tasks given one dir by mistake would otherwise each 'resume' the first one's finished run."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if not array:
+        return
+    try:
+        saved = json.loads(config.read_text()).get("slurm") or {}
+    except (OSError, ValueError, AttributeError):
+        return
+    if str(saved.get("array_job_id")) == array and str(saved.get("array_task_id")) != task:
+        raise UserError(f"{config.parent} holds the run of task {saved.get('array_task_id')} of array job {array}, "
+                        f"not of this task ({task}): give every array task its own output dir, e.g. "
+                        "OUTPUT_DIR='runs/x-$SLURM_ARRAY_TASK_ID', or use slurm/sweep.sbatch")

@@ -1,0 +1,205 @@
+"""A run built from its Config after every input is checked: data listed and read, model, optimizer, feature cache."""
+
+import dataclasses
+import functools
+import os
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, set_seed
+from torch.utils.data import DataLoader
+
+from tl.core.config import POLICIES, Config
+from tl.core.errors import UserError
+from tl.data import labels, packs
+from tl.data.augment import DeviceAugment
+from tl.data.augment import collate as padded_batches
+from tl.data.features import FeatureRows, backbone_features, feature_loaders
+from tl.data.listing import Listing, ensure_data, list_images
+from tl.data.loaders import ImageSet, make_loaders
+from tl.data.packs import PackInfo
+from tl.data.preprocess import TUTORIAL, Preprocess, center_view, train_transform
+from tl.data.splits import Split, choose_data_mode, load_split, stream_split, usable_cpus
+from tl.model.network import build_model, check_input_size, preprocess_for, weights_id
+from tl.runs import provenance, rundir
+from tl.runs.checkpointer import Checkpointer
+from tl.runs.checkpoints import Identity
+from tl.train.ema import WeightEMA
+from tl.train.optim import build_optimizer, build_scheduler, describe, param_groups
+from tl.train.targets import BatchMix, batch_mix, class_weights
+
+
+def on_main(accelerator: Accelerator, fn):
+    """fn() on the main process only, its result (or its one-line error) shared with every process:
+    one process lists and checks what every process would read alike (a million files hit a cluster
+    file system once per run, not once per rank)."""
+    result, error = None, None
+    if accelerator.is_main_process:
+        try:
+            result = fn()
+        except UserError as e:
+            error = str(e)
+    shared = [result, error]
+    broadcast_object_list(shared)
+    if shared[1]:
+        raise UserError(shared[1])
+    return shared[0]
+
+
+@dataclass
+class Setup:
+    """Everything a run trains with, built from its Config after every input was checked."""
+    identity: Identity
+    model: torch.nn.Module
+    net: torch.nn.Module  # what trains and what DDP wraps: the model, or only its head on cached features
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_set: torch.utils.data.Dataset
+    sampler: torch.utils.data.DistributedSampler
+    train_loader: DataLoader
+    val_loader: DataLoader
+    val_targets: torch.Tensor
+    shown: ImageSet  # what the model sees, before normalization (batch.png)
+    device_augment: DeviceAugment | None  # crops, flips and normalizes batches on the device
+    val_images: list[torch.Tensor]
+    num_train: int
+    skipped: list[str]
+    frozen: bool
+    cached: bool
+    groups: list[dict] = dataclasses.field(default_factory=list)  # the optimizer's parameter groups, described
+    open_test: Callable[[], Split] | None = None  # test/, read only at the end (evaluate_best)
+    workers: int = 0  # DataLoader workers of image loaders
+    record: dict = dataclasses.field(default_factory=dict)  # config.json's reproduction keys (main process only)
+    pre: Preprocess = TUTORIAL  # sizes, interpolation, mean and std of the model's input
+    pre_source: str = "the tutorial's preprocessing"
+    val_split: Split | None = None  # the val images (the final evaluation reads them again: --tta, --calibrate)
+    mixer: BatchMix | None = None  # --mixup/--cutmix on a device batch
+    class_weight: torch.Tensor | None = None  # --class-weights auto, on the device
+    ema: WeightEMA | None = None  # --ema
+
+
+def setup(cfg: Config, accelerator: Accelerator, out: Path, resuming: bool) -> tuple[Setup, Checkpointer]:
+    """Fast checks first (data listing, weights, the saved state), then the slow work (decoding)."""
+    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    listing, root, pack = list_data(cfg, accelerator, out)
+    frozen = cfg.mode == "feature-extract"
+    if frozen and cfg.weights.lower() == "none" and main:
+        warnings.warn("feature-extract with --weights none trains a head on a frozen random backbone, which "
+                      "learns little; pass pretrained weights or use --mode finetune", stacklevel=1)
+    set_seed(cfg.seed)  # the same new head on every process, and on resume
+    with accelerator.local_main_process_first():  # one weights download per node
+        model, head_name = build_model(cfg.model, cfg.weights, len(listing.classes), cfg.mode)
+    pre, pre_source = preprocess_for(cfg.preprocess, cfg.model, cfg.weights, model, cfg.image_size, cfg.train_size)
+    if pre_source.startswith("note:") and main:
+        print(pre_source)
+    check_input_size(model, cfg.model, pre)
+    # A policy or erasing works image by image in the loader: there, the crop and flip do too.
+    augment = cfg.augment if cfg.augment != "auto" else \
+        "device" if accelerator.device.type == "cuda" and not cfg.random_erasing else "cpu"
+    recipe = cfg.recipe() | {"train_size": pre.train_crop, "precision": accelerator.mixed_precision, "processes": world,
+                             "augment": augment}
+    identity = Identity(model=cfg.model, mode=cfg.mode, classes=listing.classes,
+                        base_weights=weights_id(cfg.weights, cfg.model), weights=cfg.weights, head=head_name,
+                        image_size=pre.crop, seed=cfg.seed, data=listing.fingerprint, recipe=recipe,
+                        preprocessing=pre.meta())
+    net = model.get_submodule(head_name) if frozen and cfg.feature_cache == "on" else model
+    groups = param_groups(net, model.get_submodule(head_name), cfg)
+    optimizer = build_optimizer(groups, cfg)
+    scheduler = build_scheduler(optimizer, cfg)  # not prepared: Accelerate would step it once per process
+    checkpointer = Checkpointer(None, identity, model, optimizer, scheduler, {})
+    if resuming:  # before the slow decoding: a resume that cannot be exact is refused now
+        checkpointer.check_resumable(out / rundir.STATE, cfg.epochs)
+
+    node_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    mode, why = choose_data_mode(cfg.data_mode, listing, pre, node_processes)
+    workers = cfg.num_workers if cfg.num_workers >= 0 else \
+        0 if mode == "memory" else max(1, usable_cpus() // node_processes)
+    accelerator.print(f"data: {mode} ({why}), {workers} DataLoader worker(s) per process")
+    # Train images are kept big enough for both the train crop and the feature cache's center view.
+    strict, name = cfg.strict(), labels.naming(cfg.data_file, cfg.data_root) if cfg.data_file else str
+    train_split = open_split(accelerator, root, pack, listing, "train", mode, pre, True, strict, name)
+    val_split = open_split(accelerator, root, pack, listing, "val", mode, pre, False, strict, name)
+    cached = net is not model
+    on_device = augment == "device" and not cached
+    device_augment = (DeviceAugment(pre.train_crop, accelerator.device, cfg.seed, rank, mean=pre.mean, std=pre.std)
+                      if on_device else None)
+    # On the device: the loader only pads each batch's uint8 images; crops come in one batched kernel.
+    policy = cfg.augment if cfg.augment in POLICIES else None
+    train_set = ImageSet(train_split, None if on_device else train_transform(pre, policy, cfg.random_erasing),
+                         seed=cfg.seed)
+    val_set = ImageSet(val_split)
+    val_targets = torch.tensor(val_split.targets)
+    train_loader, sampler, val_loader = make_loaders(train_set, val_set, cfg.batch_size, workers, cfg.seed, rank,
+                                                     world, not frozen, padded_batches if on_device else None,
+                                                     cfg.sampler == "balanced")
+    model = model.to(memory_format=torch.channels_last)
+    shown = train_set
+    if cached:  # a frozen backbone always gives the same features: compute them once
+        t0 = time.perf_counter()
+        model.to(accelerator.device).eval()
+        shown = ImageSet(train_split, lambda x: center_view(x, pre))
+        parts = backbone_features(model, head_name, {"train": shown, "val": val_set}, val_loader.batch_size,
+                                  accelerator, out / rundir.FEATURES, workers, pre)
+        train_set = FeatureRows(parts["train"], torch.tensor(train_split.targets))
+        own_val = FeatureRows([parts["val"][rank]], val_targets[rank::world])  # what this process evaluates
+        train_loader, sampler, val_loader = feature_loaders(train_set, own_val, cfg.batch_size, val_loader.batch_size,
+                                                            cfg.seed, accelerator, cfg.sampler == "balanced")
+        accelerator.print(f"feature cache: backbone features of {len(shown)} train (center view, no augmentation) "
+                          f"and {len(val_split.images)} val images in {time.perf_counter() - t0:.1f}s, "
+                          + (f"on {accelerator.device}" if train_loader.dataset.device.type == "cuda"
+                             else f"memory-mapped from {out / rundir.FEATURES}"))
+    checkpointer.best_meta = {"mixed_precision": accelerator.mixed_precision, "eval_batch_size": val_loader.batch_size}
+    setup = Setup(identity, model, net, optimizer, scheduler, train_set, sampler, train_loader, val_loader, val_targets,
+                  shown, device_augment, val_split.images, len(train_split.images),
+                  train_split.skipped + val_split.skipped, frozen, cached, groups=describe(groups), workers=workers,
+                  pre=pre, pre_source=pre_source, val_split=val_split)
+    classes = len(listing.classes)
+    setup.mixer = batch_mix(cfg.mixup, cfg.cutmix, classes, cfg.seed, rank)
+    if cfg.class_weights == "auto":
+        setup.class_weight = class_weights(train_split.targets, classes).to(accelerator.device)
+    if cfg.ema:
+        setup.ema = checkpointer.ema = WeightEMA(model, head_name, frozen, cfg.ema, accelerator.device)
+    if listing.test:  # read at the end: its images are not held through training
+        setup.open_test = functools.partial(open_split, accelerator, root, pack, listing, "test", mode, pre, False,
+                                            strict, name)
+    if main:
+        setup.record = provenance.record(listing, pack)
+    return setup, checkpointer
+
+
+def list_data(cfg: Config, accelerator: Accelerator, out: Path) -> tuple[Listing, Path | None, PackInfo | None]:
+    """The data set's Listing, from a label file, class folders or a pack (listed by the main process), and
+    the folder and pack it is read from (None for a label file)."""
+    if cfg.data_file:
+        return on_main(accelerator, lambda: labels.list_label_file(cfg.data_file, cfg.data_root, cfg.val_split)), \
+            None, None
+    with accelerator.local_main_process_first():  # one download per node
+        root = ensure_data(cfg.data_dir, cfg.data_zip)
+    if root.resolve() == out.resolve() or root.resolve() in out.resolve().parents:
+        raise UserError(f"--output-dir {out} is inside --data-dir {root}: the run's pictures would become images "
+                        "of the next run; pass an --output-dir outside the data set")
+    pack = packs.open_pack(root) if packs.is_pack(root) else None  # a packed set (python -m tl.pack)
+    if pack and cfg.val_split:
+        raise UserError(f"--val-split holds out part of train/, but {root} is a pack, which holds its own val split; "
+                        "drop --val-split, or pass the ImageFolder itself")
+    return on_main(accelerator, lambda: pack.listing() if pack else list_images(root, val_split=cfg.val_split)), \
+        root, pack
+
+
+def open_split(accelerator: Accelerator, root: Path | None, pack, listing, split: str, mode: str, pre: Preprocess,
+               train: bool, strict: bool, name=str):
+    """One split of an ImageFolder, a label file or a pack: decoded into memory by every process, or checked
+    for streaming by the main process for all. name(path): what messages call an image."""
+    main = accelerator.is_main_process
+    if pack:
+        load = packs.load_packed_split if mode == "memory" else packs.stream_packed_split
+        return load(root, split, pre, train, main, strict, pack)
+    samples = getattr(listing, split)
+    if mode == "memory":
+        return load_split(samples, pre, train, main, strict, name)
+    return on_main(accelerator, lambda: stream_split(samples, pre, train, True, strict, name))
