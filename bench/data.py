@@ -191,12 +191,11 @@ def child(cfg: dict) -> dict:
     import torch
     from accelerate import Accelerator
 
-    from tl.data.listing import list_images
     from tl.data.loaders import ImageSet, make_loaders
-    from tl.data.packs import open_pack
     from tl.data.preprocess import Preprocess, decode, train_transform
+    from tl.data.sources import open_data
     from tl.data.splits import choose_data_mode, usable_cpus
-    from tl.train.setup import on_main, open_split
+    from tl.train.setup import on_main, read_split
     accelerator = Accelerator(cpu=True)  # with RANK/WORLD_SIZE set (2 procs): a gloo group, as under torchrun
     t_imports = time.time()
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -210,14 +209,13 @@ def child(cfg: dict) -> dict:
         0 if mode == "memory" else max(1, usable_cpus() // node_processes)
     t0 = time.time()
     # tl.train.setup.setup's own path: the main process lists (and in stream mode checks) for all.
-    data = Path(cfg["pack"]) if mode == "packed" else root
-    pack = open_pack(data) if mode == "packed" else None
-    listing = on_main(accelerator, lambda: pack.listing() if pack else list_images(root))
+    data = on_main(accelerator, lambda: open_data(Path(cfg["pack"]) if mode == "packed" else root))
+    listing = data.listing
     t_list = time.time()
     auto = choose_data_mode("auto", listing, pre, node_processes)
     data_mode = "memory" if mode == "memory" else "stream"
-    train_split = open_split(accelerator, data, pack, listing, "train", data_mode, pre, True, False)
-    val_split = open_split(accelerator, data, pack, listing, "val", data_mode, pre, False, False)
+    train_split = read_split(accelerator, data, "train", data_mode, pre, True, False)
+    val_split = read_split(accelerator, data, "val", data_mode, pre, False, False)
     t_load = time.time()
     train_set = ImageSet(train_split, train_transform(pre), seed=0)
     val_set = ImageSet(val_split)
@@ -245,7 +243,7 @@ def child(cfg: dict) -> dict:
     # DataLoader worker does its work (workers run with one torch thread); same sampler order.
     torch.set_num_threads(1)
     if mode == "packed":
-        listing = list_images(root, warn=False)
+        listing = open_data(root, warn=False).listing  # the source folder: the plain loop reads files
     paths = [listing.train[i][0] for i in list(sampler)[:cfg["plain_images"]]]
     transform = train_transform(pre)
     torch.manual_seed(0)

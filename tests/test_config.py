@@ -8,7 +8,7 @@ import pytest
 from accelerate.state import AcceleratorState
 from conftest import FAST, run_cli
 
-from tl.core.config import Config, parse_args
+from tl.core.config import RANGES, Config, parse_args
 from tl.core.errors import UserError
 
 
@@ -17,6 +17,15 @@ def test_defaults_are_the_tutorials():
     assert (cfg.mode, cfg.model, cfg.epochs, cfg.batch_size) == ("finetune", "resnet18", 25, 4)
     assert (cfg.lr, cfg.momentum, cfg.step_size, cfg.gamma) == (0.001, 0.9, 7, 0.1)
     assert cfg.data_dir == "data/hymenoptera_data" and cfg.weights == "DEFAULT"
+
+
+def test_every_numeric_option_has_its_range():
+    """Config.validate checks each number against RANGES: a new numeric option needs its entry."""
+    numeric = {f.name for f in dataclasses.fields(Config) if f.type in (int, float)}
+    assert numeric == set(RANGES), sorted(numeric ^ set(RANGES))
+    cfg = parse_args([])
+    for name, allowed in RANGES.items():
+        assert allowed.holds(getattr(cfg, name)), f"the default of --{name} is out of its own range"
 
 
 def test_every_option_is_documented_in_help():

@@ -26,11 +26,10 @@ from torch.utils.data import DataLoader
 from tl.core.cli import Parser
 from tl.core.errors import UserError, run_cli
 from tl.core.files import write_atomic
-from tl.data import labels
 from tl.data.loaders import ImageSet
 from tl.data.preprocess import Preprocess
-from tl.data.sources import read_images, run_data, val_images
-from tl.data.splits import Split, load_split
+from tl.data.sources import is_data_set, open_run_data, read_images
+from tl.data.splits import Split
 from tl.inference.exported import (
     FORMAT,
     FORMAT_VERSION,
@@ -43,9 +42,9 @@ from tl.inference.exported import (
     file_kind,
     quiet_deprecations,
 )
-from tl.inference.trained import load_model, output_of, probabilities
+from tl.inference.trained import load_model, output_of, probabilities, run_data
 from tl.model.evaluation import predict_probs
-from tl.runs import checkpoints, rundir
+from tl.runs import checkpoints
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 CARRIED = ("epoch", "val_acc", "val_correct", "mixed_precision", "eval_batch_size", "weights_from", "temperature",
@@ -91,18 +90,6 @@ def _serialize(kind: str, artifact, meta: dict) -> bytes:
     with quiet_deprecations():
         torch.jit.save(artifact, buffer, _extra_files={TORCHSCRIPT_META: text})
     return buffer.getvalue()
-
-
-def run_val_images(checkpoint_path: Path, meta: dict) -> tuple[str, list] | None:
-    """The run's val images (its val/ folder, or what its --val-split held out of train/), through the
-    config.json next to the checkpoint; None when that data is not here."""
-    try:
-        data, data_root = run_data(json.loads((checkpoint_path.parent / rundir.CONFIG).read_text()))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if not (Path(data) / "train").is_dir() and not labels.is_label_file(data):
-        return None
-    return data, val_images(data, meta, data_root)
 
 
 def check_images(val_dir, meta: dict) -> Split:
@@ -181,12 +168,17 @@ def export(checkpoint_path, kind: str, output=None, weights: str | None = None, 
     if check_parity and val_dir is not None:
         split, where = check_images(val_dir, ckpt_meta), str(val_dir)
     elif check_parity:
-        found = run_val_images(checkpoint_path, ckpt_meta)
-        if found is None:
+        try:
+            data, data_root, called = run_data(checkpoint_path.parent)
+        except UserError:
+            data = None
+        if data is None or not is_data_set(data):
             print(f"no parity check: no config.json next to {checkpoint_path} naming the run's data, or that data "
                   "is not here; pass --check VAL_DIR")
         else:
-            split, where = load_split(found[1], pre, False, False), f"the val images of {found[0]}"
+            opened = open_run_data(data, ckpt_meta, data_root, called, "pass --check VAL_DIR with the run's val "
+                                   "images")
+            split, where = opened.split("val", pre, stream=False, main=False), f"the val images of {data}"
 
     identity = checkpoints.identity_of(checkpoint_path, ckpt_meta)
     size = pre.crop

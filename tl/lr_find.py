@@ -139,7 +139,7 @@ def lr_find(cfg: Config, start_lr: float = 1e-7, end_lr: float = 10.0, steps: in
         check_one_process(accelerator.num_processes)
         # setup's feature cache (feature-extract) goes into a temporary folder, gone at the end.
         with tempfile.TemporaryDirectory(prefix="tl-lr-find-") as tmp:
-            s, _ = setup(cfg, accelerator, Path(tmp), resuming=False)
+            s, _ = setup(cfg, accelerator, None, Path(tmp), resuming=False)
             net, optimizer = accelerator.prepare(torch.compile(s.net) if cfg.compile else s.net, s.optimizer)
             ratios = lr_ratios(optimizer)
             others = "" if set(ratios) == {1.0} else f", the backbone's at {ratios[-1]:g}x"

@@ -38,7 +38,6 @@ from tl.core.cli import Parser, number
 from tl.core.errors import UserError, run_cli
 from tl.core.stop import Stopper
 from tl.data import labels
-from tl.data.listing import list_images
 from tl.data.packs import (
     BLOCK,
     FORMAT,
@@ -48,6 +47,7 @@ from tl.data.packs import (
     SHARD_NAME,
     SPLITS,
     VERSION,
+    is_pack,
     offsets_name,
     open_pack,
     read_meta,
@@ -55,6 +55,7 @@ from tl.data.packs import (
     shard_name,
     tar_header,
 )
+from tl.data.sources import open_data
 from tl.data.splits import usable_cpus
 
 TMP_PREFIX = ".tl-pack-tmp-"
@@ -272,11 +273,12 @@ def pack(src, dst, shard_size_mb: float = 256, workers: int | None = None, progr
         raise UserError("--data-root is where a label file's paths start from; SRC is a folder: drop --data-root")
     if not shard_size_mb > 0:
         raise UserError(f"--shard-size-mb {shard_size_mb} must be positive, e.g. 256")
+    if is_pack(src):
+        raise UserError(f"SRC {src} is a pack already; pass the ImageFolder or label file it was packed from")
     t0 = time.perf_counter()
-    if src.is_dir():
-        listing, base = list_images(src, warn=True), src
-    else:  # a pack holds train and val, as it does of a folder with test/
-        listing, base = labels.list_label_file(src, data_root), labels.base_dir(src, data_root)
+    listing = open_data(src, data_root, label_file=not src.is_dir()).listing
+    base = src if src.is_dir() else labels.base_dir(src, data_root)
+    if not src.is_dir():  # a pack holds train and val, as it does of a folder with test/
         if listing.test:
             warnings.warn(f"{len(listing.test)} test rows of {src} are not packed: a pack holds train and val; "
                           "evaluate test from the label file", stacklevel=1)

@@ -12,6 +12,7 @@ python -m tl.report RUN --errors [--split val|test] [--top N]: what one run's mo
 """
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -32,7 +33,7 @@ NOISE = {"output_dir", "resume", "overwrite", "data_zip", "wandb", "wandb_projec
          "wandb_group", "wandb_log_model", "slurm", "recipe", "classes", "head", "param_groups"}  # these repeat others
 
 
-@dataclass
+@dataclass(frozen=True)
 class Run:
     path: Path
     name: str = ""
@@ -108,8 +109,8 @@ def find_runs(paths: list[str]) -> tuple[list[Path], bool]:
     return runs, len(paths) == 1 and not is_run_dir(Path(paths[0]))
 
 
-def _read_json(run: Run, name: str) -> dict | None:
-    path = run.path / name
+def _read_json(run_dir: Path, name: str, problems: list[str]) -> dict | None:
+    path = run_dir / name
     if not path.is_file():
         return None
     try:
@@ -118,25 +119,25 @@ def _read_json(run: Run, name: str) -> dict | None:
             raise ValueError("not a JSON object")
         return value
     except (OSError, ValueError) as e:
-        run.problems.append(f"{name} unreadable")
+        problems.append(f"{name} unreadable")
         warnings.warn(f"{path} is unreadable ({e}); the run is shown without it", stacklevel=2)
         return None
 
 
 def read_run(path: Path) -> Run:
     """What a run dir holds; a missing or damaged file becomes a problem noted on the run, never an error."""
-    run = Run(path, path.name)
-    run.config = _read_json(run, rundir.CONFIG)
+    problems = []
+    config = _read_json(path, rundir.CONFIG, problems)
     if not (path / rundir.CONFIG).is_file():
-        run.problems.append(f"no {rundir.CONFIG}")
+        problems.append(f"no {rundir.CONFIG}")
         warnings.warn(f"{path} has no {rundir.CONFIG}; its options are unknown", stacklevel=2)
-    run.summary = _read_json(run, rundir.SUMMARY)
+    summary = _read_json(path, rundir.SUMMARY, problems)
     bad, by_epoch, metrics = 0, {}, path / rundir.METRICS
     try:  # undecodable bytes become bad lines, below
         lines = metrics.read_text(errors="replace").splitlines() if metrics.is_file() else []
     except OSError as e:
         lines = []
-        run.problems.append(f"{rundir.METRICS} unreadable")
+        problems.append(f"{rundir.METRICS} unreadable")
         warnings.warn(f"{metrics} is unreadable ({e.strerror or e})", stacklevel=2)
     lines = [line for line in lines if line.strip()]
     for line in lines:
@@ -148,20 +149,18 @@ def read_run(path: Path) -> Run:
             bad += 1
             continue
         by_epoch[row["epoch"]] = row  # a later row of the same epoch replaces an earlier one
-    run.rows = [by_epoch[e] for e in sorted(by_epoch)]
     if bad:
-        run.problems.append(f"{bad} bad line{'s' * (bad > 1)} in {rundir.METRICS}")
+        problems.append(f"{bad} bad line{'s' * (bad > 1)} in {rundir.METRICS}")
         warnings.warn(f"{metrics}: left out {bad} of {len(lines)} lines, not metrics rows",
                       stacklevel=2)
-    return run
+    return Run(path, path.name, config, [by_epoch[e] for e in sorted(by_epoch)], summary, problems)
 
 
-def _unique_names(runs: list[Run]) -> None:
+def _unique_names(runs: list[Run]) -> list[Run]:
     """Dir names, or longer paths where two runs share one (s0 of two sweeps)."""
     names = [r.path.name for r in runs]
-    for r in runs:
-        if names.count(r.path.name) > 1:
-            r.name = f"{r.path.parent.name}/{r.path.name}"
+    return [dataclasses.replace(r, name=f"{r.path.parent.name}/{r.path.name}") if names.count(r.path.name) > 1
+            else r for r in runs]
 
 
 def differing_options(runs: list[Run]) -> list[str]:
@@ -321,8 +320,7 @@ def report(paths: list[str], out: str | None = None) -> dict:
     if is_run_dir(target):
         raise UserError(f"{target} is a run dir; pass --out another folder for the report")
     output_folder(target)
-    runs = [read_run(d) for d in dirs]
-    _unique_names(runs)
+    runs = _unique_names([read_run(d) for d in dirs])
     options, rows = build_rows(runs)
     header, cells, numeric = table(options, rows)
     print(text_table(header, cells, numeric), end="")

@@ -2,6 +2,7 @@
 
 import argparse
 import math
+from dataclasses import dataclass
 
 from tl.core.errors import UserError
 
@@ -13,8 +14,28 @@ class Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values an option takes: at least `low` (above it with above=True), at most `high` (below it with
+    below=True); `says` replaces the generated "must be ..." where an option explains itself better."""
+    low: float | None = None
+    high: float | None = None
+    above: bool = False
+    below: bool = False
+    says: str | None = None
+
+    def holds(self, value) -> bool:
+        return math.isfinite(value) and (self.low is None or (value > self.low if self.above else value >= self.low)) \
+            and (self.high is None or (value < self.high if self.below else value <= self.high))
+
+    def message(self, value) -> str:
+        """What is wrong with `value`, after the option's name: "must be positive, got 0"."""
+        return f"{self.says or 'must be ' + describe(self.low, self.high, self.above, self.below)}, got {value}"
+
+
 def number(kind: type = int, low: float | None = None, high: float | None = None, above: bool = False):
-    """An argparse type: a finite `kind` of at least `low` (above it, with above=True) and at most `high`."""
+    """An argparse type: a finite `kind` in Range(low, high, above)."""
+    allowed = Range(low, high, above)
 
     def parse(text: str):
         try:
@@ -22,17 +43,15 @@ def number(kind: type = int, low: float | None = None, high: float | None = None
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {'a whole number' if kind is int else 'a number'}, "
                                              f"got {text!r}") from None
-        ok = math.isfinite(value) and (low is None or (value > low if above else value >= low)) and \
-            (high is None or value <= high)
-        if not ok:
-            raise argparse.ArgumentTypeError(f"must be {describe(low, high, above)}, got {text}")
+        if not allowed.holds(value):
+            raise argparse.ArgumentTypeError(allowed.message(text))
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in its own messages
     return parse
 
 
-def describe(low, high, above: bool) -> str:
+def describe(low, high, above: bool, below: bool = False) -> str:
     lowest = ("positive" if low == 0 else f"above {low}") if above else \
         ("positive" if low == 1 else f"{low} or more")
-    return lowest if high is None else f"{lowest} and at most {high}"
+    return lowest if high is None else f"{lowest} and {'below' if below else 'at most'} {high}"

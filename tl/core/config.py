@@ -9,7 +9,7 @@ import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tl.core.cli import Parser
+from tl.core.cli import Parser, Range
 from tl.core.errors import UserError
 
 MODES = ("finetune", "feature-extract")
@@ -25,6 +25,28 @@ RECIPE = ("batch_size", "lr", "momentum", "step_size", "gamma", "train_size", "f
 # a run that does not use them saves what it saved before, and a saved run without them resumes.
 RECIPE_EXTRAS = ("random_erasing", "mixup", "cutmix", "ema", "class_weights", "sampler", "tta", "calibrate")
 POLICIES = ("randaugment", "trivialaugment", "autoaugment")  # --augment: torchvision v2's, in the loader
+
+# The values each numeric option takes, checked by Config.validate (command line and config file alike).
+POSITIVE = Range(0, above=True)
+AT_LEAST_0 = Range(0)
+RANGES = {
+    "epochs": POSITIVE, "batch_size": POSITIVE, "step_size": POSITIVE,
+    "lr": POSITIVE, "gamma": POSITIVE, "backbone_lr_scale": POSITIVE,
+    "momentum": Range(0, 1, below=True, says="must be at least 0 and below 1 (the tutorial's is 0.9)"),
+    "seed": Range(0, 2**32, below=True, says="must be from 0 to 2**32 - 1"),
+    "image_size": Range(0, says="must be positive, or 0 for the --preprocess one's"),
+    "train_size": Range(0, says="must be positive, or 0 for --image-size"),
+    "save_every": Range(0, says="must be 0 (off) or a number of minutes"),
+    "patience": Range(0, says="must be 0 (off) or a number of epochs"),
+    "val_split": Range(0, 1, below=True, says="must be a fraction from 0 (off) to below 1, e.g. 0.2"),
+    "weight_decay": AT_LEAST_0, "warmup_epochs": AT_LEAST_0, "freeze_epochs": AT_LEAST_0,
+    "label_smoothing": Range(0, 1, below=True, says="must be at least 0 and below 1"),
+    "random_erasing": Range(0, 1, says="is a probability from 0 (off) to 1"),
+    "mixup": Range(0, says="is a Beta distribution's alpha: 0 (off) or more, e.g. 0.8"),
+    "cutmix": Range(0, says="is a Beta distribution's alpha: 0 (off) or more, e.g. 0.8"),
+    "ema": Range(0, 1, below=True, says="is a decay per step above 0 and below 1, e.g. 0.999, or 0 (off)"),
+    "num_workers": Range(-1, says="must be 0 or more, or -1 for the default"),
+}
 RESUME_FREE = ("data_dir", "data_zip", "data_file", "data_root", "data_mode", "save_every", "epochs", "strict_images",
                "precision", "output_dir",
                "resume", "overwrite", "wandb", "wandb_project", "wandb_entity", "wandb_name", "wandb_group",
@@ -181,52 +203,21 @@ class Config:
         for f in dataclasses.fields(self):
             if f.type is float and not math.isfinite(getattr(self, f.name)):
                 raise UserError(f"--{f.name.replace('_', '-')} must be a finite number, got {getattr(self, f.name)}")
-        for name in ("epochs", "batch_size", "step_size"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got "
-                                f"{getattr(self, name)}")
-        for name in ("lr", "gamma", "backbone_lr_scale"):
-            if not getattr(self, name) > 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if not 0 <= self.momentum < 1:
-            raise UserError(f"--momentum must be at least 0 and below 1 (the tutorial's is 0.9), got {self.momentum}")
-        if not 0 <= self.seed < 2**32:
-            raise UserError(f"--seed must be from 0 to 2**32 - 1, got {self.seed}")
+        for name, allowed in RANGES.items():
+            if not allowed.holds(getattr(self, name)):
+                raise UserError(f"--{name.replace('_', '-')} {allowed.message(getattr(self, name))}")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pass one of them")
         if self.output_dir is not None and not self.output_dir.strip():
             raise UserError("--output-dir is empty; pass a directory name, or leave it out for runs/<mode>-<time>")
         if self.resume and not self.output_dir:
             raise UserError("--resume needs --output-dir naming the run to continue")
-        if self.image_size < 0:
-            raise UserError(f"--image-size must be positive, or 0 for the --preprocess one's, got {self.image_size}")
-        if self.train_size < 0:
-            raise UserError(f"--train-size must be positive, or 0 for --image-size, got {self.train_size}")
-        if self.save_every < 0:
-            raise UserError(f"--save-every must be 0 (off) or a number of minutes, got {self.save_every}")
-        if self.patience < 0:
-            raise UserError(f"--patience must be 0 (off) or a number of epochs, got {self.patience}")
-        if not 0 <= self.val_split < 1:
-            raise UserError(f"--val-split must be a fraction from 0 (off) to below 1, e.g. 0.2, got {self.val_split}")
-        for name in ("weight_decay", "warmup_epochs", "freeze_epochs"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
-        if not 0 <= self.label_smoothing < 1:
-            raise UserError(f"--label-smoothing must be at least 0 and below 1, got {self.label_smoothing}")
         if self.mode == "feature-extract" and (self.freeze_epochs or self.backbone_lr_scale != 1):
             flag = "--freeze-epochs" if self.freeze_epochs else "--backbone-lr-scale"
             raise UserError(f"{flag} is for --mode finetune; feature-extract keeps the backbone frozen throughout")
         if self.schedule == "cosine" and self.warmup_epochs >= self.epochs:
             raise UserError(f"--warmup-epochs {self.warmup_epochs} leaves no epoch of the cosine schedule in "
                             f"--epochs {self.epochs}; warm up for fewer epochs")
-        if not 0 <= self.random_erasing <= 1:
-            raise UserError(f"--random-erasing is a probability from 0 (off) to 1, got {self.random_erasing}")
-        for name in ("mixup", "cutmix"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name} is a Beta distribution's alpha: 0 (off) or more, e.g. 0.8, got "
-                                f"{getattr(self, name)}")
-        if not (self.ema == 0 or 0 < self.ema < 1):
-            raise UserError(f"--ema is a decay per step above 0 and below 1, e.g. 0.999, or 0 (off), got {self.ema}")
         images = not (self.mode == "feature-extract" and self.feature_cache == "on")
         for name, on in (("--augment " + self.augment, self.augment in POLICIES),
                          ("--random-erasing", self.random_erasing > 0), ("--mixup", self.mixup > 0),
@@ -244,8 +235,6 @@ class Config:
             flag = "--data-zip" if self.data_zip else "--data-dir"
             raise UserError(f"{flag} and --data-file both name the data set; pass one of them (a label file's paths "
                             "start from --data-root)")
-        if self.num_workers < -1:
-            raise UserError(f"--num-workers must be 0 or more, or -1 for the default, got {self.num_workers}")
         return self
 
 

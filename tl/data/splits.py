@@ -4,6 +4,7 @@
 DataLoader workers every epoch, the same pixels. choose_data_mode picks one for the machine.
 """
 
+import dataclasses
 import functools
 import os
 import struct
@@ -137,8 +138,7 @@ def stream_split(samples: list[tuple[str, int]], pre: Preprocess, train: bool, m
     """Like load_split, but only each file's signature is checked now; the pixels are decoded every
     epoch by whoever indexes the split (DataLoader workers)."""
     checked = _read_all(samples, _signature_or_error, "check", train, main, strict, threads=False, name=name)
-    checked.images = LazyImages(checked.paths, pre, train)
-    return checked
+    return dataclasses.replace(checked, images=LazyImages(checked.paths, pre, train))
 
 
 def decoded_bytes(listing: Listing, pre: Preprocess) -> int:

@@ -20,15 +20,11 @@ from torch.utils.data import DataLoader
 
 from tl.core.errors import UserError
 from tl.core.files import output_folder, write_atomic
-from tl.data import packs, sources
-from tl.data.labels import list_label_file
-from tl.data.listing import class_folders, list_images
 from tl.data.loaders import ImageSet
-from tl.data.packs import stream_packed_split
 from tl.data.preprocess import Preprocess, to_pil
-from tl.data.sources import val_images
-from tl.data.splits import stream_split, usable_cpus
-from tl.inference.trained import load_model, output_of, probabilities
+from tl.data.sources import DataSet, open_run_data
+from tl.data.splits import Split, usable_cpus
+from tl.inference.trained import load_model, output_of, probabilities, run_data
 from tl.model.evaluation import balanced_scores, class_scores, confused_pairs, confusion_matrix
 from tl.runs import rundir
 from tl.runs.pictures import save_errors
@@ -163,80 +159,17 @@ def save_outputs(result: dict, images: list[torch.Tensor], out: Path, title: str
     return files
 
 
-def _read_config(path: Path) -> dict:
-    try:
-        config = json.loads((path / rundir.CONFIG).read_text())
-        if not isinstance(config, dict):
-            raise ValueError("not a JSON object")
-        return config
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path / rundir.CONFIG} is unreadable ({e}); pass --data-dir with the data set the run "
-                        "used") from None
-
-
-def run_data(path: Path, data_dir: str | None) -> tuple[Path, str | None]:
-    """Where the run's data set is now, and a label file's data root: --data-dir (a data set folder, a
-    pack or a label file), else what the run's config.json names (tl.data.sources.run_data)."""
-    if data_dir is not None:
-        if not Path(data_dir).exists():
-            raise UserError(f"--data-dir {data_dir} does not exist; pass the data set the run trained on")
-        return Path(data_dir), None
-    try:
-        data, data_root = sources.run_data(_read_config(path))
-    except (KeyError, TypeError):
-        data, data_root = None, None
-    if not isinstance(data, str):
-        raise UserError(f"{path / rundir.CONFIG} does not name the run's data set; pass --data-dir with it")
-    for where, name in ((data, "data set"), (data_root, "data_root")):
-        if where is not None and not Path(where).exists():
-            raise UserError(f"the run's {name} {where} (from its {rundir.CONFIG}) is not there: moved, deleted or "
-                            "relative to another folder; pass --data-dir where it is now")
-    return Path(data), data_root
-
-
-def short_list(names: list[str], limit: int = 5) -> str:
-    """A list of class names for an error line: at most `limit` of them, and how many in all."""
-    shown = ", ".join(names[:limit])
-    return f"[{shown}]" if len(names) <= limit else f"[{shown}, ...] ({len(names)})"
-
-
-def open_split(data: Path, split: str, meta: dict, pre, data_root: str | None = None):
-    """The run's val or test images of its data set, streamed (checked now, decoded when read): a folder
-    (tl.data.sources.val_images, or its test/), a label file (its val or test rows) or a pack (val)."""
-    val_split = meta.get("recipe", {}).get("val_split", 0.0)
-    if packs.is_pack(data):
-        if split == "test":
-            raise UserError(f"{data} is a pack, which holds no test split; use --split val, or pass --data-dir "
-                            "the folder with the test/ the run was evaluated on")
-        info = packs.open_pack(data)
-        if info.classes != meta["classes"]:
-            raise UserError(f"{data} holds the classes {short_list(info.classes)}, the run "
-                            f"{short_list(meta['classes'])}; pass --data-dir the data set the run trained on")
-        if meta.get("data") and info.fingerprint != meta["data"]:
-            warnings.warn(f"the images of {data} differ from the run's: its val images may not be the run's",
-                          stacklevel=2)
-        return stream_packed_split(data, "val", pre, False, True, False, info)
-    if data.is_file():  # a label file (tl.data.labels)
-        if split == "val":
-            return stream_split(val_images(str(data), meta, data_root), pre, False, True)
-        listing = list_label_file(data, data_root, val_split, warn=False)
-        if listing.classes != meta["classes"]:
-            raise UserError(f"{data} holds the classes {short_list(listing.classes)}, the run "
-                            f"{short_list(meta['classes'])}; pass --data-dir the data set the run trained on")
-        if not listing.test:
-            raise UserError(f"{data} has no test rows, so the run was not evaluated on a test split; use --split val")
-        return stream_split(listing.test, pre, False, True)
-    if (data / "train").is_dir() and (found := class_folders(data / "train")) != meta["classes"]:  # one scandir
-        raise UserError(f"{data} holds the classes {short_list(found)}, the run {short_list(meta['classes'])}; pass "
-                        "--data-dir the data set the run trained on")
-    if split == "val":
-        return stream_split(val_images(str(data), meta), pre, False, True)
-    if not (data / "test").is_dir():
-        raise UserError(f"{data} has no test/ folder, so the run was not evaluated on a test split; use "
+def open_split(data: DataSet, split: str, pre: Preprocess) -> Split:
+    """The run's val or test images of its data set, streamed (checked now, decoded when read)."""
+    if split == "test" and data.pack:
+        raise UserError(f"{data.path} is a pack, which holds no test split; use --split val, or pass --data-dir "
+                        "the folder with the test/ the run was evaluated on")
+    if split == "test" and data.label_file and not data.listing.test:
+        raise UserError(f"{data.path} has no test rows, so the run was not evaluated on a test split; use --split val")
+    if split == "test" and not data.listing.test:
+        raise UserError(f"{data.path} has no test/ folder, so the run was not evaluated on a test split; use "
                         "--split val, or pass --data-dir a copy of the data set with its test/ folder")
-    return stream_split(list_images(data, warn=False, val_split=val_split).test, pre, False, True)
+    return data.split(split, pre)
 
 
 def errors_report(run: str, split: str = "val", top: int = 16, weights: str | None = None,
@@ -258,8 +191,9 @@ def errors_report(run: str, split: str = "val", top: int = 16, weights: str | No
                       "mistakes of its best epoch so far", stacklevel=1)
     model, meta = load_model(best, weights)  # before the data: a wrong --weights fails fast
     classes, pre = meta["classes"], Preprocess.from_meta(meta)
-    root, data_root = run_data(path, data_dir)
-    images = open_split(root, split, meta, pre, data_root)
+    root, data_root, called = run_data(path, data_dir)
+    data = open_run_data(root, meta, data_root, called, "pass --data-dir the data set the run trained on")
+    images = open_split(data, split, pre)
     batch = meta.get("eval_batch_size", 32)
     workers = min(4, usable_cpus(), math.ceil(len(images.targets) / batch))
     loader = DataLoader(ImageSet(images), batch_size=batch, num_workers=workers)

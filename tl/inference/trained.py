@@ -1,7 +1,9 @@
 """A run's trained classifier from its checkpoint: rebuilt (base weights checked), evaluated as the run evaluated."""
 
 import contextlib
+import json
 import os
+from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
@@ -11,7 +13,7 @@ from tl.core.errors import UserError
 from tl.data.preprocess import Preprocess, to_input
 from tl.model.evaluation import predict_probs
 from tl.model.network import build_model, weights_id
-from tl.runs import checkpoints
+from tl.runs import checkpoints, rundir
 from tl.runs.checkpoints import Identity
 
 
@@ -97,3 +99,36 @@ def probabilities(model, loader: DataLoader, meta: dict, cpu: bool = False) -> t
     """A checkpoint's model over the loader's images, in order, evaluated as a run does (batch_probabilities)."""
     fn = batch_probabilities(model, meta, cpu)
     return torch.cat([fn(x) for x, _ in loader])
+
+
+def _read_config(run_dir: Path) -> dict:
+    try:
+        config = json.loads((run_dir / rundir.CONFIG).read_text())
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+        return config
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise UserError(f"{run_dir / rundir.CONFIG} is unreadable ({e}); pass --data-dir with the data set the run "
+                        "used") from None
+
+
+def run_data(run_dir: Path, data_dir: str | None = None) -> tuple[Path, str | None, str]:
+    """Where a run's data set is now, a label file's data root, and what messages call it: data_dir (--data-dir:
+    a data set folder, a pack or a label file), else what the run's config.json names (its --data-file and
+    --data-root, or its --data-dir). Open it with tl.data.sources.open_run_data."""
+    if data_dir is not None:
+        if not Path(data_dir).exists():
+            raise UserError(f"--data-dir {data_dir} does not exist; pass the data set the run trained on")
+        return Path(data_dir), None, f"--data-dir {data_dir}"
+    config = _read_config(run_dir)
+    data, data_root = (config.get("data_file"), config.get("data_root")) if config.get("data_file") else \
+        (config.get("data_dir"), None)
+    if not isinstance(data, str) or not isinstance(data_root, str | None):
+        raise UserError(f"{run_dir / rundir.CONFIG} does not name the run's data set; pass --data-dir with it")
+    for where, name in ((data, "data set"), (data_root, "data_root")):
+        if where is not None and not Path(where).exists():
+            raise UserError(f"the run's {name} {where} (from its {rundir.CONFIG}) is not there: moved, deleted or "
+                            "relative to another folder; pass --data-dir where it is now")
+    return Path(data), data_root, data

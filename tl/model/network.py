@@ -270,10 +270,6 @@ def set_frozen(model: nn.Module, head_name: str, frozen: bool) -> None:
     model.get_submodule(head_name).requires_grad_(True)
 
 
-def head_state(model: nn.Module, head_name: str) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in model.state_dict().items() if k.startswith(head_name + ".")}
-
-
 # --- preprocessing (the input pipeline the weights expect) ---
 
 def preprocess_for(choice: str, name: str, weights: str, model: nn.Module, image_size: int = 0,

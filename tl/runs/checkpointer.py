@@ -31,6 +31,23 @@ def _check_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> Non
                                  f"{tuple(params[int(idx)].shape)}")
 
 
+def check_resumable(path: Path, identity: Identity, epochs: int) -> dict:
+    """Before the slow work: the saved state is this run's (identity), made with these options."""
+    meta = read_metadata(path)
+    if meta["format_version"] < FORMAT_VERSION:
+        raise UserError(f"{path} was written by an older tl (checkpoint format {meta['format_version']}); "
+                        "finish the run with that version, or start it again with --overwrite")
+    differences = identity_of(path, meta).differences(identity)
+    if differences:
+        raise UserError(f"cannot resume {path.parent} exactly: this command changes " + "; ".join(differences)
+                        + ". Resume with the run's values, or start a new run (--overwrite or another "
+                        "--output-dir)")
+    if meta.get("epoch", 0) > epochs:
+        raise UserError(f"{path.parent} has already trained {meta['epoch']} epochs; pass --epochs "
+                        f"{meta['epoch']} or more to continue it")
+    return meta
+
+
 class Checkpointer:
     """Owns what a resume needs: the trained tensors, optimizer, scheduler and Progress.
 
@@ -38,13 +55,14 @@ class Checkpointer:
     """
 
     def __init__(self, run: rundir.RunDir | None, identity: Identity, model: torch.nn.Module,
-                 optimizer: torch.optim.Optimizer, scheduler, best_meta: dict):
-        self.run, self.identity, self.model = run, identity, model
-        self.optimizer, self.scheduler, self.best_meta = optimizer, scheduler, best_meta
+                 optimizer: torch.optim.Optimizer, scheduler, best_meta: dict, ema=None):
+        self.run, self.identity, self.model = run, identity, model  # run: None on every process but the main one
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.best_meta = best_meta  # written into best.safetensors besides the identity: how the run evaluated
+        self.ema = ema  # --ema: a tl.train.ema.WeightEMA, saved beside the weights
         self.frozen = identity.mode == "feature-extract"
         self.progress = Progress()
         self.extra: dict[str, torch.Tensor] = {}  # a mid-epoch state's generator states, per process
-        self.ema = None  # --ema: a tl.train.ema.WeightEMA, saved beside the weights
 
     def trained(self) -> dict[str, torch.Tensor]:
         """What this mode trains: every tensor, or only the head's."""
@@ -53,22 +71,6 @@ class Checkpointer:
 
     def averaged(self) -> dict[str, torch.Tensor] | None:
         return self.ema.state_dict() if self.ema else None
-
-    def check_resumable(self, path: Path, epochs: int) -> dict:
-        """Before the slow work: the saved state is this run's, made with these options."""
-        meta = read_metadata(path)
-        if meta["format_version"] < FORMAT_VERSION:
-            raise UserError(f"{path} was written by an older tl (checkpoint format {meta['format_version']}); "
-                            "finish the run with that version, or start it again with --overwrite")
-        differences = identity_of(path, meta).differences(self.identity)
-        if differences:
-            raise UserError(f"cannot resume {path.parent} exactly: this command changes " + "; ".join(differences)
-                            + ". Resume with the run's values, or start a new run (--overwrite or another "
-                            "--output-dir)")
-        if meta.get("epoch", 0) > epochs:
-            raise UserError(f"{path.parent} has already trained {meta['epoch']} epochs; pass --epochs "
-                            f"{meta['epoch']} or more to continue it")
-        return meta
 
     def restore(self, path: Path) -> Progress:
         """Load the saved state into the model, optimizer and scheduler; refuse damaged parts."""

@@ -105,16 +105,35 @@ def final_figures(cfg: Config, s: Setup, found: dict, classes: list[str]) -> tup
 
 def finish(cfg: Config, s: Setup, p: Progress, run: RunDir | None, tracker: Tracker | None, started: float,
            found: dict | None = None) -> dict:
-    """The summary on every process; the main process draws the pictures, writes the summary, and
-    records --tta's and --calibrate's figures in best.safetensors."""
+    """The summary on every process; the main process records --tta's and --calibrate's figures in
+    best.safetensors, draws the pictures, writes the summary, says where it all is, and ends the tracker."""
+    found = found or {}
+    summary, recorded, reliability_bins = summarize(cfg, s, p, run, found)
+    if run is None:
+        return summary
+    if recorded:
+        record_in_best(run, recorded)
+    pictures = draw_pictures(cfg, s, p, run, found, reliability_bins, summary)
+    summary["total_seconds"] = time.perf_counter() - started
+    run.write_json(rundir.SUMMARY, summary)
+    outputs = [rundir.BEST, *(f.name for f in pictures.values()), rundir.METRICS, rundir.SUMMARY]
+    print_end(cfg, p, summary, run, outputs)
+    if tracker:
+        tracker.finish(summary, pictures, s.val_targets.tolist(), p.best_preds, s.identity.classes,
+                       run.file(rundir.BEST) if cfg.wandb_log_model else None)
+    return summary
+
+
+def summarize(cfg: Config, s: Setup, p: Progress, run: RunDir | None, found: dict) -> tuple[dict, dict, tuple | None]:
+    """summary.json's figures (total_seconds still None), what best.safetensors should record of them, and
+    --calibrate's reliability bins (before, after) for its picture."""
     classes = s.identity.classes
     confusion = confusion_matrix(s.val_targets, torch.tensor(p.best_preds), len(classes))
-    correct = int(confusion.diag().sum())
     rows = p.history
     best_row = rows[p.best_epoch - 1]
     ema_won = best_row.get("ema_val_acc", -1.0) > best_row["val_acc"]  # --ema: the best epoch's averaged weights
     top5 = best_row.get("ema_val_top5" if ema_won else "val_top5")
-    summary = {"best_val_acc": p.best_val_acc, "best_epoch": p.best_epoch, "val_correct": correct,
+    summary = {"best_val_acc": p.best_val_acc, "best_epoch": p.best_epoch, "val_correct": int(confusion.diag().sum()),
                **({"val_top5": top5} if top5 is not None else {}),
                "epochs": p.epoch, "stop_reason": stop_reason(p, cfg), "num_train": s.num_train,
                "num_val": len(s.val_targets), "classes": classes,
@@ -125,28 +144,35 @@ def finish(cfg: Config, s: Setup, p: Progress, run: RunDir | None, tracker: Trac
                "output_dir": str(run.path) if run else None}
     if s.ema:
         summary["best_weights"] = "ema" if ema_won else "model"
-    figures, recorded = final_figures(cfg, s, found or {}, classes)
+    figures, recorded = final_figures(cfg, s, found, classes)
     reliability_bins = figures.pop("reliability", None)
-    summary |= figures
-    test = "test" in (found or {})
-    if run is None:
-        return summary
-    if recorded:  # same tensors, more metadata: a kill leaves the old file or the new one
-        tensors, meta = checkpoints.load(run.file(rundir.BEST))
-        checkpoints.save(run.file(rundir.BEST), tensors, {k: v for k, v in meta.items() if k not in
-                                                         ("format", "format_version")} | recorded)
-    truth = s.val_targets.tolist()
+    return summary | figures, recorded, reliability_bins
+
+
+def record_in_best(run: RunDir, recorded: dict) -> None:
+    """Same tensors, more metadata (--tta's and --calibrate's figures, for tl.predict and tl.export): a kill
+    leaves the old file or the new one."""
+    tensors, meta = checkpoints.load(run.file(rundir.BEST))
+    checkpoints.save(run.file(rundir.BEST), tensors, {k: v for k, v in meta.items() if k not in
+                                                     ("format", "format_version")} | recorded)
+
+
+def draw_pictures(cfg: Config, s: Setup, p: Progress, run: RunDir, found: dict, reliability_bins: tuple | None,
+                  summary: dict) -> dict[str, Path]:
+    """The end's pictures, and batch.png (drawn at the start): {name: file} of every picture the run holds."""
+    classes, truth = s.identity.classes, s.val_targets.tolist()
     shown = pick_examples(truth, p.best_preds, 16, cfg.seed)
     mistakes = sum(truth[i] != p.best_preds[i] for i in shown)
+    pictures = {n: run.file(f) for n, f in rundir.PICTURES.items()}
     save_predictions([s.val_images[i] for i in shown], [classes[truth[i]] for i in shown],
                      [classes[p.best_preds[i]] for i in shown], [p.best_confidence[i] for i in shown],
-                     run.file(rundir.PICTURES["predictions"]),
-                     f"val acc {p.best_val_acc:.4f} ({correct}/{len(truth)}), best epoch {p.best_epoch}; "
-                     f"{len(shown)} shown, {mistakes} of them mistakes")
-    save_curves(rows, run.file(rundir.PICTURES["curves"]), f"{cfg.mode} {cfg.model}: {run.path.name}")
-    save_confusion(confusion, classes, run.file(rundir.PICTURES["confusion"]))
-    pictures = {n: run.file(f) for n, f in rundir.PICTURES.items()}
-    if test:
+                     pictures["predictions"],
+                     f"val acc {p.best_val_acc:.4f} ({summary['val_correct']}/{len(truth)}), best epoch "
+                     f"{p.best_epoch}; {len(shown)} shown, {mistakes} of them mistakes")
+    save_curves(p.history, pictures["curves"], f"{cfg.mode} {cfg.model}: {run.path.name}")
+    save_confusion(confusion_matrix(s.val_targets, torch.tensor(p.best_preds), len(classes)), classes,
+                   pictures["confusion"])
+    if "test" in found:
         logits, split = found["test"]
         pictures["test_confusion"] = run.file(rundir.TEST_CONFUSION)
         save_confusion(confusion_matrix(torch.tensor(split.targets), logits[:, 0].argmax(1), len(classes)), classes,
@@ -154,19 +180,23 @@ def finish(cfg: Config, s: Setup, p: Progress, run: RunDir | None, tracker: Trac
     if reliability_bins:
         pictures["reliability"] = run.file(rundir.RELIABILITY)
         save_reliability(*reliability_bins, summary["calibration"]["temperature"], pictures["reliability"])
-    summary["total_seconds"] = time.perf_counter() - started
-    run.write_json(rundir.SUMMARY, summary)
+    return pictures
+
+
+def print_end(cfg: Config, p: Progress, summary: dict, run: RunDir, outputs: list[str]) -> None:
+    """The end's lines: why it stopped early, test/, --tta, --calibrate, the best epoch, where the files are."""
+    classes, total = summary["classes"], summary["num_val"]
     per_class = ", ".join(f"{c} {a:.3f}" for c, a in list(summary["per_class_acc"].items())[:10])
     more = f" (and {len(classes) - 10} more in summary.json)" if len(classes) > 10 else ""
     if summary["stop_reason"] == "patience":
         print(f"stopped early after epoch {p.epoch}: val accuracy has not improved for {p.epoch - p.best_epoch} epochs "
               f"(--patience {cfg.patience})")
-    if test:
+    if "test_acc" in summary:
         print(f"test acc {summary['test_acc']:.4f} ({summary['test_correct']}/{summary['test_total']}) with the "
               f"best epoch's weights; per class in {rundir.SUMMARY}, {rundir.TEST_CONFUSION}")
     if "val_acc_tta" in summary:
         also = f", test {summary['test_acc_tta']:.4f}" if "test_acc_tta" in summary else ""
-        print(f"with --tta {cfg.tta}: val acc {summary['val_acc_tta']:.4f} ({summary['val_correct_tta']}/{len(truth)})"
+        print(f"with --tta {cfg.tta}: val acc {summary['val_acc_tta']:.4f} ({summary['val_correct_tta']}/{total})"
               f"{also}; tl.predict and tl.export apply it too")
     if "calibration" in summary:
         c = summary["calibration"]
@@ -176,14 +206,9 @@ def finish(cfg: Config, s: Setup, p: Progress, run: RunDir | None, tracker: Trac
         if c["at_bound"]:
             print(f"note: the temperature stopped at the end of its range {T_RANGE}: the model gets (nearly) every "
                   "val image right, or wrong, so val says little about its calibration; use a larger val set")
-    print(f"best val acc {p.best_val_acc:.4f} at epoch {p.best_epoch} ({correct}/{len(truth)}); per class: "
+    print(f"best val acc {p.best_val_acc:.4f} at epoch {p.best_epoch} ({summary['val_correct']}/{total}); per class: "
           f"{per_class}{more}\n{summary['total_seconds']:.1f} s wall, {summary['train_images_per_s']:.1f} train "
-          f"images/s; outputs in {run.path}/: {rundir.BEST}, {', '.join(rundir.PICTURES.values())}, "
-          f"{rundir.METRICS}, {rundir.SUMMARY}")
-    if tracker:
-        tracker.finish(summary, pictures, truth, p.best_preds, classes,
-                       run.file(rundir.BEST) if cfg.wandb_log_model else None)
-    return summary
+          f"images/s; outputs in {run.path}/: {', '.join(outputs)}")
 
 
 def stop_message(signum: int, p: Progress | None, run: RunDir | None) -> str:

@@ -249,8 +249,7 @@ def train(cfg: Config, stopper: Stopper | None = None) -> tuple[dict, torch.nn.M
     run, out, tracker, checkpointer, failed = None, None, None, None, True
     try:
         run, out, resuming = open_run(cfg, accelerator)
-        s, checkpointer = setup(cfg, accelerator, out, resuming)
-        checkpointer.run = run
+        s, checkpointer = setup(cfg, accelerator, run, out, resuming)
         p = checkpointer.restore(out / rundir.STATE) if resuming else checkpointer.progress
         over = stop_reason(p, cfg)
         done = rundir.read_summary(out) if resuming and over else None

@@ -1,6 +1,5 @@
 """A run built from its Config after every input is checked: data listed and read, model, optimizer, feature cache."""
 
-import dataclasses
 import functools
 import os
 import time
@@ -16,18 +15,17 @@ from torch.utils.data import DataLoader
 
 from tl.core.config import POLICIES, Config
 from tl.core.errors import UserError
-from tl.data import labels, packs
 from tl.data.augment import DeviceAugment
 from tl.data.augment import collate as padded_batches
 from tl.data.features import FeatureRows, backbone_features, feature_loaders
-from tl.data.listing import Listing, ensure_data, list_images
+from tl.data.listing import ensure_data
 from tl.data.loaders import ImageSet, make_loaders
-from tl.data.packs import PackInfo
-from tl.data.preprocess import TUTORIAL, Preprocess, center_view, train_transform
-from tl.data.splits import Split, choose_data_mode, load_split, stream_split, usable_cpus
+from tl.data.preprocess import Preprocess, center_view, train_transform
+from tl.data.sources import DataSet, open_data
+from tl.data.splits import Split, choose_data_mode, usable_cpus
 from tl.model.network import build_model, check_input_size, preprocess_for, weights_id
 from tl.runs import provenance, rundir
-from tl.runs.checkpointer import Checkpointer
+from tl.runs.checkpointer import Checkpointer, check_resumable
 from tl.runs.checkpoints import Identity
 from tl.train.ema import WeightEMA
 from tl.train.optim import build_optimizer, build_scheduler, describe, param_groups
@@ -51,42 +49,44 @@ def on_main(accelerator: Accelerator, fn):
     return shared[0]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Setup:
-    """Everything a run trains with, built from its Config after every input was checked."""
+    """Everything a run trains with, built whole by setup() from its Config after every input was checked."""
     identity: Identity
     model: torch.nn.Module
     net: torch.nn.Module  # what trains and what DDP wraps: the model, or only its head on cached features
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    groups: list[dict]  # the optimizer's parameter groups, described (config.json)
     train_set: torch.utils.data.Dataset
     sampler: torch.utils.data.DistributedSampler
     train_loader: DataLoader
     val_loader: DataLoader
     val_targets: torch.Tensor
-    shown: ImageSet  # what the model sees, before normalization (batch.png)
-    device_augment: DeviceAugment | None  # crops, flips and normalizes batches on the device
+    val_split: Split  # the val images (the final evaluation reads them again: --tta, --calibrate)
     val_images: list[torch.Tensor]
+    open_test: Callable[[], Split] | None  # test/, read only at the end (evaluate_best)
     num_train: int
     skipped: list[str]
+    shown: ImageSet  # what the model sees, before normalization (batch.png)
+    device_augment: DeviceAugment | None  # crops, flips and normalizes batches on the device
+    workers: int  # DataLoader workers of image loaders
+    pre: Preprocess  # sizes, interpolation, mean and std of the model's input
+    pre_source: str  # where pre comes from, for the start line
     frozen: bool
-    cached: bool
-    groups: list[dict] = dataclasses.field(default_factory=list)  # the optimizer's parameter groups, described
-    open_test: Callable[[], Split] | None = None  # test/, read only at the end (evaluate_best)
-    workers: int = 0  # DataLoader workers of image loaders
-    record: dict = dataclasses.field(default_factory=dict)  # config.json's reproduction keys (main process only)
-    pre: Preprocess = TUTORIAL  # sizes, interpolation, mean and std of the model's input
-    pre_source: str = "the tutorial's preprocessing"
-    val_split: Split | None = None  # the val images (the final evaluation reads them again: --tta, --calibrate)
-    mixer: BatchMix | None = None  # --mixup/--cutmix on a device batch
-    class_weight: torch.Tensor | None = None  # --class-weights auto, on the device
-    ema: WeightEMA | None = None  # --ema
+    cached: bool  # feature-extract on the feature cache: net is the head
+    mixer: BatchMix | None  # --mixup/--cutmix on a device batch
+    class_weight: torch.Tensor | None  # --class-weights auto, on the device
+    ema: WeightEMA | None  # --ema
+    record: dict  # config.json's reproduction keys (main process only)
 
 
-def setup(cfg: Config, accelerator: Accelerator, out: Path, resuming: bool) -> tuple[Setup, Checkpointer]:
+def setup(cfg: Config, accelerator: Accelerator, run: rundir.RunDir | None, out: Path,
+          resuming: bool) -> tuple[Setup, Checkpointer]:
     """Fast checks first (data listing, weights, the saved state), then the slow work (decoding)."""
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    listing, root, pack = list_data(cfg, accelerator, out)
+    data = open_data_set(cfg, accelerator, out)
+    listing = data.listing
     frozen = cfg.mode == "feature-extract"
     if frozen and cfg.weights.lower() == "none" and main:
         warnings.warn("feature-extract with --weights none trains a head on a frozen random backbone, which "
@@ -111,9 +111,8 @@ def setup(cfg: Config, accelerator: Accelerator, out: Path, resuming: bool) -> t
     groups = param_groups(net, model.get_submodule(head_name), cfg)
     optimizer = build_optimizer(groups, cfg)
     scheduler = build_scheduler(optimizer, cfg)  # not prepared: Accelerate would step it once per process
-    checkpointer = Checkpointer(None, identity, model, optimizer, scheduler, {})
     if resuming:  # before the slow decoding: a resume that cannot be exact is refused now
-        checkpointer.check_resumable(out / rundir.STATE, cfg.epochs)
+        check_resumable(out / rundir.STATE, identity, cfg.epochs)
 
     node_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     mode, why = choose_data_mode(cfg.data_mode, listing, pre, node_processes)
@@ -121,9 +120,9 @@ def setup(cfg: Config, accelerator: Accelerator, out: Path, resuming: bool) -> t
         0 if mode == "memory" else max(1, usable_cpus() // node_processes)
     accelerator.print(f"data: {mode} ({why}), {workers} DataLoader worker(s) per process")
     # Train images are kept big enough for both the train crop and the feature cache's center view.
-    strict, name = cfg.strict(), labels.naming(cfg.data_file, cfg.data_root) if cfg.data_file else str
-    train_split = open_split(accelerator, root, pack, listing, "train", mode, pre, True, strict, name)
-    val_split = open_split(accelerator, root, pack, listing, "val", mode, pre, False, strict, name)
+    strict = cfg.strict()
+    train_split = read_split(accelerator, data, "train", mode, pre, True, strict)
+    val_split = read_split(accelerator, data, "val", mode, pre, False, strict)
     cached = net is not model
     on_device = augment == "device" and not cached
     device_augment = (DeviceAugment(pre.train_crop, accelerator.device, cfg.seed, rank, mean=pre.mean, std=pre.std)
@@ -153,53 +152,41 @@ def setup(cfg: Config, accelerator: Accelerator, out: Path, resuming: bool) -> t
                           f"and {len(val_split.images)} val images in {time.perf_counter() - t0:.1f}s, "
                           + (f"on {accelerator.device}" if train_loader.dataset.device.type == "cuda"
                              else f"memory-mapped from {out / rundir.FEATURES}"))
-    checkpointer.best_meta = {"mixed_precision": accelerator.mixed_precision, "eval_batch_size": val_loader.batch_size}
-    setup = Setup(identity, model, net, optimizer, scheduler, train_set, sampler, train_loader, val_loader, val_targets,
-                  shown, device_augment, val_split.images, len(train_split.images),
-                  train_split.skipped + val_split.skipped, frozen, cached, groups=describe(groups), workers=workers,
-                  pre=pre, pre_source=pre_source, val_split=val_split)
     classes = len(listing.classes)
-    setup.mixer = batch_mix(cfg.mixup, cfg.cutmix, classes, cfg.seed, rank)
-    if cfg.class_weights == "auto":
-        setup.class_weight = class_weights(train_split.targets, classes).to(accelerator.device)
-    if cfg.ema:
-        setup.ema = checkpointer.ema = WeightEMA(model, head_name, frozen, cfg.ema, accelerator.device)
-    if listing.test:  # read at the end: its images are not held through training
-        setup.open_test = functools.partial(open_split, accelerator, root, pack, listing, "test", mode, pre, False,
-                                            strict, name)
-    if main:
-        setup.record = provenance.record(listing, pack)
-    return setup, checkpointer
+    ema = WeightEMA(model, head_name, frozen, cfg.ema, accelerator.device) if cfg.ema else None
+    setup = Setup(
+        identity=identity, model=model, net=net, optimizer=optimizer, scheduler=scheduler, train_set=train_set,
+        sampler=sampler, train_loader=train_loader, val_loader=val_loader, val_targets=val_targets, shown=shown,
+        device_augment=device_augment, val_images=val_split.images, num_train=len(train_split.images),
+        skipped=train_split.skipped + val_split.skipped, frozen=frozen, cached=cached, groups=describe(groups),
+        open_test=functools.partial(read_split, accelerator, data, "test", mode, pre, False, strict)
+        if listing.test else None,  # read at the end: its images are not held through training
+        workers=workers, record=provenance.record(listing, data.pack) if main else {}, pre=pre,
+        pre_source=pre_source, val_split=val_split, mixer=batch_mix(cfg.mixup, cfg.cutmix, classes, cfg.seed, rank),
+        class_weight=class_weights(train_split.targets, classes).to(accelerator.device)
+        if cfg.class_weights == "auto" else None,
+        ema=ema)
+    best_meta = {"mixed_precision": accelerator.mixed_precision, "eval_batch_size": val_loader.batch_size}
+    return setup, Checkpointer(run, identity, model, optimizer, scheduler, best_meta, ema)
 
 
-def list_data(cfg: Config, accelerator: Accelerator, out: Path) -> tuple[Listing, Path | None, PackInfo | None]:
-    """The data set's Listing, from a label file, class folders or a pack (listed by the main process), and
-    the folder and pack it is read from (None for a label file)."""
+def open_data_set(cfg: Config, accelerator: Accelerator, out: Path) -> DataSet:
+    """The run's data set (tl.data.sources.open_data): a label file, class folders or a pack, listed by the
+    main process for all (a million files hit a cluster file system once per run, not once per rank)."""
     if cfg.data_file:
-        return on_main(accelerator, lambda: labels.list_label_file(cfg.data_file, cfg.data_root, cfg.val_split)), \
-            None, None
+        return on_main(accelerator, lambda: open_data(cfg.data_file, cfg.data_root, cfg.val_split, label_file=True))
     with accelerator.local_main_process_first():  # one download per node
         root = ensure_data(cfg.data_dir, cfg.data_zip)
     if root.resolve() == out.resolve() or root.resolve() in out.resolve().parents:
         raise UserError(f"--output-dir {out} is inside --data-dir {root}: the run's pictures would become images "
                         "of the next run; pass an --output-dir outside the data set")
-    pack = packs.open_pack(root) if packs.is_pack(root) else None  # a packed set (python -m tl.pack)
-    if pack and cfg.val_split:
-        raise UserError(f"--val-split holds out part of train/, but {root} is a pack, which holds its own val split; "
-                        "drop --val-split, or pass the ImageFolder itself")
-    return on_main(accelerator, lambda: pack.listing() if pack else list_images(root, val_split=cfg.val_split)), \
-        root, pack
+    return on_main(accelerator, lambda: open_data(root, val_split=cfg.val_split, label_file=False))
 
 
-def open_split(accelerator: Accelerator, root: Path | None, pack, listing, split: str, mode: str, pre: Preprocess,
-               train: bool, strict: bool, name=str):
-    """One split of an ImageFolder, a label file or a pack: decoded into memory by every process, or checked
-    for streaming by the main process for all. name(path): what messages call an image."""
-    main = accelerator.is_main_process
-    if pack:
-        load = packs.load_packed_split if mode == "memory" else packs.stream_packed_split
-        return load(root, split, pre, train, main, strict, pack)
-    samples = getattr(listing, split)
-    if mode == "memory":
-        return load_split(samples, pre, train, main, strict, name)
-    return on_main(accelerator, lambda: stream_split(samples, pre, train, True, strict, name))
+def read_split(accelerator: Accelerator, data: DataSet, split: str, mode: str, pre: Preprocess, train: bool,
+               strict: bool) -> Split:
+    """One split: decoded into memory by every process, or checked for streaming by the main process for all
+    (a pack needs no check: tl.pack checked every image)."""
+    if mode == "stream" and not data.pack:
+        return on_main(accelerator, lambda: data.split(split, pre, train, True, True, strict))
+    return data.split(split, pre, train, mode == "stream", accelerator.is_main_process, strict)
