@@ -15,4 +15,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, "during start-up; nothing was saved: run the command again")

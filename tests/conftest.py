@@ -212,6 +212,18 @@ def hung_stacks(proc) -> str:
     return (err or "")[-20000:]
 
 
+def one_line_stop(proc: subprocess.CompletedProcess, signum: int, *phrases: str) -> None:
+    """A stop signal honoured as the command line shows it: exit status 128 + signum, one `stopped by` line
+    holding every phrase, no `error:` line, no traceback."""
+    assert proc.returncode == 128 + signum, (proc.stdout + proc.stderr)[-2000:]
+    lines = proc.stderr.replace("\r", "\n").splitlines()
+    stops = [line for line in lines if line.startswith(("stopped by ", "sweep stopped by "))]
+    assert len(stops) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert not [line for line in lines if line.startswith("error: ")], proc.stderr[-2000:]
+    for phrase in phrases:
+        assert phrase in stops[0], stops[0]
+
+
 def one_line_error(proc: subprocess.CompletedProcess, *phrases: str) -> None:
     """A user error as the command line shows it: exit status 2, one `error:` line holding every phrase, no
     traceback (lines before it, such as progress bars and warnings, are allowed)."""

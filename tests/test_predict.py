@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FAST, ROOT, make_imagefolder, one_line_error, run_cli, spawn
+from conftest import FAST, ROOT, make_imagefolder, one_line_error, one_line_stop, run_cli, spawn
 from PIL import Image
 
 from tl.core.config import parse_args
@@ -165,8 +165,8 @@ def test_stopped_and_killed_prediction_resumes_without_a_row_twice(runs, tmp_pat
     wait_for_commit(proc, progress)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
-    one_line_error(subprocess.CompletedProcess([], proc.returncode, stdout, stderr), "stopped by SIGTERM",
-                   "run the same command again to continue")
+    one_line_stop(subprocess.CompletedProcess([], proc.returncode, stdout, stderr), signal.SIGTERM,
+                  "stopped by SIGTERM", "run the same command again to continue")
     stopped = read_progress(progress)
     assert 0 < stopped["images"] < 300 and not stopped["done"]
     proc = spawn("-m", "tl.predict", "--checkpoint", ckpt, "--out", out, *args, env=ONE_THREAD)

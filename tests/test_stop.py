@@ -6,11 +6,10 @@ import os
 import signal
 
 import pytest
-from conftest import FAST
+from conftest import FAST, one_line_stop, run_cli
 
 from tl.core.config import parse_args
-from tl.core.errors import UserError
-from tl.core.stop import Stopper, StopRequested
+from tl.core.stop import Stopped, Stopper, StopRequested
 from tl.runs import checkpointer, checkpoints
 from tl.train.loop import train
 
@@ -48,9 +47,61 @@ def test_two_signals_during_the_epochs_save_keep_the_epoch_and_resume_after_it(t
         return real_save_state(*args, **kwargs)
 
     monkeypatch.setattr(checkpointer, "save_state", signalled_save_state)
-    with pytest.raises(UserError, match=r"stopped by SIGTERM during epoch 2; epoch 1 is saved in .*--resume"):
+    with pytest.raises(Stopped, match=r"stopped by SIGTERM during epoch 2; epoch 1 is saved in .*--resume"):
         train(parse_args(argv))
     assert checkpoints.read_metadata(out / "state.safetensors")["epoch"] == 1
     summary, _ = train(parse_args([*argv, "--resume"]))
     assert summary["epochs"] == 2
     assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_data, base_weights):
+    out = tmp_path_factory.mktemp("stop") / "run"
+    proc = run_cli("train.py", "--data-dir", str(tiny_data), "--output-dir", str(out), "--epochs", "1",
+                   "--weights", str(base_weights), "--wandb", "disabled", *FAST)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+# command: its argv after the module, the function a real signal is sent from, and the files it writes, which
+# are all there or none (a stop during the last writes waits for them)
+COMMANDS = {
+    "tl.export": (["--checkpoint", "{run}/best.safetensors", "--format", "onnx", "--output", "{out}/model.onnx"],
+                  "tl.export.check", []),
+    "tl.report": (["{run}", "--out", "{out}"], "tl.report.save_picture", ["report.csv", "report.md", "report.png"]),
+    "tl.report --errors": (["{run}", "--errors", "--out", "{out}"], "tl.inference.mistakes.probabilities",
+                           []),
+    "tl.report --errors, writing": (["{run}", "--errors", "--out", "{out}"], "tl.inference.mistakes.thumbnail",
+                                    ["errors.html", "errors.json", "errors.png"]),
+    "tl.lr_find": (["--data-dir", "{data}", "--steps", "8", "--out", "{out}/lr.png", "--weights", "{weights}",
+                    *FAST], "tl.lr_find.range_test", []),
+    "tl.pack": (["{data}", "{out}/pack"], "tl.pack._write", []),
+}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_stops_with_one_line_and_leaves_nothing(tmp_path, finished_run, tiny_data, base_weights,
+                                                                command, signum):
+    """A real signal, sent from inside each command's work (a deterministic moment): one `stopped by` line,
+    exit status 128 + the signal, no traceback, and no file of the command's left behind, temporary or
+    final (TMPDIR included: tl.lr_find's feature cache)."""
+    argv, where, written = COMMANDS[command]
+    fill = {"run": finished_run, "out": tmp_path / "out", "data": tiny_data, "weights": base_weights}
+    (tmp_path / "out").mkdir()
+    (tmp_path / "tmp").mkdir()
+    module, name = where.rsplit(".", 1)
+    code = (f"import os, sys, {module} as m\n"
+            f"real = m.{name}\n"
+            f"def signalled(*args, **kwargs):\n"
+            f"    os.kill(os.getpid(), {int(signum)})\n"
+            f"    return real(*args, **kwargs)\n"
+            f"m.{name} = signalled\n"
+            f"from {command.split()[0]} import main\n"
+            f"sys.exit(main({[a.format(**fill) for a in argv]!r}))\n")
+    proc = run_cli("-c", code, env={"TMPDIR": str(tmp_path / "tmp")})
+    one_line_stop(proc, signum, f"stopped by {signal.Signals(signum).name}", "run the command again")
+    assert sorted(os.listdir(tmp_path / "out")) == written
+    ours = [n for n in os.listdir(tmp_path / "tmp") if "tl" in n]  # onnxruntime's import leaves its own .ses
+    assert ours == [], f"{command} left temporary files"

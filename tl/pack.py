@@ -36,7 +36,6 @@ from tqdm import tqdm
 
 from tl.core.cli import Parser, number
 from tl.core.errors import UserError, run_cli
-from tl.core.stop import Stopper
 from tl.data import labels
 from tl.data.packs import (
     BLOCK,
@@ -428,7 +427,6 @@ def main(argv=None) -> int:
 
     def work():
         args = parser.parse_args(argv)
-        Stopper()  # SIGINT/SIGTERM/SIGHUP/SIGUSR1: stop at once; the temporary folder is removed
         meta = pack(args.src, args.dst, args.shard_size_mb, args.workers, data_root=args.data_root)
         splits = meta["splits"]
         counts = " and ".join(f"{splits[s]['count']} {s}" for s in SPLITS)

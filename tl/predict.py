@@ -31,7 +31,7 @@ from tqdm import tqdm
 from tl.core.cli import Parser, number
 from tl.core.errors import UserError, is_main_rank, run_cli
 from tl.core.files import write_atomic
-from tl.core.stop import Stopper, StopRequested
+from tl.core.stop import Stopped, Stopper, StopRequested
 from tl.data.preprocess import Preprocess
 from tl.data.sources import Source, open_source
 from tl.data.splits import UNREADABLE, usable_cpus
@@ -252,8 +252,8 @@ def write_part(output: Output, source: Source, probs_of, classes, pre, batch_siz
               file=sys.stderr)
     except StopRequested as e:
         part.commit()
-        raise UserError(f"stopped by {Stopper.name(e.args[0])}: {part.images} of {stop - start} images of part {k} "
-                        f"of {n} are saved in {output.parts}; run the same command again to continue") from None
+        raise Stopped(e.args[0], f"stopped by {Stopper.name(e.args[0])}: {part.images} of {stop - start} images of "
+                      f"part {k} of {n} are saved in {output.parts}; run the same command again to continue") from None
     finally:
         bar.close()
         part.close()
@@ -350,7 +350,6 @@ def main(argv=None):
                         "(python -m tl.pack)")
 
     def go():
-        Stopper()  # from the first second: a signal during start-up stops at once, with nothing written
         args = parser.parse_args(argv)
         if args.out is None and (args.format or args.top_k or args.shard or args.overwrite):
             raise UserError("--format, --top-k, --shard and --overwrite are for --out FILE; add --out")

@@ -25,6 +25,7 @@ from pathlib import Path
 from tl.core.cli import Parser, number
 from tl.core.errors import UserError, run_cli
 from tl.core.files import output_folder, write_atomic
+from tl.core.stop import writing
 from tl.runs import rundir
 
 REPORT_MD, REPORT_CSV, REPORT_PNG = "report.md", "report.csv", "report.png"
@@ -324,13 +325,18 @@ def report(paths: list[str], out: str | None = None) -> dict:
     options, rows = build_rows(runs)
     header, cells, numeric = table(options, rows)
     print(text_table(header, cells, numeric), end="")
+    with writing():  # the three files belong together: a stop signal waits for them
+        write_report(target, runs, options, rows, header, cells, numeric)
+    print(f"wrote {REPORT_MD}, {REPORT_CSV}, {REPORT_PNG} in {target}")
+    return {"options": options, "rows": rows, "header": header, "cells": cells, "out": target}
+
+
+def write_report(target: Path, runs: list[Run], options, rows, header, cells, numeric) -> None:
     write_atomic(target / REPORT_MD, (f"# Runs compared\n\n{len(runs)} run{'s' * (len(runs) > 1)}: "
                                       + ", ".join(f"`{r.path}`" for r in runs) + "\n\n"
                                       + markdown_table(header, cells, numeric)).encode())
     write_atomic(target / REPORT_CSV, csv_text(options, rows).encode())
     save_picture(options, rows, target / REPORT_PNG)
-    print(f"wrote {REPORT_MD}, {REPORT_CSV}, {REPORT_PNG} in {target}")
-    return {"options": options, "rows": rows, "header": header, "cells": cells, "out": target}
 
 
 ERRORS_ONLY = ("split", "top", "weights", "data_dir")  # options of --errors alone

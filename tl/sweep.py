@@ -31,7 +31,7 @@ from pathlib import Path
 from tl.core.cli import Parser, number
 from tl.core.config import ACTIONS, Config, file_options, parse_args, read_mapping
 from tl.core.errors import UserError, run_cli
-from tl.core.stop import Stopper
+from tl.core.stop import Stopped, Stopper
 from tl.runs import rundir
 
 KEYS = ("name", "base", "grid", "runs")
@@ -194,8 +194,8 @@ def run_all(sweep: Sweep) -> None:
                                           "--sweep-dir", str(sweep.dir)], start_new_session=True)
                 status = child.wait()  # a signal handled meanwhile does not interrupt the wait (PEP 475)
             if stopped:
-                raise UserError(f"sweep stopped by {signal.Signals(stopped[0]).name} in run {i + 1} of {n}; run the "
-                                "same command again to continue (done runs are skipped, started ones resume)")
+                raise Stopped(stopped[0], f"sweep stopped by {signal.Signals(stopped[0]).name} in run {i + 1} of {n}; "
+                              "run the same command again to continue (done runs are skipped, started ones resume)")
             if status:
                 failed.append(f"{sweep.names[i]} (exit status {status})")
     finally:

@@ -1,4 +1,5 @@
-"""User mistakes end a run with one line on stderr and exit status 2, never a traceback.
+"""User mistakes end a run with one line on stderr and exit status 2, never a traceback; a stop signal
+ends it with one line saying what is saved and exit status 128 + the signal's number.
 
 TL_DEBUG=1 prints the traceback behind the line as well. Under SLURM, launch.sh sets TL_USER_ERROR_MARK:
 a user error (not a stop by a signal) touches that file, since accelerate's launcher and srun turn
@@ -13,7 +14,7 @@ import traceback
 import warnings
 
 from tl.core import stop
-from tl.core.stop import Stopper, StopRequested
+from tl.core.stop import Stopped, Stopper, StopRequested, exit_status
 
 
 class UserError(Exception):
@@ -43,9 +44,13 @@ def _end_progress_bars():
                 end()
 
 
-def run_cli(fn):
-    """Run a command line's work: warnings as single lines, a UserError as `error: ...` and exit 2."""
+def run_cli(fn, stopped: str = "no file is left half-written: run the command again"):
+    """Run a command line's work: warnings as single lines, a UserError as `error: ...` and exit status 2, a
+    stop signal as one line and 128 + its number. `stopped`: what a stop before the work's own stop point
+    means (tl.core.stop.Stopped carries its own message)."""
     warnings.showwarning = _one_line_warning
+    if not Stopper.active:  # Ctrl-C and SIGTERM end every command the same way, not with a traceback
+        Stopper()
     # The million objects torch's imports create live until exit: keep them out of every garbage
     # collection, including the ones at interpreter exit (about 1 s per run on a small CPU).
     gc.freeze()
@@ -54,12 +59,19 @@ def run_cli(fn):
     except BrokenPipeError:  # the reader of stdout went away (`tl.predict ... | head`): stop as `cat` does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         sys.exit(141)  # 128 + SIGPIPE, what a shell reports for a command its pipe's reader left
-    except (UserError, StopRequested) as e:
+    except (Stopped, StopRequested) as e:
         if os.environ.get("TL_DEBUG") == "1":
             traceback.print_exc()
-        if isinstance(e, StopRequested):  # before the run began: nothing was written
-            e = f"stopped by {Stopper.name(e.args[0])} during start-up; nothing was saved: run the command again"
-        elif "\nOriginal Traceback" in str(e):  # raised in a DataLoader worker, which wraps it in its traceback
+        signum = e.signum if isinstance(e, Stopped) else e.args[0]
+        if is_main_rank():
+            _end_progress_bars()
+            print(str(e) if isinstance(e, Stopped) else f"stopped by {Stopper.name(signum)}; {stopped}",
+                  file=sys.stderr)
+        sys.exit(exit_status(signum))
+    except UserError as e:
+        if os.environ.get("TL_DEBUG") == "1":
+            traceback.print_exc()
+        if "\nOriginal Traceback" in str(e):  # raised in a DataLoader worker, which wraps it in its traceback
             e = str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1]
         if is_main_rank():
             _end_progress_bars()

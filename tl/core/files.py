@@ -18,9 +18,11 @@ def write_atomic(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
-    except OSError as e:
+    except BaseException as e:  # a full disk, or a stop signal mid-write: no temporary file stays behind
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if not isinstance(e, OSError):
+            raise
         fix = (f"create the folder {path.parent} or write elsewhere" if not path.parent.is_dir() else
                f"free disk space or make {path.parent} writable")
         raise UserError(f"cannot write {path} ({e.strerror or e}); {fix}, then run the command again (a run "

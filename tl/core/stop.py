@@ -19,10 +19,26 @@ class StopRequested(BaseException):
 received: list[int] = []  # every stop signal this process got (tl.core.errors tells a stop from a user error)
 
 
+class Stopped(Exception):
+    """A stop the user or the scheduler asked for, honoured: the message says what is saved and how to go
+    on. Not an error: tl.core.errors.run_cli prints it as it is and exits with exit_status(signum)."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+def exit_status(signum: int) -> int:
+    """A shell's status for a command a signal stopped: 128 + its number (Ctrl-C 130, SIGTERM 143)."""
+    return 128 + signum
+
+
 class Stopper:
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
+    active: list["Stopper"] = []  # the Stoppers whose handlers are installed, latest last
 
     def __init__(self):
+        Stopper.active.append(self)
         self.signum, self.deferred, self.accelerator = 0, False, None
         self.in_save = self.forced = False
         self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
@@ -70,9 +86,17 @@ class Stopper:
             raise StopRequested(signum)
 
     def restore(self) -> None:
+        if self in Stopper.active:
+            Stopper.active.remove(self)
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
     @staticmethod
     def name(signum: int) -> str:
         return signal.Signals(signum).name
+
+
+def writing():
+    """Around a command's last writes (several files that belong together): a stop signal waits for them,
+    then stops (the active Stopper's `saving`); nothing to wait for without one."""
+    return Stopper.active[-1].saving() if Stopper.active else contextlib.nullcontext()

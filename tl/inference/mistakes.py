@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from tl.core.errors import UserError
 from tl.core.files import output_folder, write_atomic
+from tl.core.stop import writing
 from tl.data.loaders import ImageSet
 from tl.data.preprocess import Preprocess, to_pil
 from tl.data.sources import DataSet, open_run_data
@@ -210,8 +211,9 @@ def errors_report(run: str, split: str = "val", top: int = 16, weights: str | No
         facts.append(f"{len(images.skipped)} unreadable image(s) left out, as the run left them out")
     record = {"run": str(path), "split": split, "checkpoint": str(best), "epoch": meta.get("epoch"),
               "data_dir": str(root), "tta": tta, "temperature": temperature, "skipped": images.skipped}
-    files = save_outputs(result, [images.images[r["index"]] for r in result["top_losses"]], target, title, facts,
-                         record)
+    with writing():  # the three files belong together: a stop signal waits for them
+        files = save_outputs(result, [images.images[r["index"]] for r in result["top_losses"]], target, title,
+                             facts, record)
     worst = [r for r in result["per_class"] if r["images"]][:5]
     print(f"{split}: accuracy {result['accuracy']:.4f} ({result['correct']}/{result['images']}), balanced accuracy "
           f"{result['balanced_accuracy']:.4f}, {len(classes)} classes")

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from tl.core.config import Config
 from tl.core.errors import UserError
-from tl.core.stop import Stopper, StopRequested
+from tl.core.stop import Stopped, Stopper, StopRequested
 from tl.data.augment import DeviceAugment
 from tl.data.features import remove_files
 from tl.data.loaders import PAD, skip_batches
@@ -27,6 +27,7 @@ from tl.model.evaluation import balanced_scores, class_scores, confusion_matrix,
 from tl.model.network import set_frozen
 from tl.runs import rundir
 from tl.runs.checkpointer import Checkpointer
+from tl.runs.checkpoints import Progress
 from tl.runs.pictures import save_image_grid
 from tl.runs.rundir import RunDir
 from tl.runs.tracking import Tracker
@@ -212,7 +213,7 @@ def val_scores(probs: torch.Tensor, targets: torch.Tensor, num_classes: int):
     return row, preds, confidence
 
 
-def announce(cfg: Config, s: Setup, run: RunDir, net, accelerator, resumed_after: int | None) -> None:
+def announce(cfg: Config, s: Setup, run: RunDir, net, accelerator, resumed: Progress | None) -> None:
     """What the run is about to do, in one line, and batch.png: the first batch as the model sees it."""
     s.sampler.set_epoch(1)
     s.shown.set_epoch(1)
@@ -225,7 +226,8 @@ def announce(cfg: Config, s: Setup, run: RunDir, net, accelerator, resumed_after
           f"({s.pre.crop if s.cached else s.pre.train_crop} px train crops, {s.pre.crop} px val; {s.pre_source}), "
           f"classes {s.identity.classes}, {accelerator.num_processes} process(es) on {accelerator.device}, "
           f"precision {accelerator.mixed_precision}"
-          + (f", resuming after epoch {resumed_after}" if resumed_after is not None else ""))
+          + ("" if resumed is None else f", resuming epoch {resumed.epoch + 1} at step {resumed.step}" if resumed.step
+             else f", resuming after epoch {resumed.epoch}"))
     if hasattr(net, "_get_ddp_logging_data"):  # what DDP itself reports it all-reduces
         synced = net._get_ddp_logging_data()
         print(f"DDP all-reduces {synced['num_parameter_tensors']} parameter tensors "
@@ -275,7 +277,7 @@ def train(cfg: Config, stopper: Stopper | None = None) -> tuple[dict, torch.nn.M
             run.write_json(rundir.CONFIG, config)
             tracker = Tracker(run, config, cfg.wandb, cfg.wandb_project, cfg.wandb_entity, cfg.wandb_name, resuming,
                               group=cfg.wandb_group)
-            announce(cfg, s, run, net, accelerator, p.epoch if resuming else None)
+            announce(cfg, s, run, net, accelerator, p if resuming else None)
         stopper.defer(accelerator)
         started -= p.seconds  # a resumed run's wall time includes the earlier attempts
         for epoch in range(p.epoch + 1, cfg.epochs + 1):
@@ -302,7 +304,8 @@ def train(cfg: Config, stopper: Stopper | None = None) -> tuple[dict, torch.nn.M
     except StopRequested as e:
         if stopper.deferred:
             accelerator.wait_for_everyone()  # every process agreed to stop here
-        raise UserError(stop_message(e.args[0], checkpointer.progress if checkpointer else None, run)) from None
+        raise Stopped(e.args[0], stop_message(e.args[0], checkpointer.progress if checkpointer else None, run)) \
+            from None
     finally:
         stopper.restore()
         if tracker:
