@@ -180,3 +180,51 @@ def test_strict_images_takes_on_off_auto_and_reads_old_config_files(tmp_path):
         parse_args(["--data-root", "somewhere"])
     with pytest.raises(UserError, match="--data-dir and --data-file both name the data set"):
         parse_args(["--data-file", "x.csv", "--data-dir", "somewhere"])
+
+
+@pytest.mark.parametrize("text, option, value", [
+    ("strict_images: off\n", "strict_images", "off"),  # YAML 1.1 made this false, which meant auto
+    ("strict_images: on\n", "strict_images", "on"),
+    ("strict_images: 'off'\n", "strict_images", "off"),
+    ("feature_cache: off\n", "feature_cache", "off"),  # was refused: must be a string, got False
+    ("feature_cache: false\n", "feature_cache", "off"),
+    ('{"feature_cache": false}', "feature_cache", "off"),
+    ("compile: yes\n", "compile", True),
+    ("compile: on\n", "compile", True),
+    ("compile: no\n", "compile", False),
+    ("compile: true\n", "compile", True),
+    ("wandb_name: yes\n", "wandb_name", "yes"),  # a name is the word written
+])
+def test_config_files_mean_the_words_written(tmp_path, text, option, value):
+    path = tmp_path / ("c.json" if text.startswith("{") else "c.yaml")
+    path.write_text(text)
+    assert getattr(parse_args(["--config", str(path)]), option) == value
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("c.yaml", "epochs: 1\nlr: 0.1\nepochs: 3\n", "epochs is given twice (lines 1 and 3)"),
+    ("c.json", '{"epochs": 1,\n "lr": 0.1,\n "epochs": 3}', "epochs is given twice (lines 1 and 3)"),
+    ("c.yaml", "batch_size: 4\n\n\nbatch_size: 4\n", "batch_size is given twice (lines 1 and 4)"),  # one value
+])
+def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path, name, text, message):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(UserError, match=re.escape(f"{tmp_path / name}: {message}; keep one")):
+        parse_args(["--config", str(tmp_path / name)])
+
+
+def test_a_data_set_flag_replaces_the_config_files(tmp_path):
+    (tmp_path / "folder.yaml").write_text("data_dir: /data/folder\nepochs: 3\n")
+    (tmp_path / "labels.yaml").write_text("data_file: /data/labels.csv\ndata_root: /data/images\n")
+    cfg = parse_args(["--config", str(tmp_path / "folder.yaml"), "--data-file", "x.csv"])
+    assert (cfg.data_file, cfg.data_dir, cfg.epochs) == ("x.csv", Config.data_dir, 3)
+    cfg = parse_args(["--config", str(tmp_path / "labels.yaml"), "--data-dir", "/other"])
+    assert (cfg.data_dir, cfg.data_file, cfg.data_root) == ("/other", None, None)
+    cfg = parse_args(["--config", str(tmp_path / "labels.yaml"), "--data-root", "/moved"])  # not a data set
+    assert (cfg.data_file, cfg.data_root) == ("/data/labels.csv", "/moved")
+    # A conflict left names the file the other value came from.
+    (tmp_path / "root.yaml").write_text("data_root: /data/images\n")
+    with pytest.raises(UserError, match=re.escape(f"data_root in {tmp_path / 'root.yaml'} is where a --data-file's")):
+        parse_args(["--config", str(tmp_path / "root.yaml")])
+    (tmp_path / "both.yaml").write_text("data_file: a.csv\ndata_dir: /d\n")
+    with pytest.raises(UserError, match="data_dir and data_file both name the data set; keep one"):
+        parse_args(["--config", str(tmp_path / "both.yaml")])

@@ -2,6 +2,7 @@
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,14 @@ def test_predict_samples_of_a_label_file(data, tmp_path):
     assert samples_for_predict(unlabelled, ["blue", "red"]) == [(p, -1) for p, _ in list_images(root).test]
     with pytest.raises(UserError, match="has the label 'red', not a class of the checkpoint"):
         samples_for_predict(csv_file, ["blue", "green"])
+
+
+def test_a_label_files_pack_may_sit_beside_its_images(data, tmp_path):
+    """A label file's data set is its rows: a pack in the folder its paths start from is not part of it (a
+    folder SRC refuses that DST, whose pack would be listed as its images)."""
+    root = shutil.copytree(data[0], tmp_path / "set")
+    csv_file = write_csv(root / "labels.csv", rows_of(root, root, splits=("train", "val")))
+    meta = pack(csv_file, root / "pack", progress=False)
+    assert meta["splits"]["train"]["count"] == 16 and (root / "pack" / "tl-pack.json").is_file()
+    with pytest.raises(UserError, match="is inside SRC"):
+        pack(root, root / "pack2", progress=False)

@@ -16,7 +16,7 @@ from PIL import Image
 
 from tl.core.config import parse_args
 from tl.core.errors import UserError
-from tl.inference.predictions import read_progress
+from tl.inference.predictions import Output, read_progress
 from tl.predict import predict
 from tl.train.loop import train
 
@@ -247,3 +247,43 @@ def test_exports_predict_the_checkpoint_s_classes(runs, tiny_data, reference, tm
         assert predict_out(model, out, "--batch-size", "2", tiny_data / "val").returncode == 0
         assert [line.split(",")[1] for line in out.read_text().splitlines()] == \
             [line.split(",")[1] for line in reference[0].read_text().splitlines()]
+
+
+def test_jobs_of_other_process_counts_on_one_out_leave_each_other_alone(tmp_path):
+    """Three processes started together on one --out: `--shard 0/2`, `--shard 1/2` and a plain one (all pass
+    their checks before any part exists). The two-process job merges first; it removes only its own parts,
+    so the plain process goes on committing, and at its end finds OUT complete and removes its part."""
+    out, job = tmp_path / "p.csv", {"model": "sha256:x", "images": "sha256:y"}
+    summarize = lambda f: {"rows": Path(f).read_bytes().count(b"\n") - 1}  # noqa: E731
+    outputs = [(Output(out, job, "csv"), k, n) for k, n in ((0, 2), (1, 2), (0, 1))]
+    for output, k, n in outputs:
+        output.check(k, n, overwrite=False)
+    parts = [output.open_part(k, n) for output, k, n in outputs]
+    parts[2].append(b"a.jpg,red\n", 1, [])
+    parts[2].commit()
+    merged = []
+    for part, (output, k, _) in zip(parts[:2], outputs[:2]):
+        part.append(f"{k}.jpg,red\n".encode(), 1, [])
+        part.commit(done=True)
+        part.close()
+        merged.append(output.merge(2, 1, False, summarize))
+    assert merged[0] is None and merged[1]["rows"] == 2  # the last of the job's processes to finish merges
+    assert sorted(p.name for p in (tmp_path / "p.csv.parts").iterdir()) == [
+        "merge.lock", "part-00000-of-00001.csv", "part-00000-of-00001.json"]
+    parts[2].append(b"b.jpg,red\n", 1, [])
+    parts[2].commit(done=True)  # was: cannot write .../part-00000-of-00001.json (No such file or directory)
+    parts[2].close()
+    assert outputs[2][0].merge(1, 1, False, summarize) is None and outputs[2][0].finished()
+    assert not (tmp_path / "p.csv.parts").exists() and out.read_text().count("\n") == 3
+
+
+def test_a_part_whose_folder_was_removed_says_what_happened(tmp_path):
+    output = Output(tmp_path / "p.csv", {"model": "sha256:x"}, "csv")
+    output.check(0, 1, overwrite=False)
+    part = output.open_part(0, 1)
+    part.append(b"a.jpg,red\n", 1, [])
+    shutil.rmtree(tmp_path / "p.csv.parts")
+    with pytest.raises(UserError, match="was removed while it ran: another tl.predict on the same --out") as e:
+        part.commit()
+    assert "--resume" not in str(e.value)
+    part.close()

@@ -230,9 +230,11 @@ def remove_stale_tmp(dst: Path) -> None:
 
 
 def check_dst(src: Path, dst: Path, classes: list[str], fingerprint: str) -> bool:
-    """Whether DST already holds this exact pack (intact); refuses one it must not overwrite."""
+    """Whether DST already holds this exact pack (intact); refuses one it must not overwrite. A pack inside a
+    folder SRC would be listed as images of it next time; a label file's data set is its rows, so any DST
+    outside the file itself is fine."""
     src_r, dst_r = src.resolve(), dst.resolve()
-    if dst_r == src_r or src_r in dst_r.parents:
+    if src.is_dir() and (dst_r == src_r or src_r in dst_r.parents):
         raise UserError(f"DST {dst} is inside SRC {src}: the pack would become part of the data set; pass a DST "
                         "outside SRC")
     if dst.exists() and not dst.is_dir():
@@ -281,7 +283,7 @@ def pack(src, dst, shard_size_mb: float = 256, workers: int | None = None, progr
         if listing.test:
             warnings.warn(f"{len(listing.test)} test rows of {src} are not packed: a pack holds train and val; "
                           "evaluate test from the label file", stacklevel=1)
-    if check_dst(base, dst, listing.classes, listing.fingerprint):
+    if check_dst(src, dst, listing.classes, listing.fingerprint):
         meta = read_meta(dst)
         return {**meta, "already_packed": True}
     created = not dst.exists()

@@ -86,6 +86,10 @@ def predict(checkpoint_path, paths: list[str], weights: str | None = None, png: 
         start, stop = shard_range(len(source.names), batch_size, k, n)
         write_part(output, source, probs_of, classes, pre, batch_size, workers, top_k, k, n, start, stop)
         record = output.merge(n, top_k, source.labelled, lambda f: summarize(f, fmt, classes, source.labelled, output))
+        if record is None and output.finished():
+            print(f"part {k} of {n} done, but another process (of this job, or a job of the same images with another "
+                  f"number of processes) has written {out} meanwhile; it is complete")
+            return {**result, "merged": False}
         if record is None:
             print(f"part {k} of {n} done; the last process to finish writes {out}")
             return {**result, "merged": False}

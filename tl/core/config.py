@@ -5,6 +5,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,7 +200,10 @@ class Config:
         """Whether an unreadable image ends the run (--strict-images)."""
         return self.strict_images == "on" or (self.strict_images == "auto" and self.data_file is not None)
 
-    def validate(self) -> "Config":
+    def validate(self, named=None) -> "Config":
+        """Every check of the options; named(option) says where a value came from ("--data-root", or
+        "data_root in c.yaml" for a config file's), for the checks between options."""
+        named = named or (lambda name: "--" + name.replace("_", "-"))
         for f in dataclasses.fields(self):
             if f.type is float and not math.isfinite(getattr(self, f.name)):
                 raise UserError(f"--{f.name.replace('_', '-')} must be a finite number, got {getattr(self, f.name)}")
@@ -229,12 +233,12 @@ class Config:
             raise UserError("--random-erasing works image by image in the loader; drop --augment device (or pass "
                             "--augment cpu)")
         if self.data_root and not self.data_file:
-            raise UserError("--data-root is where a --data-file's paths start from; pass --data-file too, or drop "
-                            "--data-root")
+            raise UserError(f"{named('data_root')} is where a --data-file's paths start from; pass --data-file too, "
+                            f"or drop {named('data_root')}")
         if self.data_file and (self.data_zip or self.data_dir != Config.data_dir):
-            flag = "--data-zip" if self.data_zip else "--data-dir"
-            raise UserError(f"{flag} and --data-file both name the data set; pass one of them (a label file's paths "
-                            "start from --data-root)")
+            flag = named("data_zip" if self.data_zip else "data_dir")
+            raise UserError(f"{flag} and {named('data_file')} both name the data set; pass one of them (a label "
+                            "file's paths start from --data-root)")
         return self
 
 
@@ -245,6 +249,47 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class _Duplicate(ValueError):
+    def __init__(self, key, lines):
+        super().__init__(key)
+        self.key, self.lines = key, lines
+
+
+def _json_pairs(text: str):
+    """json.loads' object_pairs_hook: a key given twice in one object is a mistake, not the last one winning."""
+    def hook(pairs):
+        keys = [k for k, _ in pairs]
+        for key in keys:
+            if keys.count(key) > 1:
+                lines = [text.count("\n", 0, m.start()) + 1 for m in re.finditer(rf'"{re.escape(key)}"\s*:', text)]
+                raise _Duplicate(key, lines)
+        return dict(pairs)
+    return hook
+
+
+def _yaml_loader():
+    """yaml's SafeLoader, but meaning what was written: a key given twice is a mistake, and only true/false are
+    booleans (YAML 1.2; YAML 1.1 also reads on/off/yes/no as booleans, so `strict_images: off` became false)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise _Duplicate(key, [seen[key], line])
+                seen[key] = line
+            return super().construct_mapping(node, deep)
+
+    bool_tag = "tag:yaml.org,2002:bool"
+    Loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag != bool_tag]
+                                      for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver(bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+    return Loader
+
+
 def read_mapping(path: str, what: str = "--config") -> dict:
     """A YAML or JSON file holding one mapping (JSON first: YAML 1.1 would read JSON's 1e-05 as a string)."""
     try:
@@ -252,23 +297,32 @@ def read_mapping(path: str, what: str = "--config") -> dict:
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read {what} {path} ({getattr(e, 'strerror', None) or e}); check the path") from None
     try:
-        data = json.loads(text)
-    except ValueError as e:
-        if Path(path).suffix == ".json":
-            raise UserError(f"{what} {path} is not valid JSON ({e}); fix it at that place") from None
-        import yaml  # only for YAML files
-
         try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise UserError(f"{what} {path} is not valid YAML or JSON ({' '.join(str(e).split())}); fix it at that "
-                            "place") from None
+            data = json.loads(text, object_pairs_hook=_json_pairs(text))
+        except _Duplicate:
+            raise
+        except ValueError as e:
+            if Path(path).suffix == ".json":
+                raise UserError(f"{what} {path} is not valid JSON ({e}); fix it at that place") from None
+            import yaml  # only for YAML files
+
+            try:
+                data = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 (a SafeLoader)
+            except yaml.YAMLError as e:
+                raise UserError(f"{what} {path} is not valid YAML or JSON ({' '.join(str(e).split())}); fix it at "
+                                "that place") from None
+    except _Duplicate as e:
+        where = " and ".join(map(str, e.lines)) if len(e.lines) > 1 else "more than one line"
+        raise UserError(f"{what} {path}: {e.key} is given twice (lines {where}); keep one") from None
     if data is None:  # an empty file
         return {}
     if not isinstance(data, dict):
         raise UserError(f"{what} {path} holds a {type(data).__name__}, not a mapping of option: value; write one "
                         "option a line, e.g. `epochs: 10`")
     return data
+
+
+WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}  # for switches
 
 
 def option_value(name: str, value, source: str):
@@ -279,6 +333,10 @@ def option_value(name: str, value, source: str):
         return None
     if "const" in f.metadata and isinstance(value, bool):  # a config.json from when it was a switch
         value = f.metadata["const"] if value else f.default
+    elif kind is str and isinstance(value, bool) and {"on", "off"} <= set(f.metadata.get("choices", ())):
+        value = "on" if value else "off"  # a word option written as a boolean
+    if kind is bool and isinstance(value, str) and value.lower() in WORDS:  # a switch written as a word
+        value = WORDS[value.lower()]
     if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
         try:
             value = float(value)
@@ -322,7 +380,22 @@ def file_options(data: dict, source: str) -> dict:
             raise UserError(f"{source}: {key}: true is not taken from a file (it is what one command does to one "
                             f"--output-dir); pass --{name} on the command line")
         out[name] = option_value(name, value, source)
+    if out.get("data_file") and (out.get("data_zip") or out.get("data_dir") not in (None, Config.data_dir)):
+        other = "data_zip" if out.get("data_zip") else "data_dir"
+        raise UserError(f"{source}: {other} and data_file both name the data set; keep one (a label file's paths "
+                        "start from data_root)")
     return out
+
+
+DATA_SOURCE = ("data_dir", "data_zip", "data_file", "data_root")  # the options that name the data set
+
+
+def given_flags(parser: argparse.ArgumentParser, argv) -> set[str]:
+    """The options a command line gives (by dest): argparse leaves alone what a namespace already holds."""
+    unset = object()
+    dests = {a.dest for a in parser._actions if a.dest != "help"}
+    parsed = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(dests, unset)))
+    return {d for d in dests if getattr(parsed, d) is not unset}
 
 
 def parse_args(argv=None) -> Config:
@@ -343,9 +416,16 @@ def parse_args(argv=None) -> Config:
             parser.add_argument(flag, type=kind, default=f.default, help=help,
                                 choices=f.metadata.get("choices"))
     args = parser.parse_args(argv)
-    if args.config:  # the file's values become the defaults, so the flags given override them
-        parser.set_defaults(**file_options(read_mapping(args.config), args.config))
+    config, from_file = args.config, {}
+    if config:  # the file's values become the defaults, so the flags given override them
+        from_file = file_options(read_mapping(config), config)
+        given = given_flags(parser, argv)
+        if given & {"data_dir", "data_zip", "data_file"}:  # a flag's data set replaces the file's
+            from_file = {k: v for k, v in from_file.items() if k not in DATA_SOURCE}
+        parser.set_defaults(**from_file)
         args = parser.parse_args(argv)
+        from_file = set(from_file) - given
     options = vars(args)
     del options["config"]  # where the options came from is not one of them (config.json holds the options)
-    return Config(**options).validate()
+    return Config(**options).validate(lambda name: f"{name} in {config}" if name in from_file else
+                                      "--" + name.replace("_", "-"))

@@ -149,6 +149,11 @@ class Part:
             raise _write_error(self.data, e, self.images) from None
         state = {"version": VERSION, "job": self.job, "part": self.k, "parts": self.n, "images": images,
                  "bytes": size, "skipped": skipped, "done": done}
+        if not self.data.parent.is_dir():
+            raise UserError(f"{self.data.parent}, where this process keeps its part, was removed while it ran: another "
+                            "tl.predict on the same --out (with another number of processes) finished and removed "
+                            "it, or it was deleted. Run one job per --out: the same command again goes on from what "
+                            "is there")
         write_atomic(self.progress, (json.dumps(state) + "\n").encode())
         self.images, self.bytes, self.skipped, self.done = images, size, skipped, done
 
@@ -245,7 +250,8 @@ class Output:
             return None
         with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            if self.finished():
+            if self.finished():  # merged by another process of this job, or by one of another process count
+                self._remove_parts(n)
                 return None
             states = [read_progress(self.parts / f"part-{k:05d}-of-{n:05d}.json") for k in range(n)]
             if not all(s and s["job"] == self.job and s["done"] for s in states):
@@ -275,8 +281,17 @@ class Output:
                     tmp.unlink()
                 raise _write_error(self.out, e, sum(s["images"] for s in states)) from None
             write_atomic(self.metrics, (json.dumps(record, indent=1) + "\n").encode())
-        shutil.rmtree(self.parts, ignore_errors=True)
+            self._remove_parts(n)
         return record
+
+    def _remove_parts(self, n: int) -> None:
+        """This job's n parts; the folder too once empty. Another job's parts on the same --out (another
+        process count) stay: their process is still writing them."""
+        for k in range(n):
+            for suffix in ("json", self.fmt):
+                (self.parts / f"part-{k:05d}-of-{n:05d}.{suffix}").unlink(missing_ok=True)
+        if not any(p.name.startswith("part-") for p in self.parts.iterdir()):
+            shutil.rmtree(self.parts, ignore_errors=True)
 
 
 def _copy(src, dst, size: int) -> None:
