@@ -17,7 +17,7 @@ from torch.utils.data import TensorDataset
 
 from tl.core.config import parse_args
 from tl.core.errors import UserError
-from tl.core.stop import StopRequested
+from tl.core.stop import Stopped, StopRequested
 from tl.data import features
 from tl.data.features import FeatureRows, backbone_features, feature_loaders, part_path, remove_files
 from tl.data.loaders import PAD, ImageSet, make_loaders
@@ -227,7 +227,7 @@ def test_a_failing_run_removes_its_files(tmp_path, tiny_data, base_weights, monk
     monkeypatch.setattr(tl_setup, "feature_loaders", fail)
     out = tmp_path / "run"
     out.mkdir()  # a dir the run did not create stays; only the run's own files go
-    with pytest.raises((RuntimeError, UserError)):
+    with pytest.raises((RuntimeError, Stopped)):  # a stop signal is a stop, not a user error
         train(config(tiny_data, base_weights, out))
     assert seen == ["train-rank0-of-1.npy", "val-rank0-of-1.npy"]  # there while the run was
     assert out.exists() and not (out / FEATURES).exists()

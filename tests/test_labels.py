@@ -194,3 +194,20 @@ def test_a_label_files_pack_may_sit_beside_its_images(data, tmp_path):
     assert meta["splits"]["train"]["count"] == 16 and (root / "pack" / "tl-pack.json").is_file()
     with pytest.raises(UserError, match="is inside SRC"):
         pack(root, root / "pack2", progress=False)
+
+
+def test_a_changed_label_file_on_resume_says_which_rows_changed(data, tmp_path):
+    """--resume after the label file changed is refused (the run would not be the run it was), naming
+    --data-file, the file, and what changed: rows relabelled, moved to another split, added, removed."""
+    root, _ = data
+    rows = rows_of(root, root.parent, splits=("train", "val"))
+    csv_file = write_csv(tmp_path / "l.csv", rows, shuffle=False)
+    out = tmp_path / "run"
+    args = ["--data-file", csv_file, "--data-root", root.parent, "--output-dir", out, "--weights", "none", *FAST]
+    assert run_cli("train.py", *args, "--epochs", "1").returncode == 0
+    path, label, split = rows[3]
+    other = "red" if label == "blue" else "blue"
+    write_csv(csv_file, [(path, other, split), *rows[:3], *rows[4:-1]], shuffle=False)  # relabel one, drop one
+    one_line_error(run_cli("train.py", *args, "--epochs", "2", "--resume"), "cannot resume",
+                   f"--data-file {csv_file} (rows changed since the run began: 1 relabelled (the first: "
+                   f"set/{Path(path).relative_to('set')}, {label} -> {other}), 1 removed (the first: {rows[-1][0]}))")

@@ -199,7 +199,8 @@ def test_resume_after_the_data_changed_is_refused_before_training(run_copy, data
     shutil.copytree(data, changed)
     (changed / "val" / "red" / "000.jpg").unlink()
     before = snapshot(run_copy)
-    one_line_error(train(changed, run_copy, "--resume", epochs=5), "cannot resume", "the files of --data-dir")
+    one_line_error(train(changed, run_copy, "--resume", epochs=5), "cannot resume", f"--data-dir {changed} (images "
+                   "changed since the run began: 1 removed (the first: val/red/000.jpg))")
     assert snapshot(run_copy) == before
     moved = tmp_path / "moved"  # the same files elsewhere: fine
     shutil.copytree(data, moved)

@@ -56,6 +56,11 @@ class DataSet:
     called: str = ""
     fix: str = "pass the data set the run trained on"
 
+    @property
+    def base(self) -> Path:
+        """Where the listing's paths start: the folder or pack, or where a label file's paths start from."""
+        return labels.base_dir(self.path, self.data_root) if self.label_file else self.path
+
     def naming(self):
         """name(path): what messages call an image (a label file's file:line, else its path)."""
         return labels.naming(self.path, self.data_root) if self.label_file else str

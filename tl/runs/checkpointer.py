@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from tl.core.errors import UserError
-from tl.runs import rundir
+from tl.runs import provenance, rundir
 from tl.runs.checkpoints import (
     FORMAT_VERSION,
     Identity,
@@ -31,13 +31,20 @@ def _check_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> Non
                                  f"{tuple(params[int(idx)].shape)}")
 
 
-def check_resumable(path: Path, identity: Identity, epochs: int) -> dict:
-    """Before the slow work: the saved state is this run's (identity), made with these options."""
+def check_resumable(path: Path, identity: Identity, epochs: int, data=None) -> dict:
+    """Before the slow work: the saved state is this run's (identity), made with these options and on the
+    same data set (data: its tl.data.sources.DataSet, whose changes are then said in words)."""
     meta = read_metadata(path)
     if meta["format_version"] < FORMAT_VERSION:
         raise UserError(f"{path} was written by an older tl (checkpoint format {meta['format_version']}); "
                         "finish the run with that version, or start it again with --overwrite")
-    differences = identity_of(path, meta).differences(identity)
+    saved = identity_of(path, meta)
+    changes = {}
+    if data is not None and saved.data != identity.data:
+        changes["data"] = provenance.data_changes(path.parent, data)
+    if data is not None and data.label_file:
+        changes["classes"] = f"the classes of {data.called} ({identity.classes!r}, not {saved.classes!r})"
+    differences = saved.differences(identity, changes)
     if differences:
         raise UserError(f"cannot resume {path.parent} exactly: this command changes " + "; ".join(differences)
                         + ". Resume with the run's values, or start a new run (--overwrite or another "

@@ -54,10 +54,12 @@ class Identity:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in meta.items() if k in names} | {"weights": meta.get("weights", "")})
 
-    def differences(self, other: "Identity") -> list[str]:
-        """Each option this identity has another value for than `other` (the one being checked)."""
+    def differences(self, other: "Identity", changes: dict[str, str] | None = None) -> list[str]:
+        """Each option this identity has another value for than `other` (the one being checked); `changes`
+        describes a key's change in words instead of its two values (the data set's rows)."""
         defaults = {f.name: f.default for f in dataclasses.fields(Config)}
-        out = [f"{flag} ({getattr(other, key)!r}, not {getattr(self, key)!r})"
+        changes = changes or {}
+        out = [changes.get(key) or f"{flag} ({getattr(other, key)!r}, not {getattr(self, key)!r})"
                for key, flag in self.OPTIONS.items() if getattr(self, key) != getattr(other, key)]
         # An option newer than a saved run was that option's default in it.
         mine, theirs = ({k: r.get(k, defaults.get(k)) for k in set(self.recipe) | set(other.recipe)}

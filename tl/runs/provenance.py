@@ -8,6 +8,7 @@ thousand reads, whatever the set's size. A pack records its shards' md5 sums (fr
 indexes), which cover every byte.
 """
 
+import gzip
 import hashlib
 import importlib.metadata
 import json
@@ -99,3 +100,44 @@ def check_array_task(config: Path) -> None:
         raise UserError(f"{config.parent} holds the run of task {saved.get('array_task_id')} of array job {array}, "
                         f"not of this task ({task}): give every array task its own output dir, e.g. "
                         "OUTPUT_DIR='runs/x-$SLURM_ARRAY_TASK_ID', or use slurm/sweep.sbatch")
+
+
+def listing_rows(data) -> dict[str, list[list[str]]]:
+    """A data set's images (tl.data.sources.DataSet) per split as [path from its base, class]."""
+    base, classes = str(data.base), data.listing.classes
+    return {split: [[os.path.relpath(path, base), classes[c]] for path, c in getattr(data.listing, split)]
+            for split in ("train", "val", "test") if getattr(data.listing, split)}
+
+
+def write_listing(path: Path, data) -> None:
+    """The run dir's listing.json.gz: what data_changes compares a resume's data set with."""
+    from tl.core.files import write_atomic
+
+    write_atomic(path, gzip.compress(json.dumps(listing_rows(data)).encode(), compresslevel=1, mtime=0))
+
+
+def data_changes(run_dir: Path, data) -> str | None:
+    """What changed in the data set since the run in run_dir began, in words: rows (images) relabelled,
+    moved to another split, added, removed, each with its first; None without the run's listing.json.gz."""
+    from tl.runs.rundir import LISTING
+
+    try:
+        old = json.loads(gzip.decompress((run_dir / LISTING).read_bytes()))
+        before = {p: (split, c) for split, rows in old.items() for p, c in rows}
+    except (OSError, ValueError, EOFError, TypeError):
+        return None
+    after = {p: (split, c) for split, rows in listing_rows(data).items() for p, c in rows}
+    what = "rows" if data.label_file else "images"
+    relabelled = [p for p in after if p in before and after[p][1] != before[p][1]]
+    moved = [p for p in after if p in before and after[p][0] != before[p][0] and p not in relabelled]
+    added = [p for p in after if p not in before]
+    removed = [p for p in before if p not in after]
+    parts = [f"{len(relabelled)} relabelled (the first: {relabelled[0]}, {before[relabelled[0]][1]} -> "
+             f"{after[relabelled[0]][1]})"] if relabelled else []
+    parts += [f"{len(moved)} moved to another split (the first: {moved[0]}, {before[moved[0]][0]} -> "
+              f"{after[moved[0]][0]})"] if moved else []
+    parts += [f"{len(added)} added (the first: {added[0]})"] if added else []
+    parts += [f"{len(removed)} removed (the first: {removed[0]})"] if removed else []
+    if not parts:
+        parts = ["the same paths and classes, but an image's file size changed"]
+    return f"{data.called} ({what} changed since the run began: {', '.join(parts)})"

@@ -33,8 +33,9 @@ TEST_CONFUSION = "test_confusion.png"  # only with a test/ folder
 RELIABILITY = "reliability.png"  # only with --calibrate
 # python -m tl.report RUN --errors writes these after the run: of its model, so --overwrite takes them aside with it
 ERRORS = {kind: f"errors.{kind}" for kind in ("html", "png", "json")}
-RUN_FILES = (CONFIG, METRICS, SUMMARY, BEST, STATE, *PICTURES.values(), TEST_CONFUSION, RELIABILITY, WANDB_ID,
-             WANDB_DIR, *ERRORS.values())
+LISTING = "listing.json.gz"  # the data set's images and classes as the run began: what a resume compares
+RUN_FILES = (CONFIG, METRICS, SUMMARY, BEST, STATE, LISTING, *PICTURES.values(), TEST_CONFUSION, RELIABILITY,
+             WANDB_ID, WANDB_DIR, *ERRORS.values())
 LOCK = ".tl-lock"
 ASIDE = ".tl-overwritten"  # an --overwrite'n run waits here until the new run saves its first epoch
 MOVING = ".tl-overwritten.moving"  # files on their way to or from ASIDE: they belong at the top

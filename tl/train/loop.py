@@ -25,7 +25,7 @@ from tl.data.loaders import PAD, skip_batches
 from tl.data.preprocess import TUTORIAL, Preprocess, to_input
 from tl.model.evaluation import balanced_scores, class_scores, confusion_matrix, evaluate, top5_correct
 from tl.model.network import set_frozen
-from tl.runs import rundir
+from tl.runs import provenance, rundir
 from tl.runs.checkpointer import Checkpointer
 from tl.runs.checkpoints import Progress
 from tl.runs.pictures import save_image_grid
@@ -275,6 +275,8 @@ def train(cfg: Config, stopper: Stopper | None = None) -> tuple[dict, torch.nn.M
                 "num_processes": accelerator.num_processes, "device": str(accelerator.device), "param_groups": s.groups
             } | s.record
             run.write_json(rundir.CONFIG, config)
+            if not resuming or not run.file(rundir.LISTING).exists():  # what a resume's data set is compared with
+                provenance.write_listing(run.file(rundir.LISTING), s.data)
             tracker = Tracker(run, config, cfg.wandb, cfg.wandb_project, cfg.wandb_entity, cfg.wandb_name, resuming,
                               group=cfg.wandb_group)
             announce(cfg, s, run, net, accelerator, p if resuming else None)

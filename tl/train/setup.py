@@ -53,6 +53,7 @@ def on_main(accelerator: Accelerator, fn):
 class Setup:
     """Everything a run trains with, built whole by setup() from its Config after every input was checked."""
     identity: Identity
+    data: DataSet  # the data set it trains on (listing.json.gz)
     model: torch.nn.Module
     net: torch.nn.Module  # what trains and what DDP wraps: the model, or only its head on cached features
     optimizer: torch.optim.Optimizer
@@ -112,7 +113,7 @@ def setup(cfg: Config, accelerator: Accelerator, run: rundir.RunDir | None, out:
     optimizer = build_optimizer(groups, cfg)
     scheduler = build_scheduler(optimizer, cfg)  # not prepared: Accelerate would step it once per process
     if resuming:  # before the slow decoding: a resume that cannot be exact is refused now
-        check_resumable(out / rundir.STATE, identity, cfg.epochs)
+        check_resumable(out / rundir.STATE, identity, cfg.epochs, data)
 
     node_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     mode, why = choose_data_mode(cfg.data_mode, listing, pre, node_processes)
@@ -155,8 +156,9 @@ def setup(cfg: Config, accelerator: Accelerator, run: rundir.RunDir | None, out:
     classes = len(listing.classes)
     ema = WeightEMA(model, head_name, frozen, cfg.ema, accelerator.device) if cfg.ema else None
     setup = Setup(
-        identity=identity, model=model, net=net, optimizer=optimizer, scheduler=scheduler, train_set=train_set,
-        sampler=sampler, train_loader=train_loader, val_loader=val_loader, val_targets=val_targets, shown=shown,
+        identity=identity, data=data, model=model, net=net, optimizer=optimizer, scheduler=scheduler,
+        train_set=train_set, sampler=sampler, train_loader=train_loader, val_loader=val_loader,
+        val_targets=val_targets, shown=shown,
         device_augment=device_augment, val_images=val_split.images, num_train=len(train_split.images),
         skipped=train_split.skipped + val_split.skipped, frozen=frozen, cached=cached, groups=describe(groups),
         open_test=functools.partial(read_split, accelerator, data, "test", mode, pre, False, strict)
@@ -174,13 +176,15 @@ def open_data_set(cfg: Config, accelerator: Accelerator, out: Path) -> DataSet:
     """The run's data set (tl.data.sources.open_data): a label file, class folders or a pack, listed by the
     main process for all (a million files hit a cluster file system once per run, not once per rank)."""
     if cfg.data_file:
-        return on_main(accelerator, lambda: open_data(cfg.data_file, cfg.data_root, cfg.val_split, label_file=True))
+        return on_main(accelerator, lambda: open_data(cfg.data_file, cfg.data_root, cfg.val_split, label_file=True,
+                                                      called=f"--data-file {cfg.data_file}"))
     with accelerator.local_main_process_first():  # one download per node
         root = ensure_data(cfg.data_dir, cfg.data_zip)
     if root.resolve() == out.resolve() or root.resolve() in out.resolve().parents:
         raise UserError(f"--output-dir {out} is inside --data-dir {root}: the run's pictures would become images "
                         "of the next run; pass an --output-dir outside the data set")
-    return on_main(accelerator, lambda: open_data(root, val_split=cfg.val_split, label_file=False))
+    return on_main(accelerator, lambda: open_data(root, val_split=cfg.val_split, label_file=False,
+                                                  called=f"--data-dir {cfg.data_dir}"))
 
 
 def read_split(accelerator: Accelerator, data: DataSet, split: str, mode: str, pre: Preprocess, train: bool,
