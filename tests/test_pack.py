@@ -7,12 +7,14 @@ import os
 import pickle
 import shutil
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import make_imagefolder, run_cli
+from conftest import one_line_error as cli_error
 from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
@@ -20,7 +22,16 @@ import tl.pack
 from tl.core.errors import UserError
 from tl.data.listing import list_images
 from tl.data.loaders import ImageSet
-from tl.data.packs import VERSION, PackedSplit, decode_bytes, is_pack, load_packed_split, open_pack, stream_packed_split
+from tl.data.packs import (
+    VERSION,
+    DamagedSample,
+    PackedSplit,
+    decode_bytes,
+    is_pack,
+    load_packed_split,
+    open_pack,
+    stream_packed_split,
+)
 from tl.data.preprocess import Preprocess, decode
 from tl.data.splits import load_split
 from tl.pack import pack
@@ -244,13 +255,14 @@ def test_offsets_match_the_tar_headers(src, tmp_path):
     info = open_pack(dst)
     for split in ("train", "val"):
         table = np.load(dst / f"{split}-offsets.npy")
-        assert table.dtype == np.int64 and table.shape == (info.counts[split], 2)
+        assert table.dtype == np.int64 and table.shape == (info.counts[split], 3)
         want, i = [], 0
         for shard in info.shards[split]:
             with tarfile.open(shard["url"]) as tar:  # Python's own tar reader, independent of tl's
                 images = [m for m in tar.getmembers() if not m.name.endswith(".cls")]
+                crcs = [zlib.crc32(tar.extractfile(m).read()) for m in images]
             assert [m.name.split(".")[0] for m in images] == [f"{k:08d}" for k in range(i, i + shard["nsamples"])]
-            want += [(m.offset_data, m.size) for m in images]
+            want += [(m.offset_data, m.size, crc) for m, crc in zip(images, crcs)]
             i += shard["nsamples"]
         assert table.tolist() == [list(w) for w in want]
 
@@ -299,7 +311,7 @@ def test_a_version_1_pack_is_refused_and_packed_again(src, packed, tmp_path):
     other = make_imagefolder(tmp_path / "other", classes=("ant", "bee", "cat"), n_train=2, n_val=1)
     with pytest.raises(UserError, match="holds a different pack"):  # still never overwritten by another source
         pack(other, dst, progress=False)
-    with pytest.warns(UserWarning, match="old format version 1; packing it again as version 2"):
+    with pytest.warns(UserWarning, match=f"old format version 1; packing it again as version {VERSION}"):
         meta = pack(src, dst, progress=False)
     assert not meta.get("already_packed") and meta["version"] == VERSION
     assert sorted(p.name for p in dst.iterdir()) == PACK_FILES
@@ -336,7 +348,7 @@ def test_changed_shards_and_offsets_are_one_line_errors(src, packed, tmp_path):
     np.save(offsets, late)
     read_error(PackedSplit(dst, "train"), 5, f"{offsets} is damaged (sample 00000005 at bytes")
     np.save(offsets, table[:-1])
-    one_line_error(f"{offsets} is damaged (int64 (23, 2) with 368 data bytes where int64 (24, 2) belongs)", dst)
+    one_line_error(f"{offsets} is damaged (int64 (23, 3) with 552 data bytes where int64 (24, 3) belongs)", dst)
     offsets.write_bytes(b"garbage")
     one_line_error(f"{offsets} is damaged (not an offsets table", dst)
     offsets.unlink()
@@ -418,3 +430,45 @@ def test_hymenoptera(hymenoptera, tmp_path):
     assert ds.targets == [c for _, c in listing.val]
     for i in (0, 76, 152):
         assert ds[i][0] == Path(listing.val[i][0]).read_bytes()
+
+
+def flip_a_byte(pack_dir: Path, split: str, i: int) -> str:
+    """One byte inside sample i's image bytes inverted, as a bad disk or copy does; returns `shard#key`."""
+    offset, size, _ = np.load(pack_dir / f"{split}-offsets.npy")[i].tolist()
+    info = open_pack(pack_dir)
+    shard = Path(PackedSplit(pack_dir, split, info).where(i).split("#")[0])
+    data = bytearray(shard.read_bytes())
+    data[offset + size // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    return f"{shard.name}#{i:08d}"
+
+
+def test_a_flipped_byte_is_found_by_every_reader(src, packed, tmp_path):
+    """Before checksums a flipped byte in a val JPEG trained silently on other pixels (exit 0, no word)."""
+    dst = tmp_path / "p"
+    shutil.copytree(packed, dst)
+    intact = run_cli("-m", "tl.pack", "--verify", dst)
+    assert intact.returncode == 0 and "every byte as packed" in intact.stdout, intact.stderr
+    where = flip_a_byte(dst, "val", 4)
+    with pytest.raises(UserError, match=f"the pack {dst} is damaged: 1 of 33 images fail their checksum "
+                                        f"\\(the first: {where}\\); 1 of 2 shards differ from their md5"):
+        tl.pack.verify(dst, progress=False)
+    cli_error(run_cli("-m", "tl.pack", "--verify", dst), "is damaged", where, "pack the source again")
+    with pytest.raises(DamagedSample, match=f"sample 00000004 of shard .*{where.split('#')[0]} fails its checksum"):
+        PackedSplit(dst, "val").read(4)
+    pre = Preprocess.tutorial(32)
+    memory = load_packed_split(dst, "val", pre, False, main=False)  # skipped and counted, like an unreadable file
+    assert len(memory.images) == 8 and memory.skipped == [str(dst.absolute() / where)]
+    with pytest.raises(UserError, match="damaged image in the pack: sample 00000004 of shard .*--strict-images off"):
+        load_packed_split(dst, "val", pre, False, main=False, strict=True)
+    streamed = stream_packed_split(dst, "val", pre, False, main=False)
+    assert torch.equal(streamed.images[3], memory.images[3])
+    with pytest.raises(UserError, match="damaged image while streaming the pack: sample 00000004"):
+        streamed.images[4]
+    args = ["--data-dir", dst, "--epochs", "1", "--weights", "none", "--image-size", "32", "--batch-size", "8"]
+    strict = run_cli("train.py", *args, "--strict-images", "on", "--output-dir", tmp_path / "s")
+    cli_error(strict, "damaged image in the pack: sample 00000004 of shard", "fails its checksum")
+    lenient = run_cli("train.py", *args, "--data-mode", "memory", "--output-dir", tmp_path / "o")
+    assert lenient.returncode == 0 and f"skipping damaged image {dst.absolute() / where}" in lenient.stderr
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["skipped_images"] == [str(dst.absolute() / where)] and summary["num_val"] == 8

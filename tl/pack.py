@@ -1,12 +1,13 @@
 """Pack an ImageFolder set or a label file into WebDataset tar shards with wids indexes (see tl/data/packs.py).
 
     python -m tl.pack SRC DST [--shard-size-mb 256] [--workers N] [--data-root DIR]
+    python -m tl.pack --verify PACK
 
 For train/ and val/ of SRC (listed exactly as training lists them: tl.data.listing.list_images, or for a
 label file tl.data.labels.list_label_file) this writes
 DST/{split}-000000.tar, ... (each at most --shard-size-mb, 10^6 bytes, unless one image is larger),
-DST/{split}.json (the wids index), DST/{split}-offsets.npy (each image's offset and size in its
-shard, read back from each finished shard's tar headers: what tl reads by) and DST/tl-pack.json.
+DST/{split}.json (the wids index), DST/{split}-offsets.npy (each image's offset, size and CRC-32 in its
+shard, read back from each finished shard: what tl reads by and checks) and DST/tl-pack.json.
 Every image is decoded once on the way; unreadable ones are left out, named on stderr and in
 tl-pack.json. The files are written into DST/.tl-pack-tmp-<pid>/ and renamed into place at the
 end, tl-pack.json last: an interrupted pack leaves DST as it was (or holding no tl-pack.json). An
@@ -25,6 +26,7 @@ import shutil
 import sys
 import time
 import warnings
+import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -41,11 +43,14 @@ from tl.data.packs import (
     BLOCK,
     FORMAT,
     KEY_DIGITS,
+    OFFSETS_COLUMNS,
     OFFSETS_DTYPE,
     PACK_FILE,
     SHARD_NAME,
     SPLITS,
     VERSION,
+    DamagedSample,
+    PackedSplit,
     is_pack,
     offsets_name,
     open_pack,
@@ -73,9 +78,9 @@ def tar_bytes(members: int) -> int:
 
 
 def image_offsets(path: Path, first: int, count: int) -> np.ndarray:
-    """(offset, size) of the image bytes of samples first .. first+count-1 in a finished shard, read
-    back from the tar's own headers (checksums checked), not from what the writer meant to write."""
-    table = np.full((count, 2), -1, dtype=OFFSETS_DTYPE)
+    """(offset, size, CRC-32) of the image bytes of samples first .. first+count-1 in a finished shard, read
+    back from the tar's own headers (checksums checked) and bytes, not from what the writer meant to write."""
+    table = np.full((count, OFFSETS_COLUMNS), -1, dtype=OFFSETS_DTYPE)
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as tar:
         pos, end, zero = 0, len(tar), bytes(BLOCK)
         while pos + BLOCK <= end and tar[pos:pos + BLOCK] != zero:
@@ -90,7 +95,7 @@ def image_offsets(path: Path, first: int, count: int) -> np.ndarray:
             if ext != "cls":
                 if table[j, 0] >= 0:
                     raise RuntimeError(f"{path}: two images of sample {key}")
-                table[j] = pos + BLOCK, size
+                table[j] = pos + BLOCK, size, zlib.crc32(tar[pos + BLOCK:pos + BLOCK + size])
             pos += member_bytes(size)
     if (table[:, 0] < 0).any():
         raise RuntimeError(f"{path}: no image for sample {sample_key(first + int(np.argmax(table[:, 0] < 0)))}")
@@ -368,7 +373,7 @@ def _write(src: Path, dst: Path, tmp: Path, listing, max_bytes: int, workers: in
             index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": split, "shardlist": shards}
             write_json(tmp / f"{split}.json", index)
             offsets = np.concatenate(writer.offsets)
-            assert offsets.shape == (count, 2), (offsets.shape, count)
+            assert offsets.shape == (count, OFFSETS_COLUMNS), (offsets.shape, count)
             write_npy(tmp / offsets_name(split), offsets)
             splits[split] = {"count": count, "listed": len(samples), "fingerprint": listing.fingerprint,
                              "index": f"{split}.json", "offsets": offsets_name(split),
@@ -414,14 +419,55 @@ def _commit(dst: Path, tmp: Path, meta: dict) -> None:
         os.close(fd)
 
 
+def verify(path, progress: bool = True) -> dict:
+    """Check every byte of a pack: each shard against its md5 in the wids index (tar headers included) and
+    each image against its CRC-32. Returns the counts; a damaged pack is one UserError naming the first
+    damaged shard and sample."""
+    info = open_pack(path)  # tl-pack.json, the indexes, the shards' sizes, the offsets tables
+    shards = [s for split in SPLITS for s in info.shards[split]]
+    bad_shards, damaged, samples = [], [], 0
+    with tqdm(total=sum(s["filesize"] for s in shards), unit="B", unit_scale=True, desc="verify shards",
+              disable=not progress, leave=False) as bar:
+        for shard in shards:
+            md5 = hashlib.md5()
+            with open(shard["url"], "rb") as f:
+                for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+                    md5.update(chunk)
+                    bar.update(len(chunk))
+            if md5.hexdigest() != shard.get("md5sum"):
+                bad_shards.append(Path(shard["url"]).name)
+    with tqdm(total=sum(info.counts.values()), unit="img", desc="verify images", disable=not progress,
+              leave=False) as bar:
+        for split in SPLITS:
+            ds = PackedSplit(path, split, info)
+            for i in range(len(ds)):
+                try:
+                    ds.read(i)
+                except (DamagedSample, UserError):  # its bytes changed, or the tar header in front of them
+                    damaged.append(ds.where(i).rsplit("/", 1)[-1])
+                bar.update()
+            samples += len(ds)
+            ds.close()
+    if bad_shards or damaged:
+        what = [f"{len(damaged)} of {samples} images fail their checksum (the first: {damaged[0]})"] if damaged else []
+        what += [f"{len(bad_shards)} of {len(shards)} shards differ from their md5 (the first: {bad_shards[0]})"] \
+            if bad_shards else []
+        raise UserError(f"the pack {path} is damaged: {'; '.join(what)}; copy it again from a good copy, or "
+                        f"{info.repack_hint()}")
+    return {"images": samples, "shards": len(shards), "bytes": sum(s["filesize"] for s in shards)}
+
+
 def main(argv=None) -> int:
     parser = Parser(prog="python -m tl.pack", description=__doc__.split("\n\n")[0],
                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", metavar="SRC", help="ImageFolder root holding train/ and val/, or a label file "
-                        "(.csv or .jsonl of path,label,split; see docs/label-files.md)")
+    parser.add_argument("src", metavar="SRC", nargs="?", help="ImageFolder root holding train/ and val/, or a "
+                        "label file (.csv or .jsonl of path,label,split; see docs/label-files.md)")
     parser.add_argument("--data-root", help="the folder a label file's relative paths start from (default: its "
                         "folder)")
-    parser.add_argument("dst", metavar="DST", help="folder for the pack (created; an identical pack there is kept)")
+    parser.add_argument("dst", metavar="DST", nargs="?", help="folder for the pack (created; an identical pack there "
+                        "is kept)")
+    parser.add_argument("--verify", metavar="PACK", help="instead of packing: check every byte of PACK (each shard's "
+                        "md5, each image's CRC-32); exit status 2 naming the first damaged image")
     parser.add_argument("--shard-size-mb", type=number(float, 0, above=True), default=256,
                         help="largest shard in MB (10^6 bytes) (default: %(default)s)")
     parser.add_argument("--workers", type=number(int, 1), default=None,
@@ -429,6 +475,15 @@ def main(argv=None) -> int:
 
     def work():
         args = parser.parse_args(argv)
+        if args.verify and (args.src or args.dst):
+            raise UserError("--verify PACK checks a pack; pass it alone, without SRC and DST")
+        if args.verify:
+            found = verify(args.verify)
+            print(f"verified {args.verify}: {found['images']} images in {found['shards']} shards "
+                  f"({found['bytes'] / 1e6:.1f} MB), every byte as packed")
+            return 0
+        if not args.dst:
+            raise UserError("pass SRC and DST (python -m tl.pack SRC DST), or --verify PACK")
         meta = pack(args.src, args.dst, args.shard_size_mb, args.workers, data_root=args.data_root)
         splits = meta["splits"]
         counts = " and ".join(f"{splits[s]['count']} {s}" for s in SPLITS)
