@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import signal
+import threading
 import time
 import warnings
 import zipfile
@@ -268,56 +269,65 @@ class Stop(Exception):
     pass
 
 
-def slow_decodes(monkeypatch) -> list[str]:
-    """Decoding takes 50 ms an image on two threads; returns the paths decoded so far."""
-    decoded = []
+def blocked_decodes(monkeypatch):
+    """Decoding on two threads that blocks until `release` is set (bad.jpg fails at once). Returns the paths
+    whose decoding started, those that finished, and release: a caller that returned while nothing has
+    finished did not wait for the decodes under way, whatever the machine's speed."""
+    started, finished, release = [], [], threading.Event()
 
-    def slow_decode(path, pre, train):
-        time.sleep(0.05)
-        decoded.append(path)
+    def blocked_decode(path, pre, train):
+        started.append(path)
         if path == "bad.jpg":
             raise OSError("cannot identify image file")
+        release.wait(30)
+        finished.append(path)
         return torch.zeros(3, 8, 8, dtype=torch.uint8)
 
-    monkeypatch.setattr(tl.data.splits, "decode", slow_decode)
+    monkeypatch.setattr(tl.data.splits, "decode", blocked_decode)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    return decoded
+    return started, finished, release
+
+
+def drained(started, finished, release) -> int:
+    """Let the decodes under way finish; how many ever started."""
+    release.set()
+    for _ in range(3000):
+        if len(finished) == len([p for p in started if p != "bad.jpg"]):
+            break
+        time.sleep(0.01)
+    return len(started)
 
 
 def test_a_stop_signal_while_decoding_returns_at_once(monkeypatch):
-    decoded = slow_decodes(monkeypatch)
+    started, finished, release = blocked_decodes(monkeypatch)
+    real = tl.data.splits.decode
 
-    def bar(items, **kwargs):  # the progress bar; the signal comes while the loop handles image 3
-        for i, item in enumerate(items):
-            if i == 3:
-                signal.raise_signal(signal.SIGALRM)
-            yield item
+    def decode(path, pre, train):  # the signal comes while the first decodes are under way (and blocked)
+        if path == "1.jpg":
+            os.kill(os.getpid(), signal.SIGALRM)
+        return real(path, pre, train)
 
     def handler(signum, frame):  # as the loop's stop handler may do during start-up
         raise Stop
 
-    monkeypatch.setattr(tl.data.splits, "tqdm", bar)
+    monkeypatch.setattr(tl.data.splits, "decode", decode)
     previous = signal.signal(signal.SIGALRM, handler)
-    started = time.perf_counter()
     try:
         with pytest.raises(Stop):
-            load_split([(f"{i}.jpg", 0) for i in range(200)], Preprocess.tutorial(8), True, False)  # 5 s of decoding
+            load_split([(f"{i}.jpg", 0) for i in range(200)], Preprocess.tutorial(8), True, False)
     finally:
         signal.signal(signal.SIGALRM, previous)
-    assert time.perf_counter() - started < 1.5
-    time.sleep(0.2)  # the two decodes under way when the signal came finish; no others start
-    assert len(decoded) < 20
+    assert finished == []  # returned while its decodes were still blocked: it did not wait for them
+    assert drained(started, finished, release) < 20  # and none started after the stop
 
 
 def test_a_strict_error_does_not_wait_for_the_rest(monkeypatch):
-    decoded = slow_decodes(monkeypatch)
-    started = time.perf_counter()
+    started, finished, release = blocked_decodes(monkeypatch)
     with pytest.raises(UserError, match="unreadable image bad.jpg"):
         load_split([("bad.jpg", 0)] + [(f"{i}.jpg", 0) for i in range(200)], Preprocess.tutorial(8), True, False,
                    strict=True)
-    assert time.perf_counter() - started < 1.5
-    time.sleep(0.2)
-    assert len(decoded) < 20
+    assert finished == []
+    assert drained(started, finished, release) < 20
 
 
 def random_split(n=12):

@@ -3,6 +3,7 @@
 import contextlib
 import copy
 import json
+import re
 import sys
 import threading
 from pathlib import Path
@@ -242,6 +243,10 @@ def test_two_processes_compute_the_features_one_does(tmp_path, tiny_data, base_w
                    *args, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "memory-mapped from" in proc.stdout and not (out / FEATURES).exists()
+    warned = [line for line in proc.stderr.splitlines() if line.startswith("warning: ")]
+    assert "broadcast_buffers" not in proc.stderr and len(warned) == len(set(warned)), warned  # each once, by rank 0
+    bars = re.findall(r"feature cache (train|val):\s+\d+%", proc.stderr)  # the main process's, no other's
+    assert set(bars) == {"train", "val"} and proc.stderr.count("feature cache train:   0%") == 1, proc.stderr[-3000:]
     two, one = rows(out), rows(reference)
     assert [(r["train_images"], r["val_images"], r["val_acc"]) for r in two] == \
         [(r["train_images"], r["val_images"], r["val_acc"]) for r in one] == [(24, 12, r["val_acc"]) for r in one]

@@ -7,15 +7,19 @@ import torch
 from matplotlib.colors import to_rgba
 from PIL import Image
 
+from tl.model.calibration import reliability
 from tl.runs.pictures import (
+    _grid,
     confusion_figure,
     curves_figure,
     pick_examples,
     predictions_figure,
+    reliability_figure,
     save_confusion,
     save_curves,
     save_image_grid,
     save_predictions,
+    save_reliability,
 )
 
 MAX_SIDE = 1100
@@ -159,18 +163,24 @@ def epochs(n: int) -> list[dict]:
 
 
 @pytest.mark.parametrize("n", [1, 2, 25])
-def test_curves_show_accuracy_from_0_to_1_loss_from_0_and_the_best_epoch(tmp_path, n):
+def test_curves_show_accuracy_from_0_to_1_loss_over_its_range_and_the_best_epoch(tmp_path, n):
     rows = epochs(n)
     save_curves(rows, tmp_path / "c.png")
     check_png(tmp_path / "c.png")
     fig = curves_figure(rows, "run X")
     loss, acc = fig.axes[:2]
     assert acc.get_ylim() == pytest.approx((-0.02, 1.02))  # not zoomed onto noise of 0.004
-    assert loss.get_ylim()[0] == 0 and loss.get_ylim()[1] >= 0.7
+    values = [v for r in rows for v in (r["train_loss"], r["val_loss"])]
+    low, high = loss.get_ylim()
+    assert low <= min(values) and high >= max(values)  # every point shown ...
+    assert (max(values) - min(values)) / (high - low) > 0.8 or n == 1  # ... filling the axis, not flat near the top
     assert fig._suptitle.get_text() == "run X"
     best = max(rows, key=lambda r: r["val_acc"])
     assert best["epoch"] == (1 if n == 1 else 2)  # the first of equal maxima
-    assert f"best epoch {best['epoch']}" in texts(fig) and f"best val {best['val_acc']:.4f}" in texts(fig)
+    assert f"best epoch {best['epoch']}" in texts(fig)
+    legend = [t.get_text() for t in acc.get_legend().get_texts()]
+    assert f"best val {best['val_acc']:.4f}" in legend  # in the legend: a label on the curve covered it
+    assert not [t for t in acc.texts if "best" in t.get_text()]
     assert f"best val acc {best['val_acc']:.4f} at epoch {best['epoch']}" in curves_figure(rows)._suptitle.get_text()
 
 
@@ -199,6 +209,20 @@ def test_confusion_of_many_classes_is_medium_then_bare(tmp_path):
     assert len(texts(confusion_figure(matrix, classes))) < 30
 
 
-def test_image_grid_is_kept(tmp_path):
-    save_image_grid([photo(i) for i in range(8)], ["blue", "red"] * 4, tmp_path / "b.png")
+def test_image_grid_is_kept_with_its_title(tmp_path):
+    save_image_grid([photo(i) for i in range(8)], ["blue", "red"] * 4, tmp_path / "b.png", title="8 train images")
     assert check_png(tmp_path / "b.png")[0] > 400
+    assert _grid([photo(0)], ["x"], ["black"], 4, "8 train images")._suptitle.get_text() == "8 train images"
+
+
+def test_reliability_bars_say_how_many_images_each_holds(tmp_path):
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(200, 2) * 2, 1)
+    targets = torch.randint(0, 2, (200,))
+    before, after = reliability(probs, targets), reliability(torch.softmax(probs.log() / 2, 1), targets)
+    save_reliability(before, after, 2.0, tmp_path / "r.png")
+    check_png(tmp_path / "r.png")
+    drawn = texts(reliability_figure(before, after, 2.0))
+    for bins in (before, after):
+        assert sum(bins["counts"]) == 200
+        assert all(f"n={c}" in drawn for c in bins["counts"] if c > 0), drawn

@@ -56,7 +56,7 @@ def test_head_checkpoint_works_on_a_machine_with_only_it_and_the_base(tmp_path, 
     lines = proc.stdout.splitlines()
     path, label, prob = lines[0].split("\t")
     assert path == str(image) and label in ("blue", "red") and 0.5 <= float(prob) <= 1
-    assert len(lines) == 1 + 12 + 2  # the image, the val folder, accuracy, png
+    assert len(lines) == 12 + 2  # the image, the rest of the val folder (not the image again), accuracy, png
     assert lines[-2].startswith("accuracy ") and lines[-1] == "wrote pred.png"
     with Image.open(alone / "pred.png") as img:
         assert img.width > 400
@@ -287,3 +287,21 @@ def test_a_part_whose_folder_was_removed_says_what_happened(tmp_path):
         part.commit()
     assert "--resume" not in str(e.value)
     part.close()
+
+
+def test_a_head_checkpoint_uses_the_base_weights_file_its_run_recorded(runs, tiny_data, base_weights, tmp_path):
+    """Without --weights, the recorded base file is used when it is still there with the same sha256."""
+    head = runs["feature-extract"] / "best.safetensors"
+    proc = run_cli("-m", "tl.predict", "--checkpoint", head, tiny_data / "val")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"base weights: {base_weights}, the file the run recorded (its sha256 matches)" in proc.stderr
+    assert predict(head, [str(tiny_data / "val")])["accuracy"] == \
+        json.loads((runs["feature-extract"] / "summary.json").read_text())["best_val_acc"]
+    moved = tmp_path / "base.pth"
+    shutil.copy(base_weights, moved)
+    out = tmp_path / "run"
+    train(parse_args(["--mode", "feature-extract", "--data-dir", str(tiny_data), "--epochs", "1", "--weights",
+                      str(moved), "--output-dir", str(out), *FAST]))
+    moved.unlink()
+    one_line_error(run_cli("-m", "tl.predict", "--checkpoint", out / "best.safetensors", tiny_data / "val"),
+                   f"trained on a local weights file ({moved}, not there); pass that file with --weights")

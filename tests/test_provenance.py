@@ -2,9 +2,13 @@
 image of the same size, the same for the same files anywhere; tl's version; nothing that can fail."""
 
 import json
+import platform
+import re
 import shutil
+import warnings
 
 import pytest
+import torch
 from conftest import make_imagefolder
 
 from tl.core.errors import UserError
@@ -88,3 +92,20 @@ def test_an_array_task_does_not_continue_another_tasks_run(tmp_path, monkeypatch
     RunDir.open(str(run), "finetune", True, False).close(failed=False)
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "20")  # another array's task may continue it (a new submission)
     RunDir.open(str(run), "finetune", True, False).close(failed=False)
+
+
+def test_versions_are_recorded_and_a_resume_with_others_warns(tmp_path):
+    found = provenance.versions()
+    assert found["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    assert found["python"] == platform.python_version() and found["torchvision"] and found["accelerate"]
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"versions": found}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        provenance.check_versions(config)  # the same: silent
+        config.write_text(json.dumps({"epochs": 3}))
+        provenance.check_versions(config)  # a run from before versions were recorded: silent
+    config.write_text(json.dumps({"versions": {**found, "torch": "2.0.0"}}))
+    changed = re.escape(f"other versions than the run began with (torch 2.0.0 -> {found['torch']})")
+    with pytest.warns(UserWarning, match=changed):
+        provenance.check_versions(config)

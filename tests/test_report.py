@@ -267,3 +267,22 @@ def test_errors_bad_input_is_one_line(three, sweep, tmp_path, base_weights):
     for argv, phrases in cases:
         one_line_error(run_cli("-m", "tl.report", *argv, cwd=tmp_path), *phrases)
     assert not (moved / "errors.json").exists() and not (sweep / "errors.json").exists()
+
+
+def test_table_lines_stay_short_and_cached_feature_speeds_are_marked(copy, capsys):
+    """Seen by a newcomer: a ~140-character preprocessing column, and feature-cache epochs' train img/s
+    beside full-model ones without a word."""
+    config = json.loads((copy / "lr" / "config.json").read_text())
+    config |= {"mode": "finetune", "data_dir": "/" + "very-long-folder-name/" * 5 + "hymenoptera_data",
+               "preprocessing": {**config["preprocessing"], "resize": 999}}
+    (copy / "lr" / "config.json").write_text(json.dumps(config))
+    result = report([str(copy)])
+    printed = capsys.readouterr().out
+    assert "preprocessing" not in result["options"] and "data_dir" in result["options"]
+    assert max(len(line) for line in printed.splitlines()) < 200, printed
+    assert "/very-long-folder-name/very-long-fo..." in printed
+    speeds = {r["run"]: r["cached_features"] for r in result["rows"] if r["kind"] == "run"}
+    assert speeds == {"s0": True, "s1": True, "s2": True, "lr": False}
+    assert "* the feature cache: the head alone on backbone features" in printed
+    marked = [line.split()[0] for line in printed.splitlines() if line.rstrip().endswith("*")]
+    assert marked == ["s0", "s1", "s2"], printed

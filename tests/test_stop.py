@@ -105,3 +105,27 @@ def test_every_command_stops_with_one_line_and_leaves_nothing(tmp_path, finished
     assert sorted(os.listdir(tmp_path / "out")) == written
     ours = [n for n in os.listdir(tmp_path / "tmp") if "tl" in n]  # onnxruntime's import leaves its own .ses
     assert ours == [], f"{command} left temporary files"
+
+
+def test_a_stop_while_finishing_says_so_and_a_resume_finishes(tmp_path, tiny_data, monkeypatch):
+    """After the last epoch (the final evaluation, pictures, summary) a stop is not 'during epoch N+1'."""
+    from tl.train import finish
+
+    out = tmp_path / "run"
+    argv = ["--data-dir", str(tiny_data), "--output-dir", str(out), "--epochs", "1", "--weights", "none",
+            "--wandb", "disabled", *FAST]
+    real = finish.draw_pictures
+
+    def signalled(*args, **kwargs):
+        monkeypatch.setattr(finish, "draw_pictures", real)
+        os.kill(os.getpid(), signal.SIGTERM)  # the first is remembered, the second stops at once
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(finish, "draw_pictures", signalled)
+    with pytest.raises(Stopped, match=r"stopped by SIGTERM while finishing \(after epoch 1: .*\); every epoch is "
+                                      r"saved in .*, finish it with the same command plus --resume"):
+        train(parse_args(argv))
+    assert not (out / "summary.json").exists()
+    summary, _ = train(parse_args([*argv, "--resume"]))
+    assert summary["epochs"] == 1 and (out / "summary.json").is_file() and (out / "curves.png").is_file()

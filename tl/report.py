@@ -31,7 +31,10 @@ from tl.runs import rundir
 REPORT_MD, REPORT_CSV, REPORT_PNG = "report.md", "report.csv", "report.png"
 # Options that never change a run's numbers or speed, or that every run has its own value of.
 NOISE = {"output_dir", "resume", "overwrite", "data_zip", "wandb", "wandb_project", "wandb_entity", "wandb_name",
-         "wandb_group", "wandb_log_model", "slurm", "recipe", "classes", "head", "param_groups"}  # these repeat others
+         "wandb_group", "wandb_log_model", "slurm", "recipe", "classes", "head", "param_groups",
+         "preprocessing"}  # these repeat others (preprocessing: of --preprocess, --image-size, --model)
+CELL = 40  # characters of an option's value in the printed and markdown tables (report.csv has all)
+CACHED = "*"  # marks the train speed of a feature-extract run on the feature cache
 
 
 @dataclass(frozen=True)
@@ -175,15 +178,22 @@ def show(value) -> str:
     """An option's value for a table cell: hashes shortened, None as '-'."""
     if value is None:
         return "-"
-    if isinstance(value, str):
-        return value[:19] if value.startswith("sha256:") else value
-    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    if isinstance(value, str) and value.startswith("sha256:"):
+        return value[:19]
+    text = value if isinstance(value, str) else json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return text if len(text) <= CELL else text[:CELL - 3] + "..."
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     if not values:
         return None, None
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def cached_features(config: dict | None) -> bool:
+    """Whether a run trained its head on the feature cache: its train images/s is the head's alone."""
+    config = config or {}
+    return config.get("mode") == "feature-extract" and config.get("feature_cache", "on") == "on"
 
 
 def build_rows(runs: list[Run]) -> tuple[list[str], list[dict]]:
@@ -203,7 +213,7 @@ def build_rows(runs: list[Run]) -> tuple[list[str], list[dict]]:
                          "best_val_acc": best, "best_epoch": epoch, "test_acc": r.test_acc(),
                          "epochs_done": r.epochs(), "planned": (r.config or {}).get("epochs"), "wall_s": r.wall_s(),
                          "train_images_per_s": r.images_per_s(), "path": str(r.path), "curve": r.rows,
-                         "done": r.done})
+                         "done": r.done, "cached_features": cached_features(r.config)})
         if len(members) < 2:
             continue
         finished = [row for row in rows[-len(members):] if row["done"] and row["best_val_acc"] is not None]
@@ -240,8 +250,9 @@ def table(options: list[str], rows: list[dict]) -> tuple[list[str], list[list[st
         else:
             done, planned = r["epochs_done"], r["planned"]
             epochs = str(done) if r["done"] or planned is None else f"{done}/{planned}"
-            tail = [epochs, f"{r['wall_s']:.1f}" if r["wall_s"] is not None else "-",
-                    f"{r['train_images_per_s']:.1f}" if r["train_images_per_s"] is not None else "-"]
+            speed = "-" if r["train_images_per_s"] is None else \
+                f"{r['train_images_per_s']:.1f}{CACHED if r['cached_features'] else ''}"
+            tail = [epochs, f"{r['wall_s']:.1f}" if r["wall_s"] is not None else "-", speed]
             epoch = show(r["best_epoch"])
         cells.append([r["run"], *(show(r["options"][k]) for k in options), r["status"],
                       _acc(r["best_val_acc"], r.get("best_val_acc_std")), epoch,
@@ -324,17 +335,21 @@ def report(paths: list[str], out: str | None = None) -> dict:
     runs = _unique_names([read_run(d) for d in dirs])
     options, rows = build_rows(runs)
     header, cells, numeric = table(options, rows)
-    print(text_table(header, cells, numeric), end="")
+    note = "" if not any(r.get("cached_features") for r in rows) else \
+        (f"{CACHED} the feature cache: the head alone on backbone features computed once, not comparable with a "
+         "full model's train img/s\n")
+    print(text_table(header, cells, numeric) + note, end="")
     with writing():  # the three files belong together: a stop signal waits for them
-        write_report(target, runs, options, rows, header, cells, numeric)
+        write_report(target, runs, options, rows, header, cells, numeric, note)
     print(f"wrote {REPORT_MD}, {REPORT_CSV}, {REPORT_PNG} in {target}")
     return {"options": options, "rows": rows, "header": header, "cells": cells, "out": target}
 
 
-def write_report(target: Path, runs: list[Run], options, rows, header, cells, numeric) -> None:
+def write_report(target: Path, runs: list[Run], options, rows, header, cells, numeric, note: str) -> None:
     write_atomic(target / REPORT_MD, (f"# Runs compared\n\n{len(runs)} run{'s' * (len(runs) > 1)}: "
                                       + ", ".join(f"`{r.path}`" for r in runs) + "\n\n"
-                                      + markdown_table(header, cells, numeric)).encode())
+                                      + markdown_table(header, cells, numeric) + ("\n" + note if note else ""))
+                                     .encode())
     write_atomic(target / REPORT_CSV, csv_text(options, rows).encode())
     save_picture(options, rows, target / REPORT_PNG)
 

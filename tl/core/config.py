@@ -57,7 +57,7 @@ PRECISIONS = ("auto", "no", "bf16", "fp16")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 # What a run's config.json holds besides the options (tl.train.loop.train writes them): --config skips them.
 RECORDED = ("classes", "base_weights", "head", "data", "recipe", "preprocessing", "mixed_precision", "num_processes",
-            "device", "param_groups", "tl_version", "tl_commit", "data_files", "data_sample", "slurm")
+            "device", "param_groups", "tl_version", "tl_commit", "versions", "data_files", "data_sample", "slurm")
 # Where a run goes and whether it continues: said by each command, not kept in a file. A run's
 # config.json records them (resume: true after a resume), and a re-run from it must not resume it.
 ACTIONS = ("output_dir", "resume", "overwrite")

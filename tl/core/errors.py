@@ -27,6 +27,8 @@ def is_main_rank() -> bool:
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    if not is_main_rank():  # every process meets the same warnings: the job says each once
+        return
     from tqdm import tqdm
 
     with tqdm.external_write_mode(file=file or sys.stderr):  # a line of its own, not the end of a progress bar's

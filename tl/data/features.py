@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
 
 from tl.core.errors import UserError
 from tl.data.loaders import PAD, ShardSampler, train_sampler
@@ -50,7 +51,10 @@ def backbone_features(model, head_name: str, splits: dict[str, Dataset], batch_s
         for split, images in splits.items():
             loader = DataLoader(Subset(images, range(rank, len(images), world)), batch_size=batch_size,
                                 num_workers=num_workers)
-            write_part(model, loader, accelerator, part_path(folder, split, rank, world), pre)
+            # minutes on a CPU for the tutorial's set: the main process shows its share's progress
+            with tqdm(total=len(loader.dataset), unit="img", desc=f"feature cache {split}", leave=False,
+                      disable=not accelerator.is_main_process) as bar:
+                write_part(model, loader, accelerator, part_path(folder, split, rank, world), pre, bar.update)
     finally:
         model.set_submodule(head_name, head)
     accelerator.wait_for_everyone()  # every part is complete
@@ -59,8 +63,10 @@ def backbone_features(model, head_name: str, splits: dict[str, Dataset], batch_s
 
 
 @torch.inference_mode()
-def write_part(model, loader: DataLoader, accelerator, path: Path, pre: Preprocess = TUTORIAL) -> None:
-    """This process's rows, streamed to an .npy file under a temporary name until complete."""
+def write_part(model, loader: DataLoader, accelerator, path: Path, pre: Preprocess = TUTORIAL,
+               progress=lambda n: None) -> None:
+    """This process's rows, streamed to an .npy file under a temporary name until complete; progress(images)
+    after each batch."""
     tmp = path.with_suffix(".tmp")
     try:
         with open(tmp, "wb") as f, accelerator.autocast():
@@ -71,6 +77,7 @@ def write_part(model, loader: DataLoader, accelerator, path: Path, pre: Preproce
                     dim = rows.shape[1]
                     write_header(f, len(loader.dataset), dim)
                 f.write(rows.numpy().tobytes())
+                progress(len(rows))
             if not dim:  # more processes than images: an empty part
                 write_header(f, 0, 0)
         os.replace(tmp, path)

@@ -441,17 +441,23 @@ def _decode_or_error(args):
         return e
 
 
-def load_packed_split(path, split: str, pre, train: bool, main: bool, strict: bool = False,
-                      info: PackInfo | None = None):
-    """tl.data.splits.load_split for a pack: every image of the split decoded into memory (a tl.data.splits.Split,
-    paths like `DIR/train-000000.tar#00000012`), shards read in order. The files the pack left out
-    as unreadable are the Split's skipped (relative to the source folder)."""
+def _open_split(path, split: str, info: PackInfo | None, strict: bool) -> tuple["PackedSplit", list[str]]:
+    """A split to read, and the source files the pack left out as unreadable (refused with strict)."""
     ds = PackedSplit(path, split, info)
     left_out = ds.info.unreadable[split]
     if strict and left_out:
         raise UserError(f"the pack {path} left out {len(left_out)} unreadable {split} image(s) of its source (e.g. "
                         f"{left_out[0]}); fix or remove them in the source and pack it again, or pass "
                         "--strict-images off")
+    return ds, left_out
+
+
+def load_packed_split(path, split: str, pre, train: bool, main: bool, strict: bool = False,
+                      info: PackInfo | None = None):
+    """tl.data.splits.load_split for a pack: every image of the split decoded into memory (a tl.data.splits.Split,
+    paths like `DIR/train-000000.tar#00000012`), shards read in order. The files the pack left out
+    as unreadable are the Split's skipped (relative to the source folder)."""
+    ds, left_out = _open_split(path, split, info, strict)
     names = ds.info.names(split)
     out = Split([], [], [], skipped=list(left_out))
     workers = usable_cpus()
@@ -528,10 +534,5 @@ def stream_packed_split(path, split: str, pre, train: bool, main: bool, strict: 
                         info: PackInfo | None = None):
     """tl.data.splits.stream_split for a pack: a tl.data.splits.Split whose images decode on access (PackedImages);
     nothing is read now (the pack checked every image when it was made)."""
-    ds = PackedSplit(path, split, info)
-    left_out = ds.info.unreadable[split]
-    if strict and left_out:
-        raise UserError(f"the pack {path} left out {len(left_out)} unreadable {split} image(s) of its source (e.g. "
-                        f"{left_out[0]}); fix or remove them in the source and pack it again, or pass "
-                        "--strict-images off")
+    ds, left_out = _open_split(path, split, info, strict)
     return Split(PackedImages(ds, pre, train), list(ds.targets), ds.info.names(split), skipped=list(left_out))

@@ -19,6 +19,8 @@ from tl.data.splits import Split, load_split, stream_split
 
 
 def image_files(paths: list[str]) -> list[Path]:
+    """The image files named and found in the folders named, each once (a file also inside a folder named
+    keeps its first place), in order."""
     files = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -29,7 +31,8 @@ def image_files(paths: list[str]) -> list[Path]:
             raise UserError(f"{p} does not exist; pass image files or folders of images")
     if not files:
         raise UserError(f"no images ({', '.join(IMG_EXTENSIONS)}) in {' '.join(paths)}")
-    return files
+    seen = set()
+    return [f for f in files if not (f.resolve() in seen or seen.add(f.resolve()))]
 
 
 def read_images(paths: list[str], classes: list[str], pre: Preprocess) -> Split:

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -21,9 +22,15 @@ def base_weights_arg(identity: Identity, weights: str | None) -> str:
     """The --weights value that rebuilds the checkpoint's base, checked against its identity."""
     base = identity.base_weights
     if weights is None:
+        recorded = identity.weights
+        if base.startswith("sha256:") and recorded and os.path.isfile(recorded) and \
+                weights_id(recorded, identity.model) == base:
+            print(f"base weights: {recorded}, the file the run recorded (its sha256 matches)", file=sys.stderr)
+            return recorded
         if base.startswith("sha256:"):
-            used = f" ({identity.weights})" if identity.weights else ""
-            raise UserError(f"this feature-extract checkpoint was trained on a local weights file{used}; pass "
+            where = (f" ({recorded}, {'which now holds other weights' if os.path.isfile(recorded) else 'not there'})"
+                     if recorded else "")
+            raise UserError(f"this feature-extract checkpoint was trained on a local weights file{where}; pass "
                             "that file with --weights (its sha256 is checked)")
         if base.startswith("timm:"):  # timm's pretrained weights of the tag load_model puts in the model name
             return "DEFAULT"

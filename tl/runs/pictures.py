@@ -142,9 +142,11 @@ def _grid(images: list[torch.Tensor], titles: list[str], colors: list[str], cols
 
 
 def save_image_grid(images: list[torch.Tensor], titles: list[str], path, colors: list[str] | None = None,
-                    cols: int = 4) -> None:
-    """uint8 CHW images in a grid, each with a title (the tutorial's imshow and visualize_model)."""
-    _save(_grid(images, titles, colors or ["black"] * len(images), cols), path)
+                    cols: int = 4, title: str = "") -> None:
+    """uint8 CHW images in a grid, each with a title (the tutorial's imshow and visualize_model), `title`
+    above them all."""
+    _save(_grid(images, titles, colors or ["black"] * len(images), cols, "\n".join(textwrap.wrap(title, 95)[:2])),
+          path)
 
 
 def predictions_figure(images: list[torch.Tensor], truth: list[str | None], predicted: list[str],
@@ -190,16 +192,15 @@ def curves_figure(rows: list[dict], title: str = "") -> Figure:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
     losses = [v for r in rows for v in (r["train_loss"], r["val_loss"]) if math.isfinite(v)]
-    axes[0].set_ylim(0, max(losses, default=1.0) * 1.08 or 1.0)
+    low, high = min(losses, default=0.0), max(losses, default=1.0)
+    pad = (high - low) * 0.08 or 0.05 * high or 0.05  # the curves' own range: from 0 they would lie flat
+    axes[0].set_ylim(max(0.0, low - pad), high + pad)
     axes[0].set_title("loss")
     axes[1].set_ylim(-0.02, 1.02)
     axes[1].set_title("accuracy")
-    if best:
-        late = len(epochs) > 1 and best["epoch"] > (min(epochs) + max(epochs)) / 2
-        axes[1].plot([best["epoch"]], [best["val_acc"]], "*", color="red", markersize=12, zorder=3)
-        axes[1].annotate(f"best val {best['val_acc']:.4f}", (best["epoch"], best["val_acc"]),
-                         xytext=(-8 if late else 8, -16), textcoords="offset points", color="red", fontsize=10,
-                         ha="right" if late else "left")
+    if best:  # its value in the legend, not on the curve it would cover
+        axes[1].plot([best["epoch"]], [best["val_acc"]], "*", color="red", markersize=12, zorder=3, linestyle="none",
+                     label=f"best val {best['val_acc']:.4f}")
     for ax in axes:
         ax.legend(loc="best", fontsize=9)
     fig.suptitle(short(title, 110), fontsize=12)
@@ -208,7 +209,7 @@ def curves_figure(rows: list[dict], title: str = "") -> Figure:
 
 
 def save_curves(rows: list[dict], path, title: str = "") -> None:
-    """Loss (from 0) and accuracy (0 to 1) per epoch, train against val, the best val epoch marked.
+    """Loss (over its own range) and accuracy (0 to 1) per epoch, train against val, the best val epoch marked.
 
     rows: one dict per epoch with epoch, train_loss, val_loss, train_acc, val_acc. The title defaults
     to the number of epochs and the best val accuracy."""
@@ -279,24 +280,32 @@ def save_confusion(matrix: torch.Tensor, classes: list[str], path,
 
 def save_reliability(before: dict, after: dict, temperature: float, path) -> None:
     """--calibrate: accuracy against confidence per bin (tl.model.calibration.reliability), before and after
-    temperature scaling; the diagonal is perfect calibration, bar widths are the bins."""
+    temperature scaling, each bar labelled with its images; the diagonal is perfect calibration, bar widths
+    are the bins."""
+    _save(reliability_figure(before, after, temperature), path)
+
+
+def reliability_figure(before: dict, after: dict, temperature: float) -> Figure:
+    """The figure save_reliability writes."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 4.4), dpi=DPI, sharey=True)
     bins = len(before["counts"])
     edges = [i / bins for i in range(bins)]
     for ax, bars, name in ((axes[0], before, "before"), (axes[1], after, f"after (T = {temperature:.3g})")):
         shown = [c > 0 for c in bars["counts"]]
-        ax.bar([e for e, s in zip(edges, shown) if s], [a for a, s in zip(bars["accuracy"], shown) if s],
-               width=1 / bins, align="edge", color="#4c72b0", edgecolor="white", label="accuracy")
+        drawn = ax.bar([e for e, s in zip(edges, shown) if s], [a for a, s in zip(bars["accuracy"], shown) if s],
+                       width=1 / bins, align="edge", color="#4c72b0", edgecolor="white", label="accuracy")
+        ax.bar_label(drawn, labels=[f"n={c}" for c in bars["counts"] if c > 0], fontsize=7, padding=1,
+                     rotation=90 if bins > 10 else 0)  # how many images each bar stands for
         ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
         ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, 1.15)  # room for the counts above a full bar
         ax.set_xlabel("confidence")
         ax.set_title(f"{name}: ECE {bars['ece']:.4f}", fontsize=11)
     axes[0].set_ylabel("accuracy")
     axes[0].legend(loc="upper left", fontsize=9)
     fig.suptitle("reliability on val (best epoch)", fontsize=12)
     fig.tight_layout(pad=0.5)
-    _save(fig, path)
+    return fig
 
 
 def save_lr_range(lrs: list[float], losses: list[float], window: tuple[int, int], steep: int, low: int, path,
@@ -327,15 +336,19 @@ WORST_SHOWN, PAIRS_SHOWN = 20, 10  # errors_figure's bar charts: the worst class
 
 def errors_figure(images: list[torch.Tensor], truth: list[str], predicted: list[str], confidence: list[float],
                   worst: list[tuple[str, float, int]], pairs: list[tuple[str, str, int]], title: str) -> Figure:
-    """The figure save_errors writes: a fixed 1000 x 840 px whatever the counts."""
+    """The figure save_errors writes: 1000 px wide; its charts as tall as their bars need (2 classes: a
+    short figure, 20: at most 840 px), so no part of it stays empty."""
     worst, pairs = worst[:WORST_SHOWN], pairs[:PAIRS_SHOWN]
     if not len(images) == len(truth) == len(predicted) == len(confidence):
         raise ValueError("images, truth, predicted and confidence must have the same length")
-    width, height, margin, gap = 12.5, 10.5, 0.15, 0.1  # inches
+    width, margin, gap = 12.5, 0.15, 0.1  # inches
     cols, rows, band = 8, 2, 0.42  # up to 16 images; a title band of two lines
     side = (width - 2 * margin - (cols - 1) * gap) / cols
     title = "\n".join(short(line, 130) for line in title.splitlines()[:2])
     head = 0.25 + 0.24 * (title.count("\n") + 1)
+    bars = max(len(worst), len(pairs), 2)
+    low, chart_h = 0.55, 0.45 + 0.22 * bars  # inches: below the charts (their axis labels), the charts
+    height = head + rows * (band + side + gap) + 0.45 + chart_h + low
     fig = plt.figure(figsize=(width, height), dpi=DPI)
     fig.suptitle(title, fontsize=12, y=1 - 0.08 / height, va="top")
     for k, (img, t, p, c) in enumerate(list(zip(images, truth, predicted, confidence))[:cols * rows]):
@@ -349,14 +362,11 @@ def errors_figure(images: list[torch.Tensor], truth: list[str], predicted: list[
                                pad=2, color="green" if t == p else "red"), side)
     if not images:
         fig.text(0.5, 1 - (head + band + side / 2) / height, "no images", ha="center", fontsize=12)
-    top = height - head - rows * (band + side + gap) - 0.45  # the charts' top, inches from the bottom
-    low = 0.55
-    chart_h = top - low
     names = [f"{short(n)} ({count})" for n, _, count in worst]
     ax = fig.add_axes((1.9 / width, low / height, 3.4 / width, chart_h / height))
     ax.barh(range(len(worst)), [a for _, a, _ in worst], color="#c44e52", height=0.7)
     ax.set_yticks(range(len(worst)), names, fontsize=8)
-    ax.set_ylim(max(len(worst), WORST_SHOWN) - 0.5, -0.5)  # worst at the top; bars as thick for 3 classes as 20
+    ax.set_ylim(bars - 0.5, -0.5)  # worst at the top; the bars as thick as the other chart's
     ax.set_xlim(0, 1)
     ax.set_xlabel("accuracy (recall)", fontsize=9)
     ax.tick_params(axis="x", labelsize=8)
@@ -367,7 +377,7 @@ def errors_figure(images: list[torch.Tensor], truth: list[str], predicted: list[
     ax = fig.add_axes((8.6 / width, low / height, 3.6 / width, chart_h / height))
     ax.barh(range(len(pairs)), [n for *_, n in pairs], color="#4c72b0", height=0.7)
     ax.set_yticks(range(len(pairs)), [f"{short(t)} \u2192 {short(p)}" for t, p, _ in pairs], fontsize=8)
-    ax.set_ylim(max(len(pairs), PAIRS_SHOWN) - 0.5, -0.5)
+    ax.set_ylim(bars - 0.5, -0.5)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("images (true \u2192 predicted)", fontsize=9)
     ax.tick_params(axis="x", labelsize=8)

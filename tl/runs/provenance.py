@@ -48,6 +48,40 @@ def tl_commit() -> str | None:
     return head.stdout.strip() + ("-dirty" if dirty else "")
 
 
+PACKAGES = ("torch", "torchvision", "accelerate", "timm", "safetensors", "numpy", "pillow")
+
+
+def versions() -> dict[str, str | None]:
+    """Python's and the libraries' versions: exact resume (bit-identical results) holds with the same ones."""
+    import platform
+
+    found = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def check_versions(config_path: Path) -> None:
+    """On a resume: warn when the run began with other versions (its config.json) than this process has."""
+    try:
+        before = json.loads(config_path.read_text()).get("versions")
+    except (OSError, ValueError, AttributeError):
+        return
+    if not isinstance(before, dict):
+        return  # a run from before tl recorded them
+    now = versions()
+    changed = [f"{name} {before.get(name)} -> {now[name]}" for name in now if before.get(name) != now[name]]
+    if changed:
+        import warnings
+
+        warnings.warn(f"this resume runs with other versions than the run began with ({', '.join(changed)}): it "
+                      "continues, but the results may differ in the last digits from an uninterrupted run's",
+                      stacklevel=2)
+
+
 def slurm_job() -> dict | None:
     """The SLURM job (and array task) the run trains in; None outside SLURM."""
     env = os.environ
@@ -81,7 +115,7 @@ def record(listing, pack=None) -> dict:
         sample = "sha256:" + hashlib.sha256(json.dumps(md5, sort_keys=True).encode()).hexdigest()
     else:
         sample = data_sample([path for items in splits.values() for path, _ in items])
-    return {"tl_version": tl_version(), "tl_commit": tl_commit(),
+    return {"tl_version": tl_version(), "tl_commit": tl_commit(), "versions": versions(),
             "data_files": {split: len(items) for split, items in splits.items()}, "data_sample": sample,
             "slurm": slurm_job()}
 

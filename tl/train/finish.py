@@ -211,12 +211,15 @@ def print_end(cfg: Config, p: Progress, summary: dict, run: RunDir, outputs: lis
           f"images/s; outputs in {run.path}/: {', '.join(outputs)}")
 
 
-def stop_message(signum: int, p: Progress | None, run: RunDir | None) -> str:
+def stop_message(signum: int, p: Progress | None, run: RunDir | None, cfg: Config | None = None) -> str:
     """Other processes than the main one have no RunDir: they print nothing anyway."""
     name = Stopper.name(signum)
     if run is None or not run.saved:
         return f"stopped by {name} before the first epoch was saved; nothing to keep: run the same command again"
     done, step = (p.epoch, p.step) if p else (0, 0)  # (0, 0): stopped while resuming, before the state was read
+    if cfg is not None and done and stop_reason(p, cfg):  # the epochs are over: the end's work was cut short
+        return (f"stopped by {name} while finishing (after epoch {done}: the final evaluation, pictures, summary); "
+                f"every epoch is saved in {run.path}, finish it with the same command plus --resume")
     if not done and not step:
         return f"stopped by {name} during start-up; the run in {run.path} is as it was: continue it with --resume"
     parts = ["epoch 1" if done == 1 else f"epochs 1-{done}"] if done else []

@@ -221,7 +221,11 @@ def announce(cfg: Config, s: Setup, run: RunDir, net, accelerator, resumed: Prog
     images = [x for x, _ in first]
     if s.device_augment:  # the crops of the device's kind (the same distribution as the epoch's)
         images = s.device_augment.preview(images, 1)
-    save_image_grid(images, [s.identity.classes[y] for _, y in first], run.file(rundir.PICTURES["batch"]))
+    crop = s.pre.crop if s.cached else s.pre.train_crop
+    how = "center views: the feature cache's" if s.cached else "augmented" + (" on the device" if s.device_augment
+                                                                             else "")
+    save_image_grid(images, [s.identity.classes[y] for _, y in first], run.file(rundir.PICTURES["batch"]),
+                    title=f"{len(images)} train images as the model sees them ({crop} px, {how}; before normalization)")
     print(f"{cfg.mode} {cfg.model} on {s.num_train} train / {len(s.val_targets)} val images "
           f"({s.pre.crop if s.cached else s.pre.train_crop} px train crops, {s.pre.crop} px val; {s.pre_source}), "
           f"classes {s.identity.classes}, {accelerator.num_processes} process(es) on {accelerator.device}, "
@@ -238,12 +242,11 @@ def train(cfg: Config, stopper: Stopper | None = None) -> tuple[dict, torch.nn.M
     """Run cfg from start (or its last saved epoch) to end; returns the summary and the model."""
     stopper = stopper or Stopper()  # train.py makes it before its imports: signals work from the first second
     started = time.perf_counter()
-    frozen = cfg.mode == "feature-extract"
-    # Frozen BatchNorm buffers are equal everywhere: no need to broadcast them every step. Gradients
-    # as views of DDP's buckets save a copy and the memory of one gradient set.
-    # --freeze-epochs: DDP wraps every layer, and while the backbone is frozen it finds it unused each step.
-    ddp = DistributedDataParallelKwargs(broadcast_buffers=not frozen, gradient_as_bucket_view=True,
-                                        find_unused_parameters=cfg.freeze_epochs > 0)
+    # Gradients as views of DDP's buckets save a copy and the memory of one gradient set. --freeze-epochs: DDP
+    # wraps every layer, and while the backbone is frozen it finds it unused each step. (Buffers are
+    # broadcast as DDP does by default: torch deprecates broadcast_buffers, and its replacement is not one of
+    # Accelerate's DDP options; a frozen backbone's BatchNorm buffers are a few KB, equal everywhere.)
+    ddp = DistributedDataParallelKwargs(gradient_as_bucket_view=True, find_unused_parameters=cfg.freeze_epochs > 0)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=resolve_precision(cfg.precision),
                               kwargs_handlers=[ddp])
     torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest convolution once
@@ -270,6 +273,7 @@ def train(cfg: Config, stopper: Stopper | None = None) -> tuple[dict, torch.nn.M
             run.begin()  # every input is checked: only now is an earlier run's dir touched
             if resuming:  # rows of an epoch a kill cut short go; a damaged or deleted file comes back whole
                 run.write_rows(p.history)
+                provenance.check_versions(run.file(rundir.CONFIG))  # before config.json records this process's
             config = dataclasses.asdict(cfg) | s.identity.meta() | {
                 "output_dir": str(out), "mixed_precision": accelerator.mixed_precision,
                 "num_processes": accelerator.num_processes, "device": str(accelerator.device), "param_groups": s.groups
@@ -306,7 +310,7 @@ def train(cfg: Config, stopper: Stopper | None = None) -> tuple[dict, torch.nn.M
     except StopRequested as e:
         if stopper.deferred:
             accelerator.wait_for_everyone()  # every process agreed to stop here
-        raise Stopped(e.args[0], stop_message(e.args[0], checkpointer.progress if checkpointer else None, run)) \
+        raise Stopped(e.args[0], stop_message(e.args[0], checkpointer.progress if checkpointer else None, run, cfg)) \
             from None
     finally:
         stopper.restore()
