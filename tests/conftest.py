@@ -55,6 +55,12 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sixty_four(tmp_path_factory) -> Path:
+    """64 train images in 2 classes: two optimizer steps of batch 32 (gradient accumulation's tests)."""
+    return make_imagefolder(tmp_path_factory.mktemp("acc") / "d", n_train=32, n_val=4, size=48)
+
+
+@pytest.fixture(scope="session")
 def hymenoptera(tmp_path_factory) -> Path:
     if not HYMENOPTERA_ZIP.is_file():
         pytest.skip(f"{HYMENOPTERA_ZIP} not present")

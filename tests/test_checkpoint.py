@@ -188,7 +188,7 @@ MID = ["--epochs", "2", "--image-size", "32", "--batch-size", "4", "--weights", 
 # Every accuracy lever at once (docs/levers.md), on a model with dropout: the global generator is in use.
 LEVERS = ["--mixup", "0.8", "--cutmix", "1.0", "--ema", "0.9", "--sampler", "balanced", "--augment", "trivialaugment",
           "--random-erasing", "0.25", "--class-weights", "auto", "--tta", "flip", "--calibrate",
-          "--model", "mobilenet_v3_small"]
+          "--model", "mobilenet_v3_small", "--accumulate", "3", "--grad-checkpointing"]
 
 
 def kill_inside_an_epoch(proc, out, kill=lambda proc: proc.send_signal(signal.SIGKILL)):

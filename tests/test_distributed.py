@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import HYMENOPTERA_ZIP, PROXY_WEIGHTS, ROOT, make_imagefolder, run_cli
 from test_checkpoint import LEVERS, MID, kill_inside_an_epoch, metrics_without_timings
+from test_loop import ACCUMULATION, trained
 
 from tl.pack import pack
 
@@ -166,3 +167,17 @@ def test_every_lever_resumes_exactly_at_two_processes(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert metrics_without_timings(out) == metrics_without_timings(tmp_path / "ref")
     assert (out / "best.safetensors").read_bytes() == (tmp_path / "ref" / "best.safetensors").read_bytes()
+
+
+def test_two_processes_accumulating_give_the_large_batchs_weights(tmp_path, sixty_four):
+    """2 processes x batch 4 x --accumulate 4 = one process x batch 32: the same 32 images per optimizer step
+    (DistributedSampler's strided shards of one permutation), DDP averaging the two halves' gradients."""
+    big, two = tmp_path / "big", tmp_path / "two"
+    one = run_cli("train.py", "--data-dir", sixty_four, "--output-dir", big, *ACCUMULATION, "--batch-size", "32")
+    assert one.returncode == 0, one.stderr[-2000:]
+    proc = run_cli(*launcher("torchrun"), str(ROOT / "train.py"), "--data-dir", str(sixty_four), "--output-dir",
+                   str(two), *ACCUMULATION, "--batch-size", "4", "--accumulate", "4", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reference, weights = trained(big), trained(two)
+    worst = max((weights[k] - reference[k]).abs().max().item() for k in weights)
+    assert weights.keys() == reference.keys() and worst < 1e-5, worst

@@ -178,3 +178,33 @@ def test_a_packed_set_trains_exactly_like_its_folder_in_both_data_modes(tmp_path
     more = run_cli("train.py", "--data-dir", str(pack), "--output-dir", str(outs["folder"]), "--epochs", "3",
                    "--weights", "none", *FAST, "--resume")
     assert more.returncode == 0 and "resuming after epoch 2" in more.stdout, more.stderr[-2000:]
+
+
+# A model without BatchNorm (LayerNorm only, no dropout): accumulated micro-batches equal one large batch.
+ACCUMULATION = ["--model", "timm/test_vit", "--weights", "none", "--image-size", "160", "--epochs", "1",
+                "--precision", "no", "--lr", "0.05", "--wandb", "disabled", "--num-workers", "0"]
+
+
+def trained(out) -> dict[str, torch.Tensor]:
+    return load_file(out / "best.safetensors")
+
+
+def test_accumulation_gives_the_large_batchs_weights(tmp_path, sixty_four):
+    """batch 8 x --accumulate 4 = batch 32: two optimizer steps over the same 64 images, the same weights up
+    to float summation order; with --grad-checkpointing too (the same loss and gradients)."""
+    big, small, ckpt = (tmp_path / n for n in ("big", "small", "ckpt"))
+    for out, extra in ((big, ["--batch-size", "32"]), (small, ["--batch-size", "8", "--accumulate", "4"]),
+                       (ckpt, ["--batch-size", "8", "--accumulate", "4", "--grad-checkpointing"])):
+        proc = run_cli("train.py", "--data-dir", sixty_four, "--output-dir", out, *ACCUMULATION, *extra)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    reference = trained(big)
+    for out in (small, ckpt):
+        weights = trained(out)
+        assert weights.keys() == reference.keys()
+        worst = max((weights[k] - reference[k]).abs().max().item() for k in weights)
+        assert worst < 1e-5, (out.name, worst)
+    config = json.loads((small / "config.json").read_text())
+    assert config["accumulate"] == 4 and config["recipe"]["accumulate"] == 4
+    assert "accumulate" not in json.loads((big / "config.json").read_text())["recipe"]  # a default run: as before
+    rows = [json.loads(line) for line in (small / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["train_images"] == 64

@@ -188,3 +188,37 @@ def assert_evaluated_with_its_preprocessing(out, data, weights, other: Preproces
     assert loss(Preprocess.from_meta(meta)) == pytest.approx(val_loss, abs=1e-5)
     assert abs(loss(other) - val_loss) > 1e-4  # other pixels or statistics: another loss
     assert predict(out / "best.safetensors", [str(data / "val")], str(weights))["accuracy"] == meta["val_acc"]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "timm/test_vit"])
+def test_grad_checkpointing_gives_the_same_loss_and_gradients(name):
+    """The blocks recomputed in the backward pass (dropout's random draws too): the same loss and gradients,
+    the state_dict keys unchanged; in eval mode nothing is recomputed."""
+    size = 160 if name.startswith("timm/") else 64
+    x, y = torch.rand(4, 3, size, size), torch.tensor([0, 1, 1, 0])
+    results = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model, head = build_model(name, "none", 2, "finetune")
+        keys = list(model.state_dict())
+        if checkpointed:
+            from tl.model.network import set_grad_checkpointing
+
+            assert set_grad_checkpointing(model, name, head) != 0
+            assert list(model.state_dict()) == keys
+        model.train()
+        torch.manual_seed(1)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        results.append((loss.item(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
+    (loss, grads), (loss_ckpt, grads_ckpt) = results
+    assert loss_ckpt == pytest.approx(loss, rel=1e-6) and grads.keys() == grads_ckpt.keys()
+    assert all(torch.allclose(grads[k], grads_ckpt[k], rtol=1e-4, atol=1e-6) for k in grads)
+
+
+def test_grad_checkpointing_refuses_a_model_without_blocks():
+    from tl.model.network import set_grad_checkpointing
+
+    model, head = build_model("alexnet", "none", 2, "finetune")
+    with pytest.raises(UserError, match="--grad-checkpointing: alexnet has no blocks tl can checkpoint"):
+        set_grad_checkpointing(model, "alexnet", head)

@@ -24,7 +24,8 @@ RECIPE = ("batch_size", "lr", "momentum", "step_size", "gamma", "train_size", "f
           "backbone_lr_scale", "preprocess")
 # Recipe options newer than the checkpoint format: in a run's recipe only when not at their default, so
 # a run that does not use them saves what it saved before, and a saved run without them resumes.
-RECIPE_EXTRAS = ("random_erasing", "mixup", "cutmix", "ema", "class_weights", "sampler", "tta", "calibrate")
+RECIPE_EXTRAS = ("random_erasing", "mixup", "cutmix", "ema", "class_weights", "sampler", "tta", "calibrate",
+                 "accumulate", "grad_checkpointing")
 POLICIES = ("randaugment", "trivialaugment", "autoaugment")  # --augment: torchvision v2's, in the loader
 
 # The values each numeric option takes, checked by Config.validate (command line and config file alike).
@@ -47,6 +48,7 @@ RANGES = {
     "cutmix": Range(0, says="is a Beta distribution's alpha: 0 (off) or more, e.g. 0.8"),
     "ema": Range(0, 1, below=True, says="is a decay per step above 0 and below 1, e.g. 0.999, or 0 (off)"),
     "num_workers": Range(-1, says="must be 0 or more, or -1 for the default"),
+    "accumulate": Range(1, says="must be 1 (off) or more micro-batches per optimizer step"),
 }
 RESUME_FREE = ("data_dir", "data_zip", "data_file", "data_root", "data_mode", "save_every", "epochs", "strict_images",
                "precision", "output_dir",
@@ -163,6 +165,13 @@ class Config:
                            "scaling); summary.json gets the expected calibration error before and after, "
                            "reliability.png the diagram, and tl.predict and tl.export output calibrated "
                            "probabilities")
+    accumulate: int = _opt(1, "gradient accumulation: this many micro-batches of --batch-size per optimizer step "
+                           "(an effective batch N times larger in the same memory; under DDP no all-reduce on the "
+                           "first N-1); the learning-rate schedule counts epochs, as without")
+    grad_checkpointing: bool = _opt(False, "activation checkpointing: keep only the blocks' inputs in the forward "
+                                    "pass and recompute the rest in the backward pass (less memory, more time; the "
+                                    "same loss and gradients); timm's set_grad_checkpointing, torch.utils.checkpoint "
+                                    "over a torchvision model's blocks")
     save_every: float = _opt(0.0, "also save the training state inside an epoch every this many minutes (0: at "
                              "the end of each epoch only); a stop signal always saves at the step where it stops")
     compile: bool = _opt(False, "torch.compile what trains: on GPUs faster once compiled (a minute or so), on "

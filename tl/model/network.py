@@ -8,6 +8,7 @@ import pickle
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 import torchvision
 from safetensors.torch import load_file
 from torch import nn
@@ -261,6 +262,40 @@ def build_model(name: str, weights: str, num_classes: int, mode: str) -> tuple[n
     model.set_submodule(head_name, head)
     set_frozen(model, head_name, mode == "feature-extract")
     return model, head_name
+
+
+def set_grad_checkpointing(model: nn.Module, name: str, head_name: str) -> int:
+    """--grad-checkpointing: timm's own (set_grad_checkpointing) where the model has it, else each block of a
+    torchvision model (a child of an nn.Sequential with layers of its own: ResNet's BasicBlock/Bottleneck, a
+    ViT's EncoderBlock, ConvNeXt's CNBlock) runs under torch.utils.checkpoint while training. The module tree
+    and its state_dict keys stay as they are. Returns the blocks checkpointed (-1: timm's). BatchNorm's
+    running statistics see a batch twice (its forward runs again in the backward pass)."""
+    if hasattr(model, "set_grad_checkpointing"):
+        try:
+            model.set_grad_checkpointing(True)
+            return -1
+        except (AssertionError, NotImplementedError):
+            pass  # a timm model without it: by blocks below
+    head = model.get_submodule(head_name)
+    blocks = [block for seq in model.modules() if isinstance(seq, nn.Sequential) and seq is not head
+              for block in seq.children()
+              if any(True for _ in block.children()) and not isinstance(block, nn.Sequential)]
+    inner = {id(m) for block in blocks for m in block.modules() if m is not block}
+    blocks = [block for block in blocks if id(block) not in inner]  # a block inside another runs inside its check
+    if not blocks:
+        raise UserError(f"--grad-checkpointing: {name} has no blocks tl can checkpoint (children of an "
+                        "nn.Sequential with layers of their own); drop --grad-checkpointing")
+    for block in blocks:
+        block.forward = _checkpointed(block.forward)
+    return len(blocks)
+
+
+def _checkpointed(forward):
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():  # evaluation: nothing to recompute
+            return forward(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return run
 
 
 def set_frozen(model: nn.Module, head_name: str, frozen: bool) -> None:

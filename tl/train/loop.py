@@ -5,6 +5,7 @@ epoch by epoch (`run_epoch`, saved by the Checkpointer), finish (tl.train.finish
 exit path. Only the main process writes files and prints.
 """
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -76,7 +77,8 @@ NO_BAD_STEP = -(1 << 40)
 def train_epoch(model, loader, optimizer, accelerator, stopper: Stopper, epoch: int, epochs: int,
                 augment: DeviceAugment | None = None, start: int = 0, partial=(0.0, 0, 0), save=None,
                 save_every_s: float = 0.0, label_smoothing: float = 0.0, pre: Preprocess = TUTORIAL,
-                mixer: BatchMix | None = None, class_weight: torch.Tensor | None = None, ema: WeightEMA | None = None):
+                mixer: BatchMix | None = None, class_weight: torch.Tensor | None = None, ema: WeightEMA | None = None,
+                accumulate: int = 1):
     """One pass over this process's shard; returns loss, accuracy and images over all processes.
 
     The steps queue work on the device without waiting for it: totals stay on the device, and every
@@ -84,6 +86,12 @@ def train_epoch(model, loader, optimizer, accelerator, stopper: Stopper, epoch: 
     signal and on a non-finite loss on any of them. A non-finite step reaches the weights, but the
     run stops before the epoch is saved, so nothing saved ever holds it. With mixer (--mixup/--cutmix)
     the loss is on soft targets and accuracy counts each image's larger share (tl.train.targets).
+
+    --accumulate N: the optimizer steps after every N micro-batches of the epoch (and after its last), each
+    micro-batch's loss divided by its cycle's length, with DDP's all-reduce only on a cycle's last
+    (accelerator.no_sync on the others). Accelerate's own `accumulate` counts its steps itself and ends a cycle
+    at a loader's end only for loaders it prepared; tl's are its own (exact sharding and resume), so the cycles
+    are counted here. Agreements, and so saves inside an epoch, fall on cycle ends: a resume starts a cycle.
     """
     device = accelerator.device
     loss_sum = torch.tensor(float(partial[0]), device=device)  # a resume inside the epoch goes on from its totals
@@ -91,24 +99,31 @@ def train_epoch(model, loader, optimizer, accelerator, stopper: Stopper, epoch: 
     bad = torch.full((), NO_BAD_STEP, device=device, dtype=torch.long)  # -(first non-finite step)
     images = torch.tensor(int(partial[2]), device=device, dtype=torch.long)
     last, saved_at = start + len(loader), time.monotonic()
+    agree_every = -(-AGREE_EVERY // accumulate) * accumulate  # a multiple of the cycle: nothing half-accumulated
     bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", disable=not accelerator.is_main_process, leave=False,
                initial=start, total=last)
     for step, (x, y_host) in enumerate(bar, start + 1):
         x, y = augment(*x) if augment else to_input(x, device, pre), y_host.to(device, non_blocking=True)
         x, soft = mixer(x, y, y_host, epoch, step) if mixer else (x, None)
-        logits = model(x)
-        loss, hits = loss_and_hits(logits, y, soft, class_weight, label_smoothing)  # the mean over real images
+        first = (step - 1) // accumulate * accumulate + 1  # this cycle's first step
+        cycle_end = step - first + 1 == accumulate or step == last
+        if step == first:
+            optimizer.zero_grad(set_to_none=True)
+        with contextlib.nullcontext() if cycle_end else accelerator.no_sync(model):
+            logits = model(x)
+            loss, hits = loss_and_hits(logits, y, soft, class_weight, label_smoothing)  # the mean over real images
+            # each micro-batch's share of its cycle's mean (the cycle ends early at the epoch's end)
+            accelerator.backward(loss if accumulate == 1 else loss / (min(first + accumulate - 1, last) - first + 1))
         real = (y != PAD).sum()  # a batch of only repeated images: loss nan, gradient 0, counted as nothing
         bad = torch.where(torch.isfinite(loss) | (real == 0) | (bad != NO_BAD_STEP), bad, -step)
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        optimizer.step()
-        if ema:
-            ema.update()
+        if cycle_end:
+            optimizer.step()
+            if ema:
+                ema.update()
         loss_sum += torch.where(real > 0, loss.detach().float(), 0.0) * real
         correct += hits
         images += real
-        if step % AGREE_EVERY == 0 or step == last:
+        if step % agree_every == 0 or step == last:
             due = accelerator.is_main_process and 0 < save_every_s <= time.monotonic() - saved_at
             signum, first_bad, save_now = stopper.agree(bad, torch.tensor(int(due)))
             if first_bad != NO_BAD_STEP:
@@ -181,7 +196,8 @@ def run_epoch(s: Setup, net, optimizer, accelerator, stopper: Stopper, epoch: in
     net.train(not frozen)  # frozen: BatchNorm statistics stay the base's
     train_loss, train_acc, n_train = train_epoch(net, loader, optimizer, accelerator, stopper, epoch, cfg.epochs,
                                                  s.device_augment, start, partial, save, cfg.save_every * 60,
-                                                 cfg.label_smoothing, s.pre, s.mixer, s.class_weight, s.ema)
+                                                 cfg.label_smoothing, s.pre, s.mixer, s.class_weight, s.ema,
+                                                 cfg.accumulate)
     train_seconds = time.perf_counter() - t0
     s.scheduler.step()
     net.eval()

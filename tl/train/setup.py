@@ -23,7 +23,7 @@ from tl.data.loaders import ImageSet, make_loaders
 from tl.data.preprocess import Preprocess, center_view, train_transform
 from tl.data.sources import DataSet, open_data
 from tl.data.splits import Split, choose_data_mode, usable_cpus
-from tl.model.network import build_model, check_input_size, preprocess_for, weights_id
+from tl.model.network import build_model, check_input_size, preprocess_for, set_grad_checkpointing, weights_id
 from tl.runs import provenance, rundir
 from tl.runs.checkpointer import Checkpointer, check_resumable
 from tl.runs.checkpoints import Identity
@@ -99,6 +99,11 @@ def setup(cfg: Config, accelerator: Accelerator, run: rundir.RunDir | None, out:
     if pre_source.startswith("note:") and main:
         print(pre_source)
     check_input_size(model, cfg.model, pre)
+    if cfg.grad_checkpointing:
+        if frozen and cfg.feature_cache == "on":
+            raise UserError("--grad-checkpointing saves memory in the backward pass through the backbone; "
+                            "feature-extract on the feature cache has none: drop one of them")
+        set_grad_checkpointing(model, cfg.model, head_name)
     # A policy or erasing works image by image in the loader: there, the crop and flip do too.
     augment = cfg.augment if cfg.augment != "auto" else \
         "device" if accelerator.device.type == "cuda" and not cfg.random_erasing else "cpu"
