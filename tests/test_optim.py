@@ -110,6 +110,10 @@ def test_label_smoothing_changes_the_training_loss(tmp_path, data, base_weights)
     (["--schedule", "cosine", "--warmup-epochs", "3", "--epochs", "3"], "leaves no epoch of the cosine"),
     (["--backbone-lr-scale", "0"], "--backbone-lr-scale must be positive"),
     (["--weight-decay", "-1"], "--weight-decay must be 0 or more"),
+    (["--layer-decay", "0"], r"--layer-decay must be above 0 and at most 1 \(off\), e.g. 0.75, got 0.0"),
+    (["--layer-decay", "1.5"], "--layer-decay must be above 0 and at most 1"),
+    (["--mode", "feature-extract", "--layer-decay", "0.75"], "--layer-decay is for --mode finetune"),
+    (["--accumulate", "0"], r"--accumulate must be 1 \(off\) or more micro-batches per optimizer step, got 0"),
 ])
 def test_bad_recipe_options_are_one_line_errors(args, message):
     from tl.core.errors import UserError
@@ -153,3 +157,44 @@ def test_sigkill_around_the_unfreeze_then_resume_matches_an_uninterrupted_run(tm
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert metrics_without_timings(out) == metrics_without_timings(reference)
     assert (out / "best.safetensors").read_bytes() == (reference / "best.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("name", ["resnet18", "timm/test_vit"])
+def test_layer_decay_gives_each_layer_its_rate(name):
+    """--layer-decay D: the head at --lr, each layer below at D per layer less (x --backbone-lr-scale); for
+    timm models the same rates as timm's own param_groups_layer_decay."""
+    from tl.model.network import build_model, layer_depths
+
+    cfg = parse_args(["--model", name, "--layer-decay", "0.5", "--backbone-lr-scale", "0.1", "--weight-decay",
+                      "0.01", "--optimizer", "adamw"])
+    model, head = build_model(name, "none", 2, "finetune")
+    depths, top = layer_depths(model, head)
+    groups = param_groups(model, model.get_submodule(head), cfg, (depths, top))
+    assert [g["name"] for g in groups][:2] == ["head", "head.no_decay"]
+    names = {id(p): n for n, p in model.named_parameters()}
+    rate = {names[id(p)]: g["lr"] for g in groups for p in g["params"]}
+    assert len(rate) == len(names)  # every parameter in exactly one group
+    for n, lr in rate.items():
+        want = 0.001 if depths[n] == top else 0.001 * 0.1 * 0.5 ** (top - depths[n])
+        assert lr == pytest.approx(want), n
+    assert len({depths[n] for n in names.values()}) > 4 and min(depths.values()) == 0
+    if name.startswith("timm/"):
+        from timm.optim import param_groups_layer_decay
+
+        scale = {names[id(p)]: g["lr_scale"] for g in param_groups_layer_decay(model, 0.01, layer_decay=0.5)
+                 for p in g["params"]}
+        assert all(rate[n] / (0.001 if depths[n] == top else 0.0001) == pytest.approx(scale[n]) for n in rate)
+
+
+def test_a_layer_decay_run_records_its_groups_and_a_resume_keeps_it(tmp_path, data, base_weights):
+    out = tmp_path / "run"
+    args = ["--data-dir", str(data), "--output-dir", str(out), "--weights", str(base_weights), *FAST]
+    proc = run_cli("train.py", *args, "--epochs", "1", "--layer-decay", "0.75")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "layer decay 0.75: 9 layers below the head, learning rates from 0.001 (head) down to 7.5e-05" in \
+        proc.stdout
+    groups = json.loads((out / "config.json").read_text())["param_groups"]
+    assert [g["name"] for g in groups] == ["head", *(f"layer{d}" for d in range(8, -1, -1))]
+    assert groups[-1]["lr"] == pytest.approx(0.001 * 0.75 ** 9)
+    refused = run_cli("train.py", *args, "--epochs", "2", "--layer-decay", "0.5", "--resume")
+    assert refused.returncode == 2 and "--layer-decay (0.5, not 0.75)" in refused.stderr, refused.stderr[-2000:]

@@ -25,7 +25,7 @@ RECIPE = ("batch_size", "lr", "momentum", "step_size", "gamma", "train_size", "f
 # Recipe options newer than the checkpoint format: in a run's recipe only when not at their default, so
 # a run that does not use them saves what it saved before, and a saved run without them resumes.
 RECIPE_EXTRAS = ("random_erasing", "mixup", "cutmix", "ema", "class_weights", "sampler", "tta", "calibrate",
-                 "accumulate", "grad_checkpointing")
+                 "accumulate", "grad_checkpointing", "layer_decay")
 POLICIES = ("randaugment", "trivialaugment", "autoaugment")  # --augment: torchvision v2's, in the loader
 
 # The values each numeric option takes, checked by Config.validate (command line and config file alike).
@@ -49,6 +49,7 @@ RANGES = {
     "ema": Range(0, 1, below=True, says="is a decay per step above 0 and below 1, e.g. 0.999, or 0 (off)"),
     "num_workers": Range(-1, says="must be 0 or more, or -1 for the default"),
     "accumulate": Range(1, says="must be 1 (off) or more micro-batches per optimizer step"),
+    "layer_decay": Range(0, 1, above=True, says="must be above 0 and at most 1 (off), e.g. 0.75"),
 }
 RESUME_FREE = ("data_dir", "data_zip", "data_file", "data_root", "data_mode", "save_every", "epochs", "strict_images",
                "precision", "output_dir",
@@ -165,6 +166,9 @@ class Config:
                            "scaling); summary.json gets the expected calibration error before and after, "
                            "reliability.png the diagram, and tl.predict and tl.export output calibrated "
                            "probabilities")
+    layer_decay: float = _opt(1.0, "finetune: layer-wise learning-rate decay, each layer's learning rate "
+                              "--lr x D^(its depth below the head) (timm's --layer-decay; 1: off); layers from "
+                              "timm's group_matcher, else a torchvision model's blocks in order")
     accumulate: int = _opt(1, "gradient accumulation: this many micro-batches of --batch-size per optimizer step "
                            "(an effective batch N times larger in the same memory; under DDP no all-reduce on the "
                            "first N-1); the learning-rate schedule counts epochs, as without")
@@ -225,8 +229,10 @@ class Config:
             raise UserError("--output-dir is empty; pass a directory name, or leave it out for runs/<mode>-<time>")
         if self.resume and not self.output_dir:
             raise UserError("--resume needs --output-dir naming the run to continue")
-        if self.mode == "feature-extract" and (self.freeze_epochs or self.backbone_lr_scale != 1):
-            flag = "--freeze-epochs" if self.freeze_epochs else "--backbone-lr-scale"
+        if self.mode == "feature-extract" and (self.freeze_epochs or self.backbone_lr_scale != 1 or
+                                               self.layer_decay != 1):
+            flag = "--freeze-epochs" if self.freeze_epochs else "--backbone-lr-scale" if self.backbone_lr_scale != 1 \
+                else "--layer-decay"
             raise UserError(f"{flag} is for --mode finetune; feature-extract keeps the backbone frozen throughout")
         if self.schedule == "cosine" and self.warmup_epochs >= self.epochs:
             raise UserError(f"--warmup-epochs {self.warmup_epochs} leaves no epoch of the cosine schedule in "

@@ -276,18 +276,47 @@ def set_grad_checkpointing(model: nn.Module, name: str, head_name: str) -> int:
             return -1
         except (AssertionError, NotImplementedError):
             pass  # a timm model without it: by blocks below
-    head = model.get_submodule(head_name)
-    blocks = [block for seq in model.modules() if isinstance(seq, nn.Sequential) and seq is not head
-              for block in seq.children()
-              if any(True for _ in block.children()) and not isinstance(block, nn.Sequential)]
-    inner = {id(m) for block in blocks for m in block.modules() if m is not block}
-    blocks = [block for block in blocks if id(block) not in inner]  # a block inside another runs inside its check
+    blocks = model_blocks(model, head_name)
     if not blocks:
         raise UserError(f"--grad-checkpointing: {name} has no blocks tl can checkpoint (children of an "
                         "nn.Sequential with layers of their own); drop --grad-checkpointing")
     for block in blocks:
         block.forward = _checkpointed(block.forward)
     return len(blocks)
+
+
+def model_blocks(model: nn.Module, head_name: str) -> list[nn.Module]:
+    """A torchvision model's blocks in order: the children of an nn.Sequential that have layers of their own
+    (ResNet's BasicBlock/Bottleneck, a ViT's EncoderBlock, ConvNeXt's CNBlock), none inside another, not the head."""
+    head = model.get_submodule(head_name)
+    blocks = [block for seq in model.modules() if isinstance(seq, nn.Sequential) and seq is not head
+              for block in seq.children()
+              if any(True for _ in block.children()) and not isinstance(block, nn.Sequential)]
+    inner = {id(m) for block in blocks for m in block.modules() if m is not block}
+    return [block for block in blocks if id(block) not in inner]
+
+
+def layer_depths(model: nn.Module, head_name: str) -> tuple[dict[str, int], int]:
+    """Each parameter's layer, 0 (the input's) up to the top (the head's), and the top: timm's group_matcher
+    where the model has one (as timm's --layer-decay), else a torchvision model's blocks in order, what comes
+    before the first block as layer 0 and after the last with the head."""
+    names = [n for n, _ in model.named_parameters()]
+    head = {f"{head_name}.{n}" for n, _ in model.get_submodule(head_name).named_parameters()}
+    if hasattr(model, "group_matcher"):
+        from timm.models import group_parameters
+
+        layers = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+        top = max(layers.get(n, 0) for n in names if n not in head) + 1
+        return {n: top if n in head else layers.get(n, top) for n in names}, top
+    owner = {id(p): i for i, block in enumerate(model_blocks(model, head_name), 1) for p in block.parameters()}
+    if not owner:
+        raise UserError("--layer-decay: the model has no blocks to give learning rates by depth (children of "
+                        "an nn.Sequential with layers of their own); drop --layer-decay")
+    top, depths, current = max(owner.values()) + 1, {}, 0
+    for n, p in model.named_parameters():
+        current = owner.get(id(p), current)  # between blocks (a downsampling layer): the block before's depth
+        depths[n] = top if n in head else current
+    return depths, top
 
 
 def _checkpointed(forward):

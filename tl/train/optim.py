@@ -11,21 +11,28 @@ import torch
 from tl.core.config import Config
 
 
-def param_groups(net: torch.nn.Module, head: torch.nn.Module, cfg: Config) -> list[dict]:
+def param_groups(net: torch.nn.Module, head: torch.nn.Module, cfg: Config,
+                 depths: tuple[dict[str, int], int] | None = None) -> list[dict]:
     """What trains, grouped: {"name", "params", "lr", "weight_decay"}, the head's group first (its lr
-    is --lr, the one the metrics show). Parameters frozen for good (feature-extract) are left out."""
+    is --lr, the one the metrics show). Parameters frozen for good (feature-extract) are left out.
+    depths (--layer-decay: tl.model.network.layer_depths): the backbone in a group per layer, from the top
+    down, layer d's lr --lr x --backbone-lr-scale x D^(top - d)."""
     head_ids = {id(p) for p in head.parameters()}
     groups: dict[str, dict] = {}
-    for p in net.parameters():
+    for n, p in net.named_parameters():
         if not p.requires_grad:
             continue
-        part = "head" if id(p) in head_ids else "backbone"
+        depth = None if depths is None or id(p) in head_ids else depths[0][n]
+        part = "head" if id(p) in head_ids else "backbone" if depth is None else f"layer{depth}"
         # Biases and normalization parameters are not decayed (timm's and most recipes' rule).
         decay = cfg.weight_decay if p.ndim > 1 else 0.0
         name = part if not cfg.weight_decay or decay else f"{part}.no_decay"
         lr = cfg.lr * (1.0 if part == "head" else cfg.backbone_lr_scale)
+        if depth is not None:
+            lr *= cfg.layer_decay ** (depths[1] - depth)
         groups.setdefault(name, {"name": name, "params": [], "lr": lr, "weight_decay": decay})["params"].append(p)
-    order = ("head", "head.no_decay", "backbone", "backbone.no_decay")
+    layers = [f"layer{d}" for d in range(depths[1], -1, -1)] if depths else []
+    order = [f"{part}{suffix}" for part in ("head", "backbone", *layers) for suffix in ("", ".no_decay")]
     return [groups[name] for name in order if name in groups]
 
 

@@ -23,7 +23,14 @@ from tl.data.loaders import ImageSet, make_loaders
 from tl.data.preprocess import Preprocess, center_view, train_transform
 from tl.data.sources import DataSet, open_data
 from tl.data.splits import Split, choose_data_mode, usable_cpus
-from tl.model.network import build_model, check_input_size, preprocess_for, set_grad_checkpointing, weights_id
+from tl.model.network import (
+    build_model,
+    check_input_size,
+    layer_depths,
+    preprocess_for,
+    set_grad_checkpointing,
+    weights_id,
+)
 from tl.runs import provenance, rundir
 from tl.runs.checkpointer import Checkpointer, check_resumable
 from tl.runs.checkpoints import Identity
@@ -114,7 +121,12 @@ def setup(cfg: Config, accelerator: Accelerator, run: rundir.RunDir | None, out:
                         image_size=pre.crop, seed=cfg.seed, data=listing.fingerprint, recipe=recipe,
                         preprocessing=pre.meta())
     net = model.get_submodule(head_name) if frozen and cfg.feature_cache == "on" else model
-    groups = param_groups(net, model.get_submodule(head_name), cfg)
+    depths = layer_depths(model, head_name) if cfg.layer_decay != 1 else None
+    groups = param_groups(net, model.get_submodule(head_name), cfg, depths)
+    if depths and main:
+        rates = [g["lr"] for g in groups if not g["name"].startswith("head")]
+        print(f"layer decay {cfg.layer_decay:g}: {depths[1]} layers below the head, learning rates from "
+              f"{cfg.lr:.2g} (head) down to {min(rates):.2g} (the input's); every group in config.json")
     optimizer = build_optimizer(groups, cfg)
     scheduler = build_scheduler(optimizer, cfg)  # not prepared: Accelerate would step it once per process
     if resuming:  # before the slow decoding: a resume that cannot be exact is refused now
