@@ -459,7 +459,7 @@ def checks(res: dict) -> list[str]:
             out.append(f"- {mode}, {r['workers']} worker(s), {r['set_images']:,} {k} images: loader "
                        f"{r['per_worker_ips']:.0f} img/s per "
                        f"worker vs plain loop {r['plain_ips']:.0f} ({r['ratio']:.0%}): >= 80% {ok(r['ratio'] >= 0.8)}.")
-    for s in res["sets"]:
+    for s in res.get("sets", []):
         if s.get("crc"):
             c = s["crc"]
             out.append(f"- packed, {s['train'] + s['val']:,} {s['kind']} images: each image's CRC-32 check "

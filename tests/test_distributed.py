@@ -153,8 +153,9 @@ def test_a_diverging_loss_stops_every_process_with_one_line(tmp_path, odd_data):
 def test_every_lever_resumes_exactly_at_two_processes(tmp_path):
     """torchrun, 2 processes, 2 workers each, every accuracy lever (test_checkpoint's LEVERS): SIGKILL of the
     whole job inside an epoch, then --resume gives the uninterrupted job's metrics and best.safetensors."""
-    data = make_imagefolder(tmp_path / "d", n_train=36, n_val=5, size=40)  # 18 steps a process: one save inside
-    (data / "train" / "red" / "000.jpg").unlink()  # 71 images: one rank's last batch mixes a repeated image
+    # 22 steps a process: one save inside, at step 18 (--accumulate 3: saves fall on cycle ends)
+    data = make_imagefolder(tmp_path / "d", n_train=44, n_val=5, size=40)
+    (data / "train" / "red" / "000.jpg").unlink()  # 87 images: one rank's last batch mixes a repeated image
     args = [str(ROOT / "train.py"), "--data-dir", str(data), *MID, *LEVERS, "--batch-size", "2"]
     ref = run_cli(*launcher("torchrun"), *args, "--output-dir", str(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr[-3000:]

@@ -70,14 +70,13 @@ def test_no_network_falls_back_to_offline_and_says_how_to_sync(tmp_path, tiny_da
     assert any("val_acc" in r for r in history(find_run_file(tmp_path / "run")))
 
 
-def test_pictures_have_their_size_and_are_not_blank(tmp_path, tiny_data):
+def test_pictures_are_bounded_and_not_blank(tmp_path, tiny_data):
     out = tmp_path / "run"
     train(parse_args(["--data-dir", str(tiny_data), "--epochs", "2", "--weights", "none", "--output-dir", str(out),
                       "--wandb", "disabled", *FAST]))
-    sizes = {"predictions": (924, 840), "batch": (924, 507), "curves": (800, 352), "confusion": (346, 277)}
-    for name in PICTURES:
+    for name in PICTURES:  # sizes bounded (W&B and a page show them whole), not to the pixel
         with Image.open(out / f"{name}.png") as img:
-            assert img.size == sizes[name], name
+            assert 250 <= min(img.size) and max(img.size) <= 1100, (name, img.size)
             pixels = np.asarray(img.convert("L"), dtype=float)
         assert pixels.std() > 10 and (pixels < 128).mean() > 0.005, f"{name}.png looks blank"
     with Image.open(out / "batch.png") as img:  # the training photos themselves are there: red and blue

@@ -41,7 +41,7 @@ def check_resumable(path: Path, identity: Identity, epochs: int, data=None) -> d
     saved = identity_of(path, meta)
     changes = {}
     if data is not None and saved.data != identity.data:
-        changes["data"] = provenance.data_changes(path.parent, data)
+        changes["data"] = provenance.data_changes(path.with_name(rundir.LISTING), data)
     if data is not None and data.label_file:
         changes["classes"] = f"the classes of {data.called} ({identity.classes!r}, not {saved.classes!r})"
     differences = saved.differences(identity, changes)

@@ -150,13 +150,11 @@ def write_listing(path: Path, data) -> None:
     write_atomic(path, gzip.compress(json.dumps(listing_rows(data)).encode(), compresslevel=1, mtime=0))
 
 
-def data_changes(run_dir: Path, data) -> str | None:
-    """What changed in the data set since the run in run_dir began, in words: rows (images) relabelled,
-    moved to another split, added, removed, each with its first; None without the run's listing.json.gz."""
-    from tl.runs.rundir import LISTING
-
+def data_changes(listing: Path, data) -> str | None:
+    """What changed in the data set since the run began (its listing.json.gz, write_listing's), in words: rows
+    (images) relabelled, moved to another split, added, removed, each with its first; None without it."""
     try:
-        old = json.loads(gzip.decompress((run_dir / LISTING).read_bytes()))
+        old = json.loads(gzip.decompress(listing.read_bytes()))
         before = {p: (split, c) for split, rows in old.items() for p, c in rows}
     except (OSError, ValueError, EOFError, TypeError):
         return None
