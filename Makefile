@@ -53,9 +53,12 @@ bench: install  ## tl against the tutorial's loop, 25 epochs x 3 seeds, plus fin
 bench-quick: install  ## the same in a few minutes (2 epochs, one seed): a smoke test, not figures to quote
 	$(PY) bench/bench.py --quick --tl-args "--wandb disabled"
 
-.PHONY: bench-data bench-gpu bench-modes bench-recipes bench-levers bench-predict
+.PHONY: bench-data bench-gpu bench-modes bench-recipes bench-levers bench-predict bench-large
 bench-data: install  ## tl's data path on generated 1k/10k/100k small-JPEG sets (memory, stream, packed; ~10 min on 2 cores); writes bench/results-data.md
 	$(PY) bench/data.py --small --sizes 1000 10000 100000 --workers -1 1 --photo-sizes 2000 --max-loader-images 20000
+
+bench-large: install  ## a timm ViT-S/16 training step: memory and speed, with and without --grad-checkpointing (~2 min on 2 cores); writes bench/results-large.md
+	$(PY) bench/large.py
 
 bench-predict: install  ## python -m tl.predict: images/s at 1 vs 2 processes (one core each) and peak RSS at 10k vs 100k small JPEGs (~7 min on 2 cores); writes bench/results-predict.md
 	$(PY) bench/predict.py

@@ -112,3 +112,13 @@ def test_train_epoch_makes_no_host_sync_per_step(monkeypatch):
         stopper.restore()
     assert n == 2 * steps and math.isfinite(loss) and 0 <= acc <= 1
     assert 1 <= len(calls) <= math.ceil(steps / AGREE_EVERY) + 2, calls
+
+
+def test_large_bench_quick_measures_checkpointing(tmp_path):
+    r = run_cli("bench/large.py", "--quick", "--out", str(tmp_path), timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((tmp_path / "results-large.json").read_text())
+    full, ckpt = res["rows"]
+    assert (full["name"], ckpt["name"]) == ("finetune", "finetune + --grad-checkpointing")
+    assert 0 < ckpt["activations_mib"] < full["activations_mib"] and full["trainable"] == ckpt["trainable"]
+    assert "--grad-checkpointing cuts activation memory by" in (tmp_path / "results-large.md").read_text()
