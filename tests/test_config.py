@@ -186,6 +186,8 @@ def test_strict_images_takes_on_off_auto_and_reads_old_config_files(tmp_path):
     ("strict_images: off\n", "strict_images", "off"),  # YAML 1.1 made this false, which meant auto
     ("strict_images: on\n", "strict_images", "on"),
     ("strict_images: 'off'\n", "strict_images", "off"),
+    ("strict_images: Off\n", "strict_images", "off"),
+    ("compile: Yes\n", "compile", True),
     ("feature_cache: off\n", "feature_cache", "off"),  # was refused: must be a string, got False
     ("feature_cache: false\n", "feature_cache", "off"),
     ('{"feature_cache": false}', "feature_cache", "off"),

@@ -365,6 +365,8 @@ def option_value(name: str, value, source: str):
                 str: "a string" + (" or null" if f.default is None else "")}[kind]
         raise UserError(f"{source}: {name} must be {what}, got {value!r}; fix its value")
     choices = f.metadata.get("choices")
+    if choices and isinstance(value, str) and value not in choices and value.lower() in choices:
+        value = value.lower()  # `Off`, `ON`: YAML 1.1's spellings of its booleans, meant as the words
     if choices and value not in choices:
         raise UserError(f"{source}: {name} must be one of {', '.join(choices)}, got {value!r}; fix its value")
     return float(value) if kind is float else value
