@@ -284,10 +284,9 @@ def pack(src, dst, shard_size_mb: float = 256, workers: int | None = None, progr
     t0 = time.perf_counter()
     listing = open_data(src, data_root, label_file=not src.is_dir()).listing
     base = src if src.is_dir() else labels.base_dir(src, data_root)
-    if not src.is_dir():  # a pack holds train and val, as it does of a folder with test/
-        if listing.test:
-            warnings.warn(f"{len(listing.test)} test rows of {src} are not packed: a pack holds train and val; "
-                          "evaluate test from the label file", stacklevel=1)
+    if not src.is_dir() and listing.test:  # a pack holds train and val, as it does of a folder with test/
+        warnings.warn(f"{len(listing.test)} test rows of {src} are not packed: a pack holds train and val; "
+                      "evaluate test from the label file", stacklevel=1)
     if check_dst(src, dst, listing.classes, listing.fingerprint):
         meta = read_meta(dst)
         return {**meta, "already_packed": True}

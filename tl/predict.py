@@ -53,7 +53,7 @@ def predict(checkpoint_path, paths: list[str], weights: str | None = None, png: 
     """Without `out`: print each image's class and probability, and with labelled folders (class/img.jpg)
     the accuracy. With `out`: this process's share of the images into OUT's parts, then OUT when it
     finishes last. The checkpoint may also be a model written by tl.export. With val_of (a data dir)
-    the images are the run's val images of it (tl.data.sources.val_images); with data_file, a label file's."""
+    the images are the run's val images of it (tl.data.sources.open_run_data); with data_file, a label file's."""
     if sum(map(bool, (paths, val_of, data_file))) != 1:  # before loading anything
         raise UserError("pass image files or folders, --data-file LABELS for a label file's images, or --val-of "
                         "DATA_DIR for a run's val images (one of them)")

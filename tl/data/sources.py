@@ -31,8 +31,13 @@ def image_files(paths: list[str]) -> list[Path]:
             raise UserError(f"{p} does not exist; pass image files or folders of images")
     if not files:
         raise UserError(f"no images ({', '.join(IMG_EXTENSIONS)}) in {' '.join(paths)}")
-    seen = set()
-    return [f for f in files if not (f.resolve() in seen or seen.add(f.resolve()))]
+    seen, once = set(), []
+    for f in files:
+        real = f.resolve()
+        if real not in seen:
+            seen.add(real)
+            once.append(f)
+    return once
 
 
 def read_images(paths: list[str], classes: list[str], pre: Preprocess) -> Split:

@@ -162,12 +162,13 @@ def save_outputs(result: dict, images: list[torch.Tensor], out: Path, title: str
 
 def open_split(data: DataSet, split: str, pre: Preprocess) -> Split:
     """The run's val or test images of its data set, streamed (checked now, decoded when read)."""
-    if split == "test" and data.pack:
-        raise UserError(f"{data.path} is a pack, which holds no test split; use --split val, or pass --data-dir "
-                        "the folder with the test/ the run was evaluated on")
-    if split == "test" and data.label_file and not data.listing.test:
-        raise UserError(f"{data.path} has no test rows, so the run was not evaluated on a test split; use --split val")
-    if split == "test" and not data.listing.test:
+    if split == "test" and not data.listing.test:  # a pack holds none
+        if data.pack:
+            raise UserError(f"{data.path} is a pack, which holds no test split; use --split val, or pass --data-dir "
+                            "the folder with the test/ the run was evaluated on")
+        if data.label_file:
+            raise UserError(f"{data.path} has no test rows, so the run was not evaluated on a test split; use "
+                            "--split val")
         raise UserError(f"{data.path} has no test/ folder, so the run was not evaluated on a test split; use "
                         "--split val, or pass --data-dir a copy of the data set with its test/ folder")
     return data.split(split, pre)

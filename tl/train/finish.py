@@ -108,12 +108,13 @@ def finish(cfg: Config, s: Setup, p: Progress, run: RunDir | None, tracker: Trac
     """The summary on every process; the main process records --tta's and --calibrate's figures in
     best.safetensors, draws the pictures, writes the summary, says where it all is, and ends the tracker."""
     found = found or {}
-    summary, recorded, reliability_bins = summarize(cfg, s, p, run, found)
+    confusion = confusion_matrix(s.val_targets, torch.tensor(p.best_preds), len(s.identity.classes))  # the best epoch
+    summary, recorded, reliability_bins = summarize(cfg, s, p, run, found, confusion)
     if run is None:
         return summary
     if recorded:
         record_in_best(run, recorded)
-    pictures = draw_pictures(cfg, s, p, run, found, reliability_bins, summary)
+    pictures = draw_pictures(cfg, s, p, run, found, reliability_bins, summary, confusion)
     summary["total_seconds"] = time.perf_counter() - started
     run.write_json(rundir.SUMMARY, summary)
     outputs = [rundir.BEST, *(f.name for f in pictures.values()), rundir.METRICS, rundir.SUMMARY]
@@ -124,11 +125,11 @@ def finish(cfg: Config, s: Setup, p: Progress, run: RunDir | None, tracker: Trac
     return summary
 
 
-def summarize(cfg: Config, s: Setup, p: Progress, run: RunDir | None, found: dict) -> tuple[dict, dict, tuple | None]:
+def summarize(cfg: Config, s: Setup, p: Progress, run: RunDir | None, found: dict,
+              confusion: torch.Tensor) -> tuple[dict, dict, tuple | None]:
     """summary.json's figures (total_seconds still None), what best.safetensors should record of them, and
     --calibrate's reliability bins (before, after) for its picture."""
     classes = s.identity.classes
-    confusion = confusion_matrix(s.val_targets, torch.tensor(p.best_preds), len(classes))
     rows = p.history
     best_row = rows[p.best_epoch - 1]
     ema_won = best_row.get("ema_val_acc", -1.0) > best_row["val_acc"]  # --ema: the best epoch's averaged weights
@@ -158,20 +159,19 @@ def record_in_best(run: RunDir, recorded: dict) -> None:
 
 
 def draw_pictures(cfg: Config, s: Setup, p: Progress, run: RunDir, found: dict, reliability_bins: tuple | None,
-                  summary: dict) -> dict[str, Path]:
+                  summary: dict, confusion: torch.Tensor) -> dict[str, Path]:
     """The end's pictures, and batch.png (drawn at the start): {name: file} of every picture the run holds."""
     classes, truth = s.identity.classes, s.val_targets.tolist()
     shown = pick_examples(truth, p.best_preds, 16, cfg.seed)
     mistakes = sum(truth[i] != p.best_preds[i] for i in shown)
     pictures = {n: run.file(f) for n, f in rundir.PICTURES.items()}
-    save_predictions([s.val_images[i] for i in shown], [classes[truth[i]] for i in shown],
+    save_predictions([s.val_split.images[i] for i in shown], [classes[truth[i]] for i in shown],
                      [classes[p.best_preds[i]] for i in shown], [p.best_confidence[i] for i in shown],
                      pictures["predictions"],
                      f"val acc {p.best_val_acc:.4f} ({summary['val_correct']}/{len(truth)}), best epoch "
                      f"{p.best_epoch}; {len(shown)} shown, {mistakes} of them mistakes")
     save_curves(p.history, pictures["curves"], f"{cfg.mode} {cfg.model}: {run.path.name}")
-    save_confusion(confusion_matrix(s.val_targets, torch.tensor(p.best_preds), len(classes)), classes,
-                   pictures["confusion"])
+    save_confusion(confusion, classes, pictures["confusion"])
     if "test" in found:
         logits, split = found["test"]
         pictures["test_confusion"] = run.file(rundir.TEST_CONFUSION)

@@ -105,18 +105,18 @@ def train_epoch(model, loader, optimizer, accelerator, stopper: Stopper, epoch: 
     for step, (x, y_host) in enumerate(bar, start + 1):
         x, y = augment(*x) if augment else to_input(x, device, pre), y_host.to(device, non_blocking=True)
         x, soft = mixer(x, y, y_host, epoch, step) if mixer else (x, None)
-        first = (step - 1) // accumulate * accumulate + 1  # this cycle's first step
-        cycle_end = step - first + 1 == accumulate or step == last
+        first = (step - 1) // accumulate * accumulate + 1  # this cycle's first and last steps (an epoch's last
+        cycle_end = min(first + accumulate - 1, last)      # cycle may be shorter)
         if step == first:
             optimizer.zero_grad(set_to_none=True)
-        with contextlib.nullcontext() if cycle_end else accelerator.no_sync(model):
+        with contextlib.nullcontext() if step == cycle_end else accelerator.no_sync(model):
             logits = model(x)
             loss, hits = loss_and_hits(logits, y, soft, class_weight, label_smoothing)  # the mean over real images
-            # each micro-batch's share of its cycle's mean (the cycle ends early at the epoch's end)
-            accelerator.backward(loss if accumulate == 1 else loss / (min(first + accumulate - 1, last) - first + 1))
+            # each micro-batch's share of its cycle's mean
+            accelerator.backward(loss if accumulate == 1 else loss / (cycle_end - first + 1))
         real = (y != PAD).sum()  # a batch of only repeated images: loss nan, gradient 0, counted as nothing
         bad = torch.where(torch.isfinite(loss) | (real == 0) | (bad != NO_BAD_STEP), bad, -step)
-        if cycle_end:
+        if step == cycle_end:
             optimizer.step()
             if ema:
                 ema.update()

@@ -72,7 +72,6 @@ class Setup:
     val_loader: DataLoader
     val_targets: torch.Tensor
     val_split: Split  # the val images (the final evaluation reads them again: --tta, --calibrate)
-    val_images: list[torch.Tensor]
     open_test: Callable[[], Split] | None  # test/, read only at the end (evaluate_best)
     num_train: int
     skipped: list[str]
@@ -176,7 +175,7 @@ def setup(cfg: Config, accelerator: Accelerator, run: rundir.RunDir | None, out:
         identity=identity, data=data, model=model, net=net, optimizer=optimizer, scheduler=scheduler,
         train_set=train_set, sampler=sampler, train_loader=train_loader, val_loader=val_loader,
         val_targets=val_targets, shown=shown,
-        device_augment=device_augment, val_images=val_split.images, num_train=len(train_split.images),
+        device_augment=device_augment, num_train=len(train_split.images),
         skipped=train_split.skipped + val_split.skipped, frozen=frozen, cached=cached, groups=describe(groups),
         open_test=functools.partial(read_split, accelerator, data, "test", mode, pre, False, strict)
         if listing.test else None,  # read at the end: its images are not held through training
