@@ -3,14 +3,15 @@
     python -m tl.export --checkpoint runs/X/best.safetensors --format onnx|torchscript [--output PATH]
                         [--weights BASE] [--check VAL_DIR | --no-check]
 
-The exported model is the whole classifier (a feature-extract checkpoint is rebuilt with its base,
-as tl.predict does) taking uint8 RGB images, NCHW, already resized (shorter side to the resize
-size) and center-cropped to the image size, any batch size; it normalizes them itself exactly as
-tl does and returns float32 class probabilities. Its metadata (ONNX: metadata_props["tl"];
-TorchScript: the extra file tl.json) is one JSON document: the preprocessing, the classes, the
-run's identity and the checkpoint's sha256. Before anything is written the exported model runs
-over the run's val folder (or --check VAL_DIR) and must reproduce the run's best val accuracy; an
-existing output is kept when it holds this export, and a different file is never overwritten.
+The exported model is the whole classifier (a feature-extract or lora checkpoint is rebuilt with its
+base, as tl.predict does; lora's adapters are merged into the layers they adapt) taking uint8 RGB images,
+NCHW, already resized (shorter side to the resize size) and center-cropped to the image size, any batch
+size; it normalizes them itself exactly as tl does and returns float32 class probabilities. Its metadata
+(ONNX: metadata_props["tl"]; TorchScript: the extra file tl.json) is one JSON document: the
+preprocessing, the classes, the run's identity and the checkpoint's sha256. Before anything is written
+the exported model runs over the run's val folder (or --check VAL_DIR) and must reproduce the run's best
+val accuracy; an existing output is kept when it holds this export, and a different file is never
+overwritten.
 """
 
 import hashlib
@@ -192,7 +193,10 @@ def export(checkpoint_path, kind: str, output=None, weights: str | None = None, 
                    "meaning": "class probabilities (softmax), in the order of classes"},
         "torch": torch.__version__, "parity": None}
 
-    wrapper = Classifier(model, pre, *output_of(ckpt_meta)).eval()
+    # lora: the adapters merged into their layers (peft's merge_and_unload), a plain model of the base's class;
+    # the parity check compares it with the model as it trained, adapters apart.
+    plain = load_model(checkpoint_path, weights, merged=True)[0] if identity.mode == "lora" else model
+    wrapper = Classifier(plain, pre, *output_of(ckpt_meta)).eval()
     example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
     with torch.no_grad(), quiet_deprecations(), warnings.catch_warnings():
         # --tta crops reads the input's size as numbers: right, as an export takes one size (image_size).
@@ -220,7 +224,7 @@ def main(argv=None):
     parser.add_argument("--format", required=True, choices=sorted(SUFFIXES), dest="kind")
     parser.add_argument("--output", help="the file to write (default: next to the checkpoint, best.onnx or "
                         "best.torchscript.pt); an existing different file is never overwritten")
-    parser.add_argument("--weights", help="the base weights file a feature-extract run used, when it was a "
+    parser.add_argument("--weights", help="the base weights file a feature-extract or lora run used, when it was a "
                         "local file (torchvision weights are found by name)")
     parity = parser.add_mutually_exclusive_group()
     parity.add_argument("--check", metavar="VAL_DIR", help="the val folder to check the export on (default: "

@@ -11,8 +11,9 @@ same command goes on where a kill stopped it, and the last process to finish mer
 OUT, identical to what one process writes. With labels (class folders, a pack, a label file) it prints accuracy,
 balanced accuracy and the confusion matrix.
 
-A feature-extract checkpoint holds only the head: the backbone is rebuilt from the base weights it
-names (the torchvision weights, or the local file passed with --weights, checked by sha256).
+A feature-extract checkpoint holds only the head (a lora one the head and the adapters): the backbone is
+rebuilt from the base weights it names (the torchvision weights, or the local file passed with --weights,
+checked by sha256).
 --checkpoint may also be a model written by tl.export (ONNX or TorchScript), recognized by its content.
 """
 
@@ -326,7 +327,7 @@ def main(argv=None):
     parser = Parser(prog="python -m tl.predict", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a run's best.safetensors, or a .onnx / "
                         ".torchscript.pt file written by python -m tl.export")
-    parser.add_argument("--weights", help="the base weights file a feature-extract run used, when it "
+    parser.add_argument("--weights", help="the base weights file a feature-extract or lora run used, when it "
                         "was a local file (torchvision weights are found by name)")
     parser.add_argument("--out", metavar="FILE", help="write the predictions to FILE (CSV, or JSON lines for "
                         ".jsonl) instead of printing them: any number of images, several processes, resumable")

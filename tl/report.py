@@ -372,8 +372,8 @@ def main(argv=None):
                         "the data set's test/ folder)")
     errors.add_argument("--top", type=number(int, 1, 1000), help="how many highest-loss images to show (default 16; "
                         "errors.png shows the first 16)")
-    errors.add_argument("--weights", help="the base weights file a feature-extract run used, when it was a local "
-                        "file (torchvision weights are found by name)")
+    errors.add_argument("--weights", help="the base weights file a feature-extract or lora run used, when it was a "
+                        "local file (torchvision weights are found by name)")
     errors.add_argument("--data-dir", help="where the run's data set is now (default: config.json's data_dir)")
 
     def go():

@@ -13,7 +13,7 @@ from pathlib import Path
 from tl.core.cli import Parser, Range
 from tl.core.errors import UserError
 
-MODES = ("finetune", "feature-extract")
+MODES = ("finetune", "feature-extract", "lora")
 # On --resume every option is honoured exactly or refused. These go into the run's Identity and
 # must equal the saved run's (with the data's fingerprint, the classes and the resolved precision
 # and process count); the others may change: the data may move, more epochs may follow, W&B and
@@ -25,7 +25,8 @@ RECIPE = ("batch_size", "lr", "momentum", "step_size", "gamma", "train_size", "f
 # Recipe options newer than the checkpoint format: in a run's recipe only when not at their default, so
 # a run that does not use them saves what it saved before, and a saved run without them resumes.
 RECIPE_EXTRAS = ("random_erasing", "mixup", "cutmix", "ema", "class_weights", "sampler", "tta", "calibrate",
-                 "accumulate", "grad_checkpointing", "layer_decay")
+                 "accumulate", "grad_checkpointing", "layer_decay", "lora_rank", "lora_alpha", "lora_targets")
+LORA = ("lora_rank", "lora_alpha", "lora_targets")  # --mode lora's options: in a lora run's recipe always
 POLICIES = ("randaugment", "trivialaugment", "autoaugment")  # --augment: torchvision v2's, in the loader
 
 # The values each numeric option takes, checked by Config.validate (command line and config file alike).
@@ -50,6 +51,8 @@ RANGES = {
     "num_workers": Range(-1, says="must be 0 or more, or -1 for the default"),
     "accumulate": Range(1, says="must be 1 (off) or more micro-batches per optimizer step"),
     "layer_decay": Range(0, 1, above=True, says="must be above 0 and at most 1 (off), e.g. 0.75"),
+    "lora_rank": Range(1, says="must be 1 or more (the adapters' inner dimension, e.g. 8 or 16)"),
+    "lora_alpha": Range(0, above=True, says="must be above 0 (the adapters' scale is alpha / rank), e.g. 16"),
 }
 RESUME_FREE = ("data_dir", "data_zip", "data_file", "data_root", "data_mode", "save_every", "epochs", "strict_images",
                "precision", "output_dir",
@@ -72,8 +75,9 @@ def _opt(default, help, **kw):
 
 @dataclass
 class Config:
-    mode: str = _opt("finetune", "finetune: train every layer; feature-extract: freeze the "
-                     "backbone, train only the new final layer", choices=MODES)
+    mode: str = _opt("finetune", "finetune: train every layer; feature-extract: freeze the backbone, train only the "
+                     "new final layer; lora: freeze the backbone, train low-rank adapters in its layers (peft's "
+                     "LoRA, see --lora-rank) and the new final layer", choices=MODES)
     data_dir: str = _opt("data/hymenoptera_data", "an ImageFolder root holding train/ and val/ with the same "
                          "class folders (the tutorial's set is downloaded there if missing), or a packed set "
                          "(python -m tl.pack)")
@@ -176,6 +180,12 @@ class Config:
                                     "pass and recompute the rest in the backward pass (less memory, more time; the "
                                     "same loss and gradients); timm's set_grad_checkpointing, torch.utils.checkpoint "
                                     "over a torchvision model's blocks")
+    lora_rank: int = _opt(8, "--mode lora: the adapters' rank r (each adapted layer's weight W gets W + "
+                          "alpha/r * B A, with A r x in and B out x r)")
+    lora_alpha: float = _opt(16.0, "--mode lora: the adapters' scale numerator alpha (scale alpha / rank)")
+    lora_targets: str = _opt("", "--mode lora: the layers to adapt, comma-separated: a layer's name, its last parts "
+                             "(qkv, attn.proj, conv2) or a regular expression over full names; default: every "
+                             "linear and convolution layer (attention too) inside the model's blocks")
     save_every: float = _opt(0.0, "also save the training state inside an epoch every this many minutes (0: at "
                              "the end of each epoch only); a stop signal always saves at the step where it stops")
     compile: bool = _opt(False, "torch.compile what trains: on GPUs faster once compiled (a minute or so), on "
@@ -206,16 +216,18 @@ class Config:
         (and --epochs under the cosine schedule, which spans them)."""
         cosine = {"epochs": self.epochs} if self.schedule == "cosine" else {}
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        extras = {name: getattr(self, name) for name in RECIPE_EXTRAS if getattr(self, name) != defaults[name]}
+        extras = {name: getattr(self, name) for name in RECIPE_EXTRAS
+                  if getattr(self, name) != defaults[name] or (self.mode == "lora" and name in LORA)}
         return {name: getattr(self, name) for name in RECIPE} | cosine | extras
 
     def strict(self) -> bool:
         """Whether an unreadable image ends the run (--strict-images)."""
         return self.strict_images == "on" or (self.strict_images == "auto" and self.data_file is not None)
 
-    def validate(self, named=None) -> "Config":
+    def validate(self, named=None, given=frozenset()) -> "Config":
         """Every check of the options; named(option) says where a value came from ("--data-root", or
-        "data_root in c.yaml" for a config file's), for the checks between options."""
+        "data_root in c.yaml" for a config file's), for the checks between options; given: the options the
+        command line or a config file gave (not left at their defaults)."""
         named = named or (lambda name: "--" + name.replace("_", "-"))
         for f in dataclasses.fields(self):
             if f.type is float and not math.isfinite(getattr(self, f.name)):
@@ -234,6 +246,16 @@ class Config:
             flag = "--freeze-epochs" if self.freeze_epochs else "--backbone-lr-scale" if self.backbone_lr_scale != 1 \
                 else "--layer-decay"
             raise UserError(f"{flag} is for --mode finetune; feature-extract keeps the backbone frozen throughout")
+        if self.mode == "lora" and self.freeze_epochs:
+            raise UserError("--freeze-epochs is for --mode finetune; lora's adapters start as no change to the base "
+                            "(their B is 0), so the first epochs already train the head on the base's features")
+        if self.mode == "lora" and self.feature_cache == "on" and "feature_cache" in given:
+            raise UserError("--feature-cache on: lora trains adapters inside the backbone, so its features change "
+                            "every step and cannot be computed once; drop --feature-cache")
+        if self.mode != "lora" and any(getattr(self, name) != Config.__dataclass_fields__[name].default
+                                       for name in LORA):
+            name = next(n for n in LORA if getattr(self, n) != Config.__dataclass_fields__[n].default)
+            raise UserError(f"{named(name)} is for --mode lora; add --mode lora or drop it")
         if self.schedule == "cosine" and self.warmup_epochs >= self.epochs:
             raise UserError(f"--warmup-epochs {self.warmup_epochs} leaves no epoch of the cosine schedule in "
                             f"--epochs {self.epochs}; warm up for fewer epochs")
@@ -433,10 +455,9 @@ def parse_args(argv=None) -> Config:
             parser.add_argument(flag, type=kind, default=f.default, help=help,
                                 choices=f.metadata.get("choices"))
     args = parser.parse_args(argv)
-    config, from_file = args.config, {}
+    config, from_file, given = args.config, {}, given_flags(parser, argv)
     if config:  # the file's values become the defaults, so the flags given override them
         from_file = file_options(read_mapping(config), config)
-        given = given_flags(parser, argv)
         if given & {"data_dir", "data_zip", "data_file"}:  # a flag's data set replaces the file's
             from_file = {k: v for k, v in from_file.items() if k not in DATA_SOURCE}
         parser.set_defaults(**from_file)
@@ -445,4 +466,4 @@ def parse_args(argv=None) -> Config:
     options = vars(args)
     del options["config"]  # where the options came from is not one of them (config.json holds the options)
     return Config(**options).validate(lambda name: f"{name} in {config}" if name in from_file else
-                                      "--" + name.replace("_", "-"))
+                                      "--" + name.replace("_", "-"), given | set(from_file))

@@ -10,10 +10,12 @@ import torch
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
+from tl.core.config import Config
 from tl.core.errors import UserError
 from tl.data.preprocess import Preprocess, to_input
 from tl.model.evaluation import predict_probs
-from tl.model.network import build_model, weights_id
+from tl.model.lora import adapted_layers, add_adapters
+from tl.model.network import build_model, trained_part, weights_id
 from tl.runs import checkpoints, rundir
 from tl.runs.checkpoints import Identity
 
@@ -30,7 +32,7 @@ def base_weights_arg(identity: Identity, weights: str | None) -> str:
         if base.startswith("sha256:"):
             where = (f" ({recorded}, {'which now holds other weights' if os.path.isfile(recorded) else 'not there'})"
                      if recorded else "")
-            raise UserError(f"this feature-extract checkpoint was trained on a local weights file{where}; pass "
+            raise UserError(f"this {identity.mode} checkpoint was trained on a local weights file{where}; pass "
                             "that file with --weights (its sha256 is checked)")
         if base.startswith("timm:"):  # timm's pretrained weights of the tag load_model puts in the model name
             return "DEFAULT"
@@ -42,27 +44,44 @@ def base_weights_arg(identity: Identity, weights: str | None) -> str:
     return weights
 
 
-def load_model(path, weights: str | None = None) -> tuple[torch.nn.Module, dict]:
-    """The trained classifier a checkpoint describes, in eval mode, on the CPU."""
+def load_model(path, weights: str | None = None, merged: bool = False) -> tuple[torch.nn.Module, dict]:
+    """The trained classifier a checkpoint describes, in eval mode, on the CPU. A lora checkpoint's model has
+    its adapters apart, as it trained, or with merged=True merged into the base layers (a plain model of the
+    base's class, as tl.export writes it)."""
     tensors, meta = checkpoints.load(path)
     identity = checkpoints.identity_of(path, meta)
     classes = identity.classes
-    frozen = identity.mode == "feature-extract"
+    partial = identity.mode != "finetune"  # the checkpoint holds the head (and adapters): the base is rebuilt
     set_seed(identity.seed)  # a random-init base is rebuilt from the run's seed
-    base = base_weights_arg(identity, weights) if frozen else "none"
-    if weights is not None and not frozen:
+    base = base_weights_arg(identity, weights) if partial else "none"
+    if weights is not None and not partial:
         weights_id(weights, identity.model)  # checked to exist, though a finetune checkpoint holds every weight
     # timm: the tag the run resolved (timm:ARCH.TAG), even if this timm's default tag for the name is another
-    timm_tag = frozen and identity.base_weights.startswith("timm:")
+    timm_tag = partial and identity.base_weights.startswith("timm:")
     name = "timm/" + identity.base_weights.removeprefix("timm:") if timm_tag else identity.model
     model, head = build_model(name, base, len(classes), identity.mode)
+    tuner = None
+    if identity.mode == "lora":  # the adapters where the run put them (their names), of the run's rank and scale
+        layers = adapted_layers(tensors)
+        rank = next((v.shape[0] for k, v in tensors.items() if ".lora_A." in k), 0)
+        if not layers or not rank:
+            raise UserError(f"checkpoint {path} is a lora checkpoint without adapters; it is damaged: use an intact "
+                            "copy")
+        alpha = identity.recipe.get("lora_alpha", Config.lora_alpha)
+        tuner = add_adapters(model, head, layers, rank, alpha)
+    expected = set(trained_part(model.state_dict(), identity.mode, head))
     try:
-        missing, unexpected = model.load_state_dict(tensors, strict=not frozen)
+        missing, unexpected = model.load_state_dict(tensors, strict=not partial)
     except RuntimeError as e:
         raise UserError(f"checkpoint {path} does not fit {meta['model']}: "
                         f"{str(e).splitlines()[1].strip()}") from None
-    if unexpected or any(k.startswith(head + ".") for k in missing):
-        raise UserError(f"checkpoint {path} does not hold the {head} head of {meta['model']}")
+    lacking = sorted(expected & set(missing))
+    if unexpected or lacking:
+        what = f"the {head} head" if any(k.startswith(head + ".") for k in lacking) or not lacking else \
+            f"adapters the model has ({lacking[0]} ...)"
+        raise UserError(f"checkpoint {path} does not hold {what} of {meta['model']}")
+    if tuner is not None and merged:
+        model = tuner.merge_and_unload()
     return model.eval(), meta
 
 

@@ -18,6 +18,7 @@ from tl.data.preprocess import INTERPOLATIONS, Preprocess
 
 CLASSIFIERS = torchvision.models.list_models(module=torchvision.models)
 TIMM = "timm/"  # --model timm/NAME: timm.create_model(NAME), NAME optionally with its pretrained tag
+ADAPTER = ".lora_"  # in the state_dict key of every LoRA adapter tensor (tl.model.lora)
 
 
 def is_weights_file(weights: str) -> bool:
@@ -226,12 +227,13 @@ def timm_preprocess(model: nn.Module) -> dict:
 def build_model(name: str, weights: str, num_classes: int, mode: str) -> tuple[nn.Module, str]:
     """The named classifier with its final layer replaced by one for num_classes outputs.
 
-    Returns the model and the head's module name. In feature-extract mode everything except the
-    head has requires_grad=False; the loop also keeps that part in eval mode (frozen BatchNorm).
+    Returns the model and the head's module name. In feature-extract and lora mode everything except the
+    head has requires_grad=False (lora's adapters come later: tl.model.lora); the loop also keeps the model in
+    eval mode (frozen BatchNorm).
     """
     if name.startswith(TIMM):
         model, head_name = build_timm(name.removeprefix(TIMM), weights, num_classes)
-        set_frozen(model, head_name, mode == "feature-extract")
+        set_frozen(model, head_name, mode != "finetune")
         return model, head_name
     if name not in CLASSIFIERS:
         close = difflib.get_close_matches(name, CLASSIFIERS, n=3)
@@ -260,7 +262,7 @@ def build_model(name: str, weights: str, num_classes: int, mode: str) -> tuple[n
     head_name, old = linears[-1]
     head = nn.Linear(old.in_features, num_classes)
     model.set_submodule(head_name, head)
-    set_frozen(model, head_name, mode == "feature-extract")
+    set_frozen(model, head_name, mode != "finetune")
     return model, head_name
 
 
@@ -325,6 +327,14 @@ def _checkpointed(forward):
             return forward(*args, **kwargs)
         return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
     return run
+
+
+def trained_part(state: dict, mode: str, head: str) -> dict:
+    """What a mode trains, of a model's state dict (and what its checkpoints hold): everything (finetune), the
+    head (feature-extract), the head and the adapters (lora)."""
+    if mode == "finetune":
+        return state
+    return {k: v for k, v in state.items() if k.startswith(head + ".") or (mode == "lora" and ADAPTER in k)}
 
 
 def set_frozen(model: nn.Module, head_name: str, frozen: bool) -> None:

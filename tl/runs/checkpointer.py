@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from tl.core.errors import UserError
+from tl.model.network import trained_part
 from tl.runs import provenance, rundir
 from tl.runs.checkpoints import (
     FORMAT_VERSION,
@@ -67,14 +68,13 @@ class Checkpointer:
         self.optimizer, self.scheduler = optimizer, scheduler
         self.best_meta = best_meta  # written into best.safetensors besides the identity: how the run evaluated
         self.ema = ema  # --ema: a tl.train.ema.WeightEMA, saved beside the weights
-        self.frozen = identity.mode == "feature-extract"
         self.progress = Progress()
         self.extra: dict[str, torch.Tensor] = {}  # a mid-epoch state's generator states, per process
 
     def trained(self) -> dict[str, torch.Tensor]:
-        """What this mode trains: every tensor, or only the head's."""
-        state = self.model.state_dict()
-        return {k: v for k, v in state.items() if k.startswith(self.identity.head + ".")} if self.frozen else state
+        """What this mode trains (tl.model.network.trained_part): every tensor, the head's, or the head's and
+        the adapters'."""
+        return trained_part(self.model.state_dict(), self.identity.mode, self.identity.head)
 
     def averaged(self) -> dict[str, torch.Tensor] | None:
         return self.ema.state_dict() if self.ema else None
@@ -86,7 +86,7 @@ class Checkpointer:
             expected = set(self.trained())
             if set(tensors) != expected:
                 raise ValueError(f"it holds {len(tensors)} model tensors, this run trains {len(expected)}")
-            self.model.load_state_dict(tensors, strict=not self.frozen)
+            self.model.load_state_dict(tensors, strict=self.identity.mode == "finetune")
             if self.ema:
                 self.ema.load_state_dict(meta["averaged"])
             _check_optimizer_state(self.optimizer, optimizer_state)

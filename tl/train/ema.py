@@ -1,7 +1,9 @@
 """--ema DECAY: an exponential moving average of the trained weights, updated after every step.
 
 torch's AveragedModel with its EMA function, averaging BatchNorm's running statistics as well
-(use_buffers). Finetune averages the whole model; feature-extract only the head it trains. Its
+(use_buffers). Finetune averages the whole model; feature-extract only the head it trains; lora the whole
+model too (its adapters are spread through it; the frozen rest averages to itself exactly, as a lerp between
+equal values is that value), and saves the adapters and the head. Its
 step counter lives on the CPU: AveragedModel reads it on the host every update, which on a GPU
 would be a device sync per step.
 """
@@ -11,11 +13,13 @@ import contextlib
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from tl.model.network import trained_part
+
 
 class WeightEMA:
-    def __init__(self, model: torch.nn.Module, head: str, frozen: bool, decay: float, device):
-        self.model, self.head, self.frozen = model, head, frozen
-        self.source = model.get_submodule(head) if frozen else model
+    def __init__(self, model: torch.nn.Module, head: str, mode: str, decay: float, device):
+        self.model, self.head, self.mode = model, head, mode
+        self.source = model.get_submodule(head) if mode == "feature-extract" else model
         self.averaged = AveragedModel(self.source, device, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
         self.averaged.n_averaged = self.averaged.n_averaged.cpu()
 
@@ -26,7 +30,9 @@ class WeightEMA:
     def trained(self) -> dict[str, torch.Tensor]:
         """The averaged weights under the model's own names, as Checkpointer.trained gives the model's."""
         state = self.averaged.module.state_dict()
-        return {f"{self.head}.{k}": v for k, v in state.items()} if self.frozen else state
+        if self.source is not self.model:
+            state = {f"{self.head}.{k}": v for k, v in state.items()}
+        return trained_part(state, self.mode, self.head)
 
     @contextlib.contextmanager
     def swapped_in(self, evaluated: torch.nn.Module):

@@ -51,7 +51,7 @@ def evaluate_best(cfg: Config, s: Setup, accelerator: Accelerator, out: Path,
         return {}
     accelerator.wait_for_everyone()  # best.safetensors is the main process's write
     tensors, _ = checkpoints.load(out / rundir.BEST)
-    s.model.load_state_dict(tensors, strict=not s.frozen)
+    s.model.load_state_dict(tensors, strict=s.identity.mode == "finetune")
     model, found = s.model.eval(), {}
     for name, split in splits.items():
         loader = eval_loader(ImageSet(split), batch_size, s.workers, accelerator.process_index,

@@ -23,6 +23,7 @@ from tl.data.loaders import ImageSet, make_loaders
 from tl.data.preprocess import Preprocess, center_view, train_transform
 from tl.data.sources import DataSet, open_data
 from tl.data.splits import Split, choose_data_mode, usable_cpus
+from tl.model.lora import add_adapters, resolve_targets, summary
 from tl.model.network import (
     build_model,
     check_input_size,
@@ -80,7 +81,7 @@ class Setup:
     workers: int  # DataLoader workers of image loaders
     pre: Preprocess  # sizes, interpolation, mean and std of the model's input
     pre_source: str  # where pre comes from, for the start line
-    frozen: bool
+    frozen: bool  # the base does not train (feature-extract, lora): the model stays in eval mode
     cached: bool  # feature-extract on the feature cache: net is the head
     mixer: BatchMix | None  # --mixup/--cutmix on a device batch
     class_weight: torch.Tensor | None  # --class-weights auto, on the device
@@ -94,9 +95,10 @@ def setup(cfg: Config, accelerator: Accelerator, run: rundir.RunDir | None, out:
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     data = open_data_set(cfg, accelerator, out)
     listing = data.listing
-    frozen = cfg.mode == "feature-extract"
+    frozen = cfg.mode != "finetune"  # the base stays as it is (lora: but for its adapters)
+    cache = cfg.mode == "feature-extract" and cfg.feature_cache == "on"
     if frozen and cfg.weights.lower() == "none" and main:
-        warnings.warn("feature-extract with --weights none trains a head on a frozen random backbone, which "
+        warnings.warn(f"{cfg.mode} with --weights none trains on a frozen random backbone, which "
                       "learns little; pass pretrained weights or use --mode finetune", stacklevel=1)
     set_seed(cfg.seed)  # the same new head on every process, and on resume
     with accelerator.local_main_process_first():  # one weights download per node
@@ -105,8 +107,15 @@ def setup(cfg: Config, accelerator: Accelerator, run: rundir.RunDir | None, out:
     if pre_source.startswith("note:") and main:
         print(pre_source)
     check_input_size(model, cfg.model, pre)
+    if cfg.mode == "lora":
+        targets = resolve_targets(model, head_name, cfg.lora_targets)
+        add_adapters(model, head_name, targets, cfg.lora_rank, cfg.lora_alpha)
+        if main:
+            trains = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            print(f"lora: rank {cfg.lora_rank} adapters on {len(targets)} layers ({summary(dict.fromkeys(targets))}),"
+                  f" {trains:,} of {sum(p.numel() for p in model.parameters()):,} parameters train")
     if cfg.grad_checkpointing:
-        if frozen and cfg.feature_cache == "on":
+        if cache:
             raise UserError("--grad-checkpointing saves memory in the backward pass through the backbone; "
                             "feature-extract on the feature cache has none: drop one of them")
         set_grad_checkpointing(model, cfg.model, head_name)
@@ -119,7 +128,7 @@ def setup(cfg: Config, accelerator: Accelerator, run: rundir.RunDir | None, out:
                         base_weights=weights_id(cfg.weights, cfg.model), weights=cfg.weights, head=head_name,
                         image_size=pre.crop, seed=cfg.seed, data=listing.fingerprint, recipe=recipe,
                         preprocessing=pre.meta())
-    net = model.get_submodule(head_name) if frozen and cfg.feature_cache == "on" else model
+    net = model.get_submodule(head_name) if cache else model
     depths = layer_depths(model, head_name) if cfg.layer_decay != 1 else None
     groups = param_groups(net, model.get_submodule(head_name), cfg, depths)
     if depths and main:
@@ -170,7 +179,7 @@ def setup(cfg: Config, accelerator: Accelerator, run: rundir.RunDir | None, out:
                           + (f"on {accelerator.device}" if train_loader.dataset.device.type == "cuda"
                              else f"memory-mapped from {out / rundir.FEATURES}"))
     classes = len(listing.classes)
-    ema = WeightEMA(model, head_name, frozen, cfg.ema, accelerator.device) if cfg.ema else None
+    ema = WeightEMA(model, head_name, cfg.mode, cfg.ema, accelerator.device) if cfg.ema else None
     setup = Setup(
         identity=identity, data=data, model=model, net=net, optimizer=optimizer, scheduler=scheduler,
         train_set=train_set, sampler=sampler, train_loader=train_loader, val_loader=val_loader,
