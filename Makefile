@@ -53,11 +53,11 @@ bench: install  ## tl against the tutorial's loop, 25 epochs x 3 seeds, plus fin
 bench-quick: install  ## the same in a few minutes (2 epochs, one seed): a smoke test, not figures to quote
 	$(PY) bench/bench.py --quick --tl-args "--wandb disabled"
 
-.PHONY: bench-data bench-gpu bench-modes bench-recipes bench-levers bench-predict bench-large
+.PHONY: bench-data bench-gpu bench-modes bench-recipes bench-levers bench-predict bench-large bench-lora
 bench-data: install  ## tl's data path on generated 1k/10k/100k small-JPEG sets (memory, stream, packed; ~10 min on 2 cores); writes bench/results-data.md
 	$(PY) bench/data.py --small --sizes 1000 10000 100000 --workers -1 1 --photo-sizes 2000 --max-loader-images 20000
 
-bench-large: install  ## a timm ViT-S/16 training step: memory and speed, with and without --grad-checkpointing (~2 min on 2 cores); writes bench/results-large.md
+bench-large: install  ## a timm ViT-S/16 training step, finetune and --mode lora, each with and without --grad-checkpointing: memory, speed, optimizer state, checkpoint bytes (~4 min on 2 cores); writes bench/results-large.md
 	$(PY) bench/large.py
 
 bench-predict: install  ## python -m tl.predict: images/s at 1 vs 2 processes (one core each) and peak RSS at 10k vs 100k small JPEGs (~7 min on 2 cores); writes bench/results-predict.md
@@ -84,6 +84,14 @@ bench-recipes: install  ## RECIPE and the accuracy levers against the tutorial's
 		--config "imbalanced: recipe=--data-dir {imbalanced} --mode finetune $(RECIPE)" \
 		--config "imbalanced: + class weights=--data-dir {imbalanced} --mode finetune $(RECIPE) --class-weights auto" \
 		--config "imbalanced: + balanced sampler=--data-dir {imbalanced} --mode finetune $(RECIPE) --sampler balanced"
+
+bench-lora: install  ## LoRA (rank 8 and 16) against finetune, feature-extract and finetune with --layer-decay on hymenoptera, 25 epochs x 3 seeds (~50 min on 2 cores; goes on where it stopped); writes bench/results-lora.md
+	$(PY) bench/seeds.py --epochs 25 --title "LoRA and layer-wise decay against the tutorial's scenarios, best val accuracy over seeds" \
+		--out bench/results-lora.md --results bench/results-lora.json \
+		--config "finetune=--mode finetune" --config "feature-extract=--mode feature-extract" \
+		--config "lora r8=--mode lora" --config "lora r16=--mode lora --lora-rank 16 --lora-alpha 32" \
+		--config "lora r8, lr 0.01=--mode lora --lr 0.01" \
+		--config "finetune, layer decay 0.75=--mode finetune --layer-decay 0.75"
 
 bench-levers: install  ## what EMA, mixup/cutmix and the augmentation policies cost, measured in one run (~15 min on 2 cores); writes bench/results-levers-cost.md
 	$(PY) bench/levers.py

@@ -1,5 +1,6 @@
-"""Large backbones: memory and speed of a training step of a timm ViT, full finetune with and without
---grad-checkpointing (tl's own set_grad_checkpointing), one fresh process per configuration.
+"""Large backbones: memory and speed of a training step of a timm ViT, full finetune and --mode lora (rank 8,
+the default targets), each with and without --grad-checkpointing, one fresh process per configuration; and the
+bytes of a lora checkpoint against a full one.
 
     .venv/bin/python bench/large.py [--model vit_small_patch16_224] [--image-size 224] [--batch-size 8]
                                     [--steps 8] [--out bench/] [--quick]
@@ -9,9 +10,12 @@ weights, a new 2-class head), tl's optimizer groups and SGD, bf16 autocast where
 default), warm-up steps, then timed steps on random tensors already in memory (no data pipeline).
 *activations*: the bytes the forward pass keeps for the backward pass, counted exactly with
 torch.autograd.graph.saved_tensors_hooks over one forward (each storage once); with checkpointing only what
-the blocks' boundaries keep. *peak RSS* is the process's, for scale (the allocator keeps freed pages, so RSS
-differences do not measure activations). Targets (issue #29): checkpointing cuts activation memory by at
-least 40% at <= 40% more time per step.
+the blocks' boundaries keep. *optimizer state*: the optimizer's tensors after the steps (SGD momentum, one
+per trained parameter; AdamW's would be two). *peak RSS* is the process's, for scale (the allocator keeps freed
+pages, so RSS differences do not measure activations). *checkpoint*: the safetensors bytes of what the mode
+trains (best.safetensors), for the benchmarked model and for vit_base_patch16_224. Targets (issue #29):
+checkpointing cuts activation memory by at least 40% at <= 40% more time per step; LoRA trains < 3% of the
+parameters, with optimizer state in proportion; its checkpoint is well under 5% of a full one's bytes.
 """
 
 import argparse
@@ -27,7 +31,25 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
-CONFIGS = {"finetune": [], "finetune + --grad-checkpointing": ["grad_checkpointing"]}
+CONFIGS = {"finetune": [], "finetune + --grad-checkpointing": ["grad_checkpointing"], "lora": ["lora"],
+           "lora + --grad-checkpointing": ["lora", "grad_checkpointing"]}
+CHECKPOINT_MODELS = ("vit_base_patch16_224",)  # checkpoint bytes only, besides the benchmarked model
+
+
+def checkpoint_bytes(name: str, mode: str) -> int:
+    """The bytes of best.safetensors for a mode: what it trains, as float32 safetensors."""
+    import torch
+    from safetensors.torch import save
+
+    sys.path.insert(0, str(ROOT))
+    from tl.model.lora import add_adapters, default_targets
+    from tl.model.network import build_model, trained_part
+
+    torch.manual_seed(0)
+    model, head = build_model(f"timm/{name}", "none", 2, mode)
+    if mode == "lora":
+        add_adapters(model, head, default_targets(model, head), 8, 16)
+    return len(save({k: v.contiguous() for k, v in trained_part(model.state_dict(), mode, head).items()}))
 
 
 def child(cfg: dict) -> dict:
@@ -35,6 +57,7 @@ def child(cfg: dict) -> dict:
 
     sys.path.insert(0, str(ROOT))
     from tl.core.config import parse_args
+    from tl.model.lora import add_adapters, default_targets
     from tl.model.network import build_model, set_grad_checkpointing
     from tl.train.loop import cpu_has_bf16
     from tl.train.optim import build_optimizer, param_groups
@@ -42,15 +65,18 @@ def child(cfg: dict) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     name = f"timm/{cfg['model']}"
-    model, head = build_model(name, "none", 2, "finetune")
+    mode = "lora" if "lora" in cfg["flags"] else "finetune"
+    model, head = build_model(name, "none", 2, mode)
+    if mode == "lora":
+        add_adapters(model, head, default_targets(model, head), 8, 16)
     if "grad_checkpointing" in cfg["flags"]:
         set_grad_checkpointing(model, name, head)
-    train_cfg = parse_args(["--model", name])
+    train_cfg = parse_args(["--model", name, "--mode", mode])
     optimizer = build_optimizer(param_groups(model, model.get_submodule(head), train_cfg), train_cfg)
     x = torch.randn(cfg["batch_size"], 3, cfg["image_size"], cfg["image_size"])
     y = torch.randint(0, 2, (cfg["batch_size"],))
     bf16 = cpu_has_bf16()
-    model.train()
+    model.train(mode == "finetune")  # as tl's loop: a frozen base stays in eval mode
 
     def step():
         optimizer.zero_grad(set_to_none=False)  # the gradients stay allocated: part of the baseline
@@ -77,9 +103,13 @@ def child(cfg: dict) -> dict:
         step()
     seconds = (time.perf_counter() - t0) / cfg["steps"]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    state = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
+                if isinstance(v, torch.Tensor)) / 2**20
     return {"step_s": seconds, "images_per_s": cfg["batch_size"] / seconds, "peak_rss_mib": peak,
-            "activations_mib": activations, "bf16": bf16,
-            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+            "activations_mib": activations, "bf16": bf16, "optimizer_state_mib": state,
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "checkpoint_bytes": checkpoint_bytes(cfg["model"], mode)}
 
 
 def measure(cfg: dict) -> dict:
@@ -96,18 +126,37 @@ def report(res: dict) -> str:
              f"{res['machine']}; Python {platform.python_version()}; {res['date']}. Batch {a['batch_size']}, "
              f"{a['image_size']} px, SGD, bf16 autocast: {res['rows'][0]['bf16']}, {a['steps']} timed steps after 2 "
              "warm-up steps, random tensors in memory, one fresh process per row (bench/large.py).\n",
-             "| configuration | trainable params | s/step | img/s | peak RSS MiB | activations MiB |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| configuration | trainable params | s/step | img/s | peak RSS MiB | activations MiB | "
+             "optimizer state MiB | checkpoint MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
-        lines.append(f"| {r['name']} | {r['trainable']:,} | {r['step_s']:.2f} | {r['images_per_s']:.1f} | "
-                     f"{r['peak_rss_mib']:.0f} | {r['activations_mib']:.0f} |")
-    full, ckpt = res["rows"][0], res["rows"][1]
-    saved = 1 - ckpt["activations_mib"] / full["activations_mib"]
-    slower = ckpt["step_s"] / full["step_s"] - 1
+        lines.append(f"| {r['name']} | {r['trainable']:,} ({r['trainable'] / r['parameters']:.1%}) | "
+                     f"{r['step_s']:.2f} | {r['images_per_s']:.1f} | {r['peak_rss_mib']:.0f} | "
+                     f"{r['activations_mib']:.0f} | {r['optimizer_state_mib']:.1f} | "
+                     f"{r['checkpoint_bytes'] / 2**20:.1f} |")
+    lines += ["", "Checkpoint bytes of other models (best.safetensors: what the mode trains, float32, 2 classes):\n",
+              "| model | finetune MiB | lora MiB | lora / finetune |", "|---|---:|---:|---:|"]
+    sizes = {a["model"]: {m: r["checkpoint_bytes"] for r in res["rows"] for m in ("finetune", "lora")
+                          if r["name"] == m}} | res["checkpoints"]
+    for model, by_mode in sizes.items():
+        lines.append(f"| {model} | {by_mode['finetune'] / 2**20:.1f} | {by_mode['lora'] / 2**20:.2f} | "
+                     f"{by_mode['lora'] / by_mode['finetune']:.2%} |")
+    rows = {r["name"]: r for r in res["rows"]}
+    full, ckpt, lora = rows["finetune"], rows["finetune + --grad-checkpointing"], rows["lora"]
+    lora_ckpt = rows["lora + --grad-checkpointing"]
     ok = {True: "**holds**", False: "**fails**"}
-    lines += ["", "## Targets\n",
-              f"- --grad-checkpointing cuts activation memory by {saved:.0%} (>= 40%: {ok[saved >= 0.4]}) at "
-              f"{slower:+.0%} time per step (<= 40%: {ok[slower <= 0.4]})."]
+    lines += ["", "## Targets\n"]
+    for name, base, with_ckpt in (("finetune", full, ckpt), ("lora", lora, lora_ckpt)):
+        saved = 1 - with_ckpt["activations_mib"] / base["activations_mib"]
+        slower = with_ckpt["step_s"] / base["step_s"] - 1
+        lines.append(f"- {name}: --grad-checkpointing cuts activation memory by {saved:.0%} (>= 40%: "
+                     f"{ok[saved >= 0.4]}) at {slower:+.0%} time per step (<= 40%: {ok[slower <= 0.4]}).")
+    share, state = lora["trainable"] / lora["parameters"], lora["optimizer_state_mib"] / full["optimizer_state_mib"]
+    proportional = abs(state - lora["trainable"] / full["trainable"]) < 0.001
+    worst = max(by_mode["lora"] / by_mode["finetune"] for by_mode in sizes.values())
+    lines += [f"- lora trains {share:.2%} of the parameters (< 3%: {ok[share < 0.03]}); its optimizer state is "
+              f"{state:.2%} of finetune's (in proportion to the parameters it trains: {ok[proportional]}).",
+              f"- a lora checkpoint is at most {worst:.2%} of a full one's bytes (< 5%: {ok[worst < 0.05]})."]
     return "\n".join(lines) + "\n"
 
 
@@ -137,6 +186,8 @@ def main():
         res["rows"].append({"name": name, **row})
         print(f"{row['step_s']:.2f} s/step, peak RSS {row['peak_rss_mib']:.0f} MiB, activations "
               f"{row['activations_mib']:.0f} MiB", flush=True)
+    res["checkpoints"] = {} if args.quick else \
+        {m: {mode: checkpoint_bytes(m, mode) for mode in ("finetune", "lora")} for m in CHECKPOINT_MODELS}
     text = report(res)
     print("\n" + text)
     out = Path(args.out)

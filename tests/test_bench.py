@@ -118,7 +118,12 @@ def test_large_bench_quick_measures_checkpointing(tmp_path):
     r = run_cli("bench/large.py", "--quick", "--out", str(tmp_path), timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((tmp_path / "results-large.json").read_text())
-    full, ckpt = res["rows"]
-    assert (full["name"], ckpt["name"]) == ("finetune", "finetune + --grad-checkpointing")
+    full, ckpt, lora, lora_ckpt = res["rows"]
+    assert [r["name"] for r in res["rows"]] == ["finetune", "finetune + --grad-checkpointing", "lora",
+                                                "lora + --grad-checkpointing"]
     assert 0 < ckpt["activations_mib"] < full["activations_mib"] and full["trainable"] == ckpt["trainable"]
-    assert "--grad-checkpointing cuts activation memory by" in (tmp_path / "results-large.md").read_text()
+    assert 0 < lora_ckpt["activations_mib"] < lora["activations_mib"]
+    assert lora["trainable"] < full["trainable"] and lora["checkpoint_bytes"] < full["checkpoint_bytes"]
+    assert 0 < lora["optimizer_state_mib"] < full["optimizer_state_mib"]
+    text = (tmp_path / "results-large.md").read_text()
+    assert "finetune: --grad-checkpointing cuts activation memory by" in text and "lora trains" in text

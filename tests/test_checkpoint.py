@@ -189,6 +189,9 @@ MID = ["--epochs", "2", "--image-size", "32", "--batch-size", "4", "--weights", 
 LEVERS = ["--mixup", "0.8", "--cutmix", "1.0", "--ema", "0.9", "--sampler", "balanced", "--augment", "trivialaugment",
           "--random-erasing", "0.25", "--class-weights", "auto", "--tta", "flip", "--calibrate",
           "--model", "mobilenet_v3_small", "--accumulate", "3", "--grad-checkpointing"]
+# --mode lora with what combines with it: adapters, head and EMA saved and restored mid-cycle-free.
+LORA_LEVERS = ["--mode", "lora", "--layer-decay", "0.8", "--accumulate", "3", "--ema", "0.9", "--mixup", "0.8",
+               "--tta", "flip", "--calibrate"]
 
 
 def kill_inside_an_epoch(proc, out, kill=lambda proc: proc.send_signal(signal.SIGKILL)):
@@ -244,6 +247,21 @@ def test_every_lever_resumes_exactly_after_a_sigkill_inside_an_epoch(tmp_path, l
     assert (out / "best.safetensors").read_bytes() == (ref / "best.safetensors").read_bytes()
     summaries = [json.loads((d / "summary.json").read_text()) for d in (out, ref)]
     assert summaries[0]["calibration"] == summaries[1]["calibration"] and "val_acc_tta" in summaries[0]
+
+
+@pytest.mark.slow
+def test_lora_with_layer_decay_and_accumulation_resumes_exactly_after_a_sigkill_inside_an_epoch(tmp_path,
+                                                                                              long_epochs, reference):
+    ref = reference(long_epochs, *MID, *LORA_LEVERS)
+    out = tmp_path / "run"
+    proc = spawn("train.py", "--data-dir", long_epochs, "--output-dir", out, *MID, *LORA_LEVERS, "--save-every",
+                 "0.0001")
+    kill_inside_an_epoch(proc, out)
+    resumed = run_cli("train.py", "--data-dir", long_epochs, "--output-dir", out, *MID, *LORA_LEVERS, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming epoch" in resumed.stdout
+    assert metrics_without_timings(out) == metrics_without_timings(ref)
+    assert (out / "best.safetensors").read_bytes() == (ref / "best.safetensors").read_bytes()
 
 
 def test_a_run_without_the_levers_refuses_them_on_resume_by_name(tmp_path, data):
