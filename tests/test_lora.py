@@ -177,6 +177,11 @@ def test_bad_lora_options_are_one_line_errors(args, message):
         parse_args(["--mode", "lora", *args])
 
 
+def test_a_config_file_may_list_the_targets(tmp_path):
+    (tmp_path / "c.yaml").write_text("mode: lora\nlora_targets: [qkv, 'blocks\\.1\\..*']\n")
+    assert parse_args(["--config", str(tmp_path / "c.yaml")]).lora_targets == r"qkv,blocks\.1\..*"
+
+
 def test_a_config_files_feature_cache_is_refused_too_but_not_the_default(tmp_path):
     (tmp_path / "c.yaml").write_text("mode: lora\nfeature_cache: on\n")
     with pytest.raises(UserError, match="--feature-cache on: lora"):

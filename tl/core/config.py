@@ -374,6 +374,8 @@ def option_value(name: str, value, source: str):
         value = "on" if value else "off"  # a word option written as a boolean
     if kind is bool and isinstance(value, str) and value.lower() in WORDS:  # a switch written as a word
         value = WORDS[value.lower()]
+    if name == "lora_targets" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        value = ",".join(value)  # a YAML list of patterns: the flag's comma-separated ones
     if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
         try:
             value = float(value)
