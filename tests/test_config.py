@@ -105,7 +105,7 @@ def test_config_file_in_yaml_or_json_and_flags_override_it(tmp_path):
     ("epochs: 2.5\n", "epochs must be a whole number, got 2.5"),
     ("lr: fast\n", "lr must be a number, got 'fast'"),
     ("compile: 1\n", "compile must be true or false, got 1"),
-    ("mode: fine\n", "mode must be one of finetune, feature-extract, got 'fine'"),
+    ("mode: fine\n", "mode must be one of finetune, feature-extract, lora, got 'fine'"),
     ("weights: null\n", "weights must be a string, got None"),
     ("resume: true\n", "resume: true is not taken from a file"),
     ("batch_size: 4\nbatch-size: 8\n", "batch_size is given twice"),

@@ -23,7 +23,7 @@ def small_model():
 def test_the_average_follows_the_formula_buffers_included():
     model = small_model()
     model(torch.randn(2, 3, 6, 6))  # materialize the lazy layer, move BatchNorm's statistics
-    ema = WeightEMA(model, "3", frozen=False, decay=0.9, device="cpu")
+    ema = WeightEMA(model, "3", mode="finetune", decay=0.9, device="cpu")
     expected = {k: v.clone().double() for k, v in model.state_dict().items() if v.is_floating_point()}
     for step in range(3):
         with torch.no_grad():
@@ -38,7 +38,7 @@ def test_the_average_follows_the_formula_buffers_included():
     assert set(averaged) == set(model.state_dict())
     for k, v in expected.items():
         assert torch.allclose(averaged[k].double(), v, atol=1e-6), k
-    frozen = WeightEMA(model, "3", frozen=True, decay=0.9, device="cpu")
+    frozen = WeightEMA(model, "3", mode="feature-extract", decay=0.9, device="cpu")
     assert set(frozen.trained()) == {"3.weight", "3.bias"}
 
 
@@ -88,7 +88,7 @@ def test_the_best_epoch_saves_the_averaged_weights_when_they_score_higher(tmp_pa
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    ema = WeightEMA(model, "1", frozen=False, decay=0.5, device="cpu")
+    ema = WeightEMA(model, "1", mode="finetune", decay=0.5, device="cpu")
     ema.update()
     with torch.no_grad():
         model[1].weight.add_(1.0)  # the model moves away from its average

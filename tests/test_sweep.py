@@ -54,7 +54,7 @@ def test_a_list_of_sets_and_no_differing_option(tmp_path):
     ("base: {lrr: 1}\n", "base: unknown option 'lrr'; did you mean lr?"),
     ("grid: {seed: 1}\n", "grid: seed must be a list of values"),
     ("grid: {seed: [0, one]}\n", "grid: seed must be a whole number, got 'one'"),
-    ("grid: {mode: [finetune, fine]}\n", "grid: mode must be one of finetune, feature-extract, got 'fine'"),
+    ("grid: {mode: [finetune, fine]}\n", "grid: mode must be one of finetune, feature-extract, lora, got 'fine'"),
     ("runs: {lr: 1}\n", "runs must be a list of option sets"),
     ("runs: [{lr: 0.1}, {seed: x}]\n", "runs[1]: seed must be a whole number"),
     ("base: {output_dir: x}\n", "output_dir is not a sweep option"),

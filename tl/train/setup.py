@@ -98,7 +98,8 @@ def setup(cfg: Config, accelerator: Accelerator, run: rundir.RunDir | None, out:
     frozen = cfg.mode != "finetune"  # the base stays as it is (lora: but for its adapters)
     cache = cfg.mode == "feature-extract" and cfg.feature_cache == "on"
     if frozen and cfg.weights.lower() == "none" and main:
-        warnings.warn(f"{cfg.mode} with --weights none trains on a frozen random backbone, which "
+        trains = "a head and adapters" if cfg.mode == "lora" else "a head"
+        warnings.warn(f"{cfg.mode} with --weights none trains {trains} on a frozen random backbone, which "
                       "learns little; pass pretrained weights or use --mode finetune", stacklevel=1)
     set_seed(cfg.seed)  # the same new head on every process, and on resume
     with accelerator.local_main_process_first():  # one weights download per node
