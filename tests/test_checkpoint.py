@@ -254,9 +254,9 @@ def test_lora_with_layer_decay_and_accumulation_resumes_exactly_after_a_sigkill_
                                                                                               long_epochs, reference):
     ref = reference(long_epochs, *MID, *LORA_LEVERS)
     out = tmp_path / "run"
-    proc = spawn("train.py", "--data-dir", long_epochs, "--output-dir", out, *MID, *LORA_LEVERS, "--save-every",
-                 "0.0001")
-    kill_inside_an_epoch(proc, out)
+    killed = run_cli("tests/kill_after_save.py", "--data-dir", long_epochs, "--output-dir", out, *MID, *LORA_LEVERS,
+                     "--save-every", "0.0001")  # SIGKILL right after the first save inside an epoch
+    assert killed.returncode == -signal.SIGKILL and checkpoints.read_metadata(out / "state.safetensors")["step"] > 0
     resumed = run_cli("train.py", "--data-dir", long_epochs, "--output-dir", out, *MID, *LORA_LEVERS, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming epoch" in resumed.stdout

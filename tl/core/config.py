@@ -25,7 +25,8 @@ RECIPE = ("batch_size", "lr", "momentum", "step_size", "gamma", "train_size", "f
 # Recipe options newer than the checkpoint format: in a run's recipe only when not at their default, so
 # a run that does not use them saves what it saved before, and a saved run without them resumes.
 RECIPE_EXTRAS = ("random_erasing", "mixup", "cutmix", "ema", "class_weights", "sampler", "tta", "calibrate",
-                 "accumulate", "grad_checkpointing", "layer_decay", "lora_rank", "lora_alpha", "lora_targets")
+                 "accumulate", "grad_checkpointing", "layer_decay", "lora_rank", "lora_alpha", "lora_targets",
+                 "shard_model")
 LORA = ("lora_rank", "lora_alpha", "lora_targets")  # --mode lora's options: in a lora run's recipe always
 POLICIES = ("randaugment", "trivialaugment", "autoaugment")  # --augment: torchvision v2's, in the loader
 
@@ -180,6 +181,10 @@ class Config:
                                     "pass and recompute the rest in the backward pass (less memory, more time; the "
                                     "same loss and gradients); timm's set_grad_checkpointing, torch.utils.checkpoint "
                                     "over a torchvision model's blocks")
+    shard_model: bool = _opt(False, "shard parameters, gradients and optimizer state over the processes (PyTorch's "
+                             "FSDP2, a shard unit per block) instead of a whole copy on each (DDP): for models "
+                             "larger than one device's memory; the training state is saved sharded (DCP) and "
+                             "resumes at any number of processes (see docs/large-models.md)")
     lora_rank: int = _opt(8, "--mode lora: the adapters' rank r (each adapted layer's weight W gets W + "
                           "alpha/r * B A, with A r x in and B out x r)")
     lora_alpha: float = _opt(16.0, "--mode lora: the adapters' scale numerator alpha (scale alpha / rank)")
@@ -256,6 +261,15 @@ class Config:
                                        for name in LORA):
             name = next(n for n in LORA if getattr(self, n) != Config.__dataclass_fields__[n].default)
             raise UserError(f"{named(name)} is for --mode lora; add --mode lora or drop it")
+        if self.shard_model and self.mode == "feature-extract" and self.feature_cache == "on":
+            raise UserError("--shard-model: feature-extract on the feature cache trains only the head, on features "
+                            "computed once, and has nothing to shard; drop --shard-model, or add --feature-cache off")
+        if self.shard_model and self.compile:
+            raise UserError("--compile with --shard-model is not supported: tl shards the model itself and does not "
+                            "compile a sharded one; drop --compile")
+        if self.shard_model and self.ema:
+            raise UserError("--ema keeps a whole copy of the model on each process, which --shard-model is there to "
+                            "avoid; drop one of them")
         if self.schedule == "cosine" and self.warmup_epochs >= self.epochs:
             raise UserError(f"--warmup-epochs {self.warmup_epochs} leaves no epoch of the cosine schedule in "
                             f"--epochs {self.epochs}; warm up for fewer epochs")

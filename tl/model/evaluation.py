@@ -1,19 +1,31 @@
 """Exact distributed evaluation: every item of a set counted once, at any number of processes."""
 
+import math
+
 import torch
 from accelerate.utils import gather_object
+from torch.distributed.fsdp import FSDPModule
 
 from tl.data.preprocess import TUTORIAL, Preprocess, to_input
 
 
 @torch.inference_mode()
-def gather_in_order(fn, loader, accelerator, total: int, pre: Preprocess = TUTORIAL) -> torch.Tensor:
+def gather_in_order(fn, loader, accelerator, total: int, pre: Preprocess = TUTORIAL,
+                    lockstep: bool = False) -> torch.Tensor:
     """fn(batch) for every item of a set, as float32 rows in set order on the CPU of every process.
 
     `loader` holds this process's strided shard of the set (items rank, rank+world, ...) with no
-    padding, possibly none at all, so each item counts exactly once at any world size.
+    padding, possibly none at all, so each item counts exactly once at any world size. lockstep (a
+    sharded model, whose every forward gathers parameters with all processes): a process with fewer
+    batches than another runs fn on a blank image as often as it lacks one, its result dropped.
     """
     rows = [fn(to_input(x, accelerator.device, pre)).float().cpu() for x, _ in loader]
+    if lockstep:
+        world, size = accelerator.num_processes, loader.batch_size
+        largest = math.ceil(total / world)
+        most = math.ceil(largest / size)  # the batches of the largest shard
+        for _ in range(most - len(rows)):
+            fn(torch.zeros(1, 3, pre.crop, pre.crop, device=accelerator.device))
     shards = gather_object([torch.cat(rows) if rows else None])  # one entry per process, in rank order
     world = len(shards)
     order = [i for rank, shard in enumerate(shards) if shard is not None
@@ -30,7 +42,8 @@ def evaluate(model, loader, accelerator, total: int, pre: Preprocess = TUTORIAL,
     Pass the unwrapped model: DDP's forward may talk to the other processes, and shards of
     different lengths make different numbers of forward calls.
     """
-    return gather_in_order(lambda x: predict_probs(model, x, tta, temperature), loader, accelerator, total, pre)
+    return gather_in_order(lambda x: predict_probs(model, x, tta, temperature), loader, accelerator, total, pre,
+                           isinstance(model, FSDPModule))
 
 
 CROP = 7 / 8  # --tta crops: the corner crops' side, of the image's

@@ -18,6 +18,7 @@ from tl.runs.checkpoints import (
     save,
     save_state,
 )
+from tl.runs.shards import full_state, load_shards, remove_other_shards, save_shards
 
 
 def _check_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
@@ -40,6 +41,14 @@ def check_resumable(path: Path, identity: Identity, epochs: int, data=None) -> d
         raise UserError(f"{path} was written by an older tl (checkpoint format {meta['format_version']}); "
                         "finish the run with that version, or start it again with --overwrite")
     saved = identity_of(path, meta)
+    ours, theirs = identity.recipe.get("processes"), saved.recipe.get("processes")
+    if identity.recipe.get("shard_model") and saved.recipe.get("shard_model") and ours != theirs:
+        # DCP reshards the state to any number of processes; the data's shards change with it (not bit-exact)
+        if meta.get("step"):
+            raise UserError(f"{path.parent} was stopped inside epoch {meta['epoch'] + 1} by {theirs} processes; "
+                            f"resume it with {theirs} (a run goes on at another number of processes only from the "
+                            "end of an epoch)")
+        saved = dataclasses.replace(saved, recipe=saved.recipe | {"processes": ours})
     changes = {}
     if data is not None and saved.data != identity.data:
         changes["data"] = provenance.data_changes(path.with_name(rundir.LISTING), data)
@@ -59,12 +68,16 @@ def check_resumable(path: Path, identity: Identity, epochs: int, data=None) -> d
 class Checkpointer:
     """Owns what a resume needs: the trained tensors, optimizer, scheduler and Progress.
 
-    Every process keeps the same Progress; only the main process (the one with a RunDir) writes.
+    Every process keeps the same Progress; only the main process (the one with a RunDir) writes, but for
+    --shard-model (sharded: tl.runs.shards), where every process writes its shards of the training state and
+    takes part in gathering the best epoch's weights.
     """
 
     def __init__(self, run: rundir.RunDir | None, identity: Identity, model: torch.nn.Module,
-                 optimizer: torch.optim.Optimizer, scheduler, best_meta: dict, ema=None):
+                 optimizer: torch.optim.Optimizer, scheduler, best_meta: dict, ema=None, sharded: bool = False,
+                 out: Path | None = None):
         self.run, self.identity, self.model = run, identity, model  # run: None on every process but the main one
+        self.sharded, self.out = sharded, out  # out: the run directory, on every process
         self.optimizer, self.scheduler = optimizer, scheduler
         self.best_meta = best_meta  # written into best.safetensors besides the identity: how the run evaluated
         self.ema = ema  # --ema: a tl.train.ema.WeightEMA, saved beside the weights
@@ -74,7 +87,10 @@ class Checkpointer:
     def trained(self) -> dict[str, torch.Tensor]:
         """What this mode trains (tl.model.network.trained_part): every tensor, the head's, or the head's and
         the adapters'."""
-        return trained_part(self.model.state_dict(), self.identity.mode, self.identity.head)
+        return self.keep(full_state(self.model))  # sharded: gathered (every process calls), {} but on the main one
+
+    def keep(self, state: dict) -> dict:
+        return trained_part(state, self.identity.mode, self.identity.head)
 
     def averaged(self) -> dict[str, torch.Tensor] | None:
         return self.ema.state_dict() if self.ema else None
@@ -82,15 +98,19 @@ class Checkpointer:
     def restore(self, path: Path) -> Progress:
         """Load the saved state into the model, optimizer and scheduler; refuse damaged parts."""
         tensors, optimizer_state, scheduler_state, meta = load_state(path)
+        strict = self.identity.mode == "finetune"
         try:
-            expected = set(self.trained())
-            if set(tensors) != expected:
-                raise ValueError(f"it holds {len(tensors)} model tensors, this run trains {len(expected)}")
-            self.model.load_state_dict(tensors, strict=self.identity.mode == "finetune")
+            if meta.get("shards"):  # every process its own shards, resharded to this run's processes
+                load_shards(path.parent / meta["shards"], self.model, self.optimizer, self.keep, strict)
+            else:
+                expected = set(self.keep(self.model.state_dict()))
+                if set(tensors) != expected:
+                    raise ValueError(f"it holds {len(tensors)} model tensors, this run trains {len(expected)}")
+                self.model.load_state_dict(tensors, strict=strict)
+                _check_optimizer_state(self.optimizer, optimizer_state)
+                self.optimizer.load_state_dict(optimizer_state)
             if self.ema:
                 self.ema.load_state_dict(meta["averaged"])
-            _check_optimizer_state(self.optimizer, optimizer_state)
-            self.optimizer.load_state_dict(optimizer_state)
             if set(scheduler_state) != set(self.scheduler.state_dict()):
                 raise ValueError("its scheduler state has other fields")
             self.scheduler.load_state_dict(scheduler_state)
@@ -127,20 +147,38 @@ class Checkpointer:
         if improved:
             p.best_val_acc, p.best_epoch = score, row["epoch"]
             p.best_preds, p.best_confidence = preds, confidence
+        trained = self.trained() if improved or not self.sharded else {}  # sharded: gathered, by every process
+        shards = self.save_shards(p.epoch, 0)
         if self.run is None:
             return improved
         self.run.check_lock()
         self.run.append_row(row)
-        trained = self.trained()
         if improved:
             which = {"weights_from": "ema" if from_ema else "model"} if self.ema else {}
             save(self.run.file(rundir.BEST), self.ema.trained() if from_ema else trained,
                  self.identity.meta() | self.best_meta | {"epoch": p.epoch, "val_acc": p.best_val_acc,
                                                           "val_correct": correct} | which)
-        save_state(self.run.file(rundir.STATE), trained, self.optimizer, self.scheduler,
-                   self.identity.meta() | dataclasses.asdict(p), averaged=self.averaged())
-        self.run.epoch_saved()
+        self.save_state(trained, shards, {})
         return improved
+
+    def save_shards(self, epoch: int, step: int) -> str | None:
+        """--shard-model: every process writes its shards of the training state (tl.runs.shards); their folder's
+        name, which the state file then names. None for a run that is not sharded."""
+        if not self.sharded:
+            return None
+        name = f"shards-{epoch}-{step}"
+        save_shards(self.out, self.run is not None, self.model, self.optimizer, self.keep, name)
+        return name
+
+    def save_state(self, trained: dict, shards: str | None, generators: dict) -> None:
+        """The main process: state.safetensors (the trained tensors and the optimizer's, or the name of the
+        shards folder holding them), then, sharded, the folders it no longer names."""
+        meta = self.identity.meta() | dataclasses.asdict(self.progress) | ({"shards": shards} if shards else {})
+        save_state(self.run.file(rundir.STATE), {} if shards else trained, None if shards else self.optimizer,
+                   self.scheduler, meta, generators, self.averaged())
+        if shards:
+            remove_other_shards(self.run.path, shards)
+        self.run.epoch_saved()
 
     def save_step(self, step: int, partial: list[list[float]], generators: dict[str, torch.Tensor],
                   wall_seconds: float) -> None:
@@ -149,9 +187,8 @@ class Checkpointer:
         continues at the next batch as if nothing had happened."""
         p = self.progress
         p.step, p.partial, p.seconds = step, partial, wall_seconds
+        shards = self.save_shards(p.epoch + 1, step)
         if self.run is None:
             return
         self.run.check_lock()
-        save_state(self.run.file(rundir.STATE), self.trained(), self.optimizer, self.scheduler,
-                   self.identity.meta() | dataclasses.asdict(p), generators, self.averaged())
-        self.run.epoch_saved()
+        self.save_state({} if shards else self.trained(), shards, generators)

@@ -129,12 +129,13 @@ def identity_of(path, meta: dict) -> Identity:
                         "it is damaged: use an intact copy") from None
 
 
-def save_state(path, model_tensors: dict, optimizer: torch.optim.Optimizer, scheduler, metadata: dict,
+def save_state(path, model_tensors: dict, optimizer: torch.optim.Optimizer | None, scheduler, metadata: dict,
                extra: dict[str, torch.Tensor] | None = None, averaged: dict[str, torch.Tensor] | None = None) -> None:
     """The full training state: optimizer tensors under optimizer.<param>.<name>, `extra` tensors
     (random generator states of a mid-epoch save) under extra.<name>, `averaged` (--ema's state)
-    under averaged.<name>, the rest as JSON."""
-    opt = optimizer.state_dict()
+    under averaged.<name>, the rest as JSON. optimizer None (--shard-model): the model's and the optimizer's
+    tensors are in the shards folder metadata["shards"] names (tl.runs.shards)."""
+    opt = optimizer.state_dict() if optimizer else {"state": {}, "param_groups": []}
     tensors = {f"{part}.{k}": v for part, group in (("model", model_tensors), ("extra", extra), ("averaged", averaged))
                for k, v in (group or {}).items()}
     scalars = {}
@@ -154,6 +155,8 @@ def load_state(path) -> tuple[dict, dict, dict, dict]:
     tensors, meta = load(path)
     for part in ("extra", "averaged"):
         meta[part] = {k.removeprefix(part + "."): v for k, v in tensors.items() if k.startswith(part + ".")}
+    if meta.get("shards"):  # the model's and optimizer's tensors are in the shards folder
+        return {}, None, meta.get("scheduler"), meta
     try:
         model = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
         state: dict[int, dict] = {}

@@ -24,6 +24,7 @@ from tl.runs import checkpoints, rundir
 from tl.runs.checkpoints import Progress
 from tl.runs.pictures import pick_examples, save_confusion, save_curves, save_predictions, save_reliability
 from tl.runs.rundir import RunDir
+from tl.runs.shards import is_sharded, load_full_state
 from tl.runs.tracking import Tracker
 from tl.train.setup import Setup
 
@@ -51,14 +52,14 @@ def evaluate_best(cfg: Config, s: Setup, accelerator: Accelerator, out: Path,
         return {}
     accelerator.wait_for_everyone()  # best.safetensors is the main process's write
     tensors, _ = checkpoints.load(out / rundir.BEST)
-    s.model.load_state_dict(tensors, strict=s.identity.mode == "finetune")
+    load_full_state(s.model, tensors, strict=s.identity.mode == "finetune")
     model, found = s.model.eval(), {}
     for name, split in splits.items():
         loader = eval_loader(ImageSet(split), batch_size, s.workers, accelerator.process_index,
                              accelerator.num_processes)
         with accelerator.autocast():
             logits = gather_in_order(lambda x: view_logits(model, x, cfg.tta), loader, accelerator,
-                                     len(split.targets), s.pre)
+                                     len(split.targets), s.pre, is_sharded(model))
         found[name] = logits, split
     return found
 

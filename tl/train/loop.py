@@ -31,10 +31,12 @@ from tl.runs.checkpointer import Checkpointer
 from tl.runs.checkpoints import Progress
 from tl.runs.pictures import save_image_grid
 from tl.runs.rundir import RunDir
+from tl.runs.shards import is_sharded
 from tl.runs.tracking import Tracker
 from tl.train.ema import WeightEMA
 from tl.train.finish import evaluate_best, finish, stop_message, stop_reason
 from tl.train.setup import Setup, on_main, setup
+from tl.train.sharding import no_sync
 from tl.train.targets import BatchMix, loss_and_hits
 
 
@@ -88,8 +90,8 @@ def train_epoch(model, loader, optimizer, accelerator, stopper: Stopper, epoch: 
     the loss is on soft targets and accuracy counts each image's larger share (tl.train.targets).
 
     --accumulate N: the optimizer steps after every N micro-batches of the epoch (and after its last), each
-    micro-batch's loss divided by its cycle's length, with DDP's all-reduce only on a cycle's last
-    (accelerator.no_sync on the others). Accelerate's own `accumulate` counts its steps itself and ends a cycle
+    micro-batch's loss divided by its cycle's length, with DDP's all-reduce only on a cycle's last (no_sync on
+    the others: DDP's, or a sharded model's). Accelerate's own `accumulate` counts its steps itself and ends a cycle
     at a loader's end only for loaders it prepared; tl's are its own (exact sharding and resume), so the cycles
     are counted here. Agreements, and so saves inside an epoch, fall on cycle ends: a resume starts a cycle.
     """
@@ -109,7 +111,7 @@ def train_epoch(model, loader, optimizer, accelerator, stopper: Stopper, epoch: 
         cycle_end = min(first + accumulate - 1, last)      # cycle may be shorter)
         if step == first:
             optimizer.zero_grad(set_to_none=True)
-        with contextlib.nullcontext() if step == cycle_end else accelerator.no_sync(model):
+        with contextlib.nullcontext() if step == cycle_end else no_sync(model, accelerator):
             logits = model(x)
             loss, hits = loss_and_hits(logits, y, soft, class_weight, label_smoothing)  # the mean over real images
             # each micro-batch's share of its cycle's mean
@@ -284,7 +286,10 @@ def train(cfg: Config, stopper: Stopper | None = None) -> tuple[dict, torch.nn.M
         if done:
             failed = False
             return done, s.model
-        net, optimizer = accelerator.prepare(torch.compile(s.net) if cfg.compile else s.net, s.optimizer)
+        if is_sharded(s.net):  # sharded already (tl.train.sharding): Accelerate would put DDP around it
+            net, optimizer = s.net, accelerator.prepare(s.optimizer)
+        else:
+            net, optimizer = accelerator.prepare(torch.compile(s.net) if cfg.compile else s.net, s.optimizer)
         if main:
             run.begin()  # every input is checked: only now is an earlier run's dir touched
             if resuming:  # rows of an epoch a kill cut short go; a damaged or deleted file comes back whole

@@ -37,6 +37,7 @@ from tl.runs.checkpointer import Checkpointer, check_resumable
 from tl.runs.checkpoints import Identity
 from tl.train.ema import WeightEMA
 from tl.train.optim import build_optimizer, build_scheduler, describe, param_groups
+from tl.train.sharding import shard
 from tl.train.targets import BatchMix, batch_mix, class_weights
 
 
@@ -120,6 +121,14 @@ def setup(cfg: Config, accelerator: Accelerator, run: rundir.RunDir | None, out:
             raise UserError("--grad-checkpointing saves memory in the backward pass through the backbone; "
                             "feature-extract on the feature cache has none: drop one of them")
         set_grad_checkpointing(model, cfg.model, head_name)
+    sharded = cfg.shard_model and world > 1
+    if cfg.shard_model and not sharded and main:
+        warnings.warn("--shard-model with one process shards nothing: it trains as without it (its training state "
+                      "is still saved sharded, so a run can go on at any number of processes)", stacklevel=1)
+    if sharded:  # before the optimizer: the parameters become sharded ones
+        units = shard(model, head_name, accelerator)
+        accelerator.print(f"--shard-model: {units} shard units (FSDP2) over {world} processes, each holding "
+                          f"about 1/{world} of the parameters, gradients and optimizer state")
     # A policy or erasing works image by image in the loader: there, the crop and flip do too.
     augment = cfg.augment if cfg.augment != "auto" else \
         "device" if accelerator.device.type == "cuda" and not cfg.random_erasing else "cpu"
@@ -139,7 +148,10 @@ def setup(cfg: Config, accelerator: Accelerator, run: rundir.RunDir | None, out:
     optimizer = build_optimizer(groups, cfg)
     scheduler = build_scheduler(optimizer, cfg)  # not prepared: Accelerate would step it once per process
     if resuming:  # before the slow decoding: a resume that cannot be exact is refused now
-        check_resumable(out / rundir.STATE, identity, cfg.epochs, data)
+        saved = check_resumable(out / rundir.STATE, identity, cfg.epochs, data)["recipe"].get("processes")
+        if saved != world and main:  # --shard-model: DCP reshards the state
+            print(f"resuming at {world} process(es) a run saved by {saved}: the state is resharded; the epochs "
+                  f"from here see other batches than at {saved} (not bit-exact)")
 
     node_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     mode, why = choose_data_mode(cfg.data_mode, listing, pre, node_processes)
@@ -163,7 +175,8 @@ def setup(cfg: Config, accelerator: Accelerator, run: rundir.RunDir | None, out:
     train_loader, sampler, val_loader = make_loaders(train_set, val_set, cfg.batch_size, workers, cfg.seed, rank,
                                                      world, not frozen, padded_batches if on_device else None,
                                                      cfg.sampler == "balanced")
-    model = model.to(memory_format=torch.channels_last)
+    if not sharded:
+        model = model.to(memory_format=torch.channels_last)
     shown = train_set
     if cached:  # a frozen backbone always gives the same features: compute them once
         t0 = time.perf_counter()
@@ -195,7 +208,7 @@ def setup(cfg: Config, accelerator: Accelerator, run: rundir.RunDir | None, out:
         if cfg.class_weights == "auto" else None,
         ema=ema)
     best_meta = {"mixed_precision": accelerator.mixed_precision, "eval_batch_size": val_loader.batch_size}
-    return setup, Checkpointer(run, identity, model, optimizer, scheduler, best_meta, ema)
+    return setup, Checkpointer(run, identity, model, optimizer, scheduler, best_meta, ema, cfg.shard_model, out)
 
 
 def open_data_set(cfg: Config, accelerator: Accelerator, out: Path) -> DataSet:
