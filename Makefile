@@ -57,7 +57,7 @@ bench-quick: install  ## the same in a few minutes (2 epochs, one seed): a smoke
 bench-data: install  ## tl's data path on generated 1k/10k/100k small-JPEG sets (memory, stream, packed; ~10 min on 2 cores); writes bench/results-data.md
 	$(PY) bench/data.py --small --sizes 1000 10000 100000 --workers -1 1 --photo-sizes 2000 --max-loader-images 20000
 
-bench-large: install  ## a timm ViT-S/16 training step, finetune and --mode lora, each with and without --grad-checkpointing: memory, speed, optimizer state, checkpoint bytes (~4 min on 2 cores); writes bench/results-large.md
+bench-large: install  ## a timm ViT-S/16 training step, finetune and --mode lora, each with and without --grad-checkpointing: memory, speed, optimizer state, checkpoint bytes; ViT-B/16 at 2 processes, --shard-model vs DDP (~2 min on 2 cores); writes bench/results-large.md
 	$(PY) bench/large.py
 
 bench-predict: install  ## python -m tl.predict: images/s at 1 vs 2 processes (one core each) and peak RSS at 10k vs 100k small JPEGs (~7 min on 2 cores); writes bench/results-predict.md

@@ -1,6 +1,7 @@
 """Large backbones: memory and speed of a training step of a timm ViT, full finetune and --mode lora (rank 8,
 the default targets), each with and without --grad-checkpointing, one fresh process per configuration; and the
-bytes of a lora checkpoint against a full one.
+bytes of a lora checkpoint against a full one; and per process, at 2 processes, what --shard-model holds of a
+vit_base_patch16_224 against DDP.
 
     .venv/bin/python bench/large.py [--model vit_small_patch16_224] [--image-size 224] [--batch-size 8]
                                     [--steps 8] [--out bench/] [--quick]
@@ -34,6 +35,68 @@ BENCH = ROOT / "bench"
 CONFIGS = {"finetune": [], "finetune + --grad-checkpointing": ["grad_checkpointing"], "lora": ["lora"],
            "lora + --grad-checkpointing": ["lora", "grad_checkpointing"]}
 CHECKPOINT_MODELS = ("vit_base_patch16_224",)  # checkpoint bytes only, besides the benchmarked model
+SHARDED_MODEL = "vit_base_patch16_224"  # --shard-model against DDP, at 2 processes
+
+
+def sharded_child(cfg: dict) -> dict:
+    """One process of a 2-process torchrun: the model under DDP (Accelerate's prepare) or sharded
+    (tl.train.sharding.shard), AdamW, a few steps; this process's bytes of parameters, gradients and optimizer
+    state (its local shards), its peak RSS and the time per step."""
+    import torch
+    from accelerate import Accelerator
+
+    sys.path.insert(0, str(ROOT))
+    from tl.model.network import build_model
+    from tl.train.loop import cpu_has_bf16
+    from tl.train.sharding import shard
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16" if cpu_has_bf16() else "no")
+    model, head = build_model(f"timm/{cfg['model']}", "none", 2, "finetune")
+    if cfg["sharded"]:
+        shard(model, head, accelerator)
+        optimizer = accelerator.prepare(torch.optim.AdamW(model.parameters(), lr=1e-4))
+    else:
+        model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-4))
+    model.train()
+    x = torch.randn(cfg["batch_size"], 3, cfg["image_size"], cfg["image_size"])
+    y = torch.randint(0, 2, (cfg["batch_size"],))
+
+    def step():
+        optimizer.zero_grad(set_to_none=False)
+        accelerator.backward(torch.nn.functional.cross_entropy(model(x), y))
+        optimizer.step()
+
+    step()
+    t0 = time.perf_counter()
+    for _ in range(cfg["steps"]):
+        step()
+    seconds = (time.perf_counter() - t0) / cfg["steps"]
+
+    def local(t):
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+
+    params = list(model.parameters())
+    state = [v for s in optimizer.state_dict()["state"].values() for v in s.values()
+             if isinstance(v, torch.Tensor) and v.dim()]
+    mib = {"parameters_mib": sum(local(p) for p in params) / 2**20,
+           "gradients_mib": sum(local(p.grad) for p in params if p.grad is not None) / 2**20,
+           "optimizer_state_mib": sum(local(v) for v in state) / 2**20}
+    return mib | {"step_s": seconds, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "rank": accelerator.process_index}
+
+
+def measure_sharded(cfg: dict) -> dict:
+    """torchrun --nproc_per_node 2 of sharded_child; the main process's figures (the other's are the same size)."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", __file__, "--sharded-child", json.dumps(cfg)],
+                       capture_output=True, text=True, cwd=ROOT)
+    if r.returncode:
+        sys.exit(f"bench/large.py sharded child failed:\n{r.stderr[-3000:]}")
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    return next(row for row in rows if row["rank"] == 0)
 
 
 def checkpoint_bytes(name: str, mode: str) -> int:
@@ -134,6 +197,19 @@ def report(res: dict) -> str:
                      f"{r['step_s']:.2f} | {r['images_per_s']:.1f} | {r['peak_rss_mib']:.0f} | "
                      f"{r['activations_mib']:.0f} | {r['optimizer_state_mib']:.1f} | "
                      f"{r['checkpoint_bytes'] / 2**20:.1f} |")
+    lines += ["", f"Sharded against DDP: timm {res['sharded'][0]['model']} (random weights), 2 processes on one core "
+              f"each (torchrun, gloo), batch 4 a process, {a['image_size']} px, AdamW, bf16 autocast where the CPU has "
+              "it; "
+              "figures of the main process (the other holds the same amounts), its local shards counted:\n",
+              "| configuration | parameters MiB | gradients MiB | optimizer state MiB | total MiB | s/step | "
+              "peak RSS MiB |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in res["sharded"]:
+        lines.append(f"| {r['name']} | {r['parameters_mib']:.0f} | {r['gradients_mib']:.0f} | "
+                     f"{r['optimizer_state_mib']:.0f} | "
+                     f"{r['parameters_mib'] + r['gradients_mib'] + r['optimizer_state_mib']:.0f} | "
+                     f"{r['step_s']:.2f} | {r['peak_rss_mib']:.0f} |")
+    lines += ["", "Peak RSS includes the whole model each process builds before it shards it (a GPU holds only "
+              "the shards: tl moves them after sharding).", ""]
     lines += ["", "Checkpoint bytes of other models (best.safetensors: what the mode trains, float32, 2 classes):\n",
               "| model | finetune MiB | lora MiB | lora / finetune |", "|---|---:|---:|---:|"]
     sizes = {a["model"]: {m: r["checkpoint_bytes"] for r in res["rows"] for m in ("finetune", "lora")
@@ -153,12 +229,17 @@ def report(res: dict) -> str:
     saved = 1 - lora_ckpt["activations_mib"] / lora["activations_mib"]
     slower = lora_ckpt["step_s"] / lora["step_s"] - 1
     lines.append(f"- lora: --grad-checkpointing cuts activation memory by {saved:.0%} at {slower:+.0%} time per "
-                 "step. (Not a target: a LoRA step computes no gradients of the frozen weights, so its backward "
-                 "pass costs about one forward instead of two, and the recomputed forward is a larger share: "
-                 "about +50% by that count.)")
+                 "step (not a target: a LoRA step computes no gradients of the frozen weights, so the recomputed "
+                 "forward is a larger share of it than of a finetune step).")
     share, state = lora["trainable"] / lora["parameters"], lora["optimizer_state_mib"] / full["optimizer_state_mib"]
     proportional = abs(state - lora["trainable"] / full["trainable"]) < 0.001
     worst = max(by_mode["lora"] / by_mode["finetune"] for by_mode in sizes.values())
+    ddp, fsdp = res["sharded"]
+    total = {r["name"]: r["parameters_mib"] + r["gradients_mib"] + r["optimizer_state_mib"] for r in res["sharded"]}
+    ratio = total["--shard-model"] / total["DDP"]
+    lines += [f"- --shard-model at 2 processes ({fsdp['model']}, AdamW): each process holds {ratio:.2f}x of DDP's "
+              f"parameters + gradients + optimizer state (<= 0.65x: {ok[ratio <= 0.65]}), at "
+              f"{fsdp['step_s'] / ddp['step_s'] - 1:+.0%} time per step."]
     lines += [f"- lora trains {share:.2%} of the parameters (< 3%: {ok[share < 0.03]}); its optimizer state is "
               f"{state:.2%} of finetune's (in proportion to the parameters it trains: {ok[proportional]}).",
               f"- a lora checkpoint is at most {worst:.2%} of a full one's bytes (< 5%: {ok[worst < 0.05]})."]
@@ -174,9 +255,13 @@ def main():
     p.add_argument("--out", default=str(BENCH), help="where results-large.md/.json go")
     p.add_argument("--quick", action="store_true", help="timm's test_vit at 160 px, 2 steps: a smoke test")
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--sharded-child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))), flush=True)
+        return
+    if args.sharded_child:
+        print(json.dumps(sharded_child(json.loads(args.sharded_child))), flush=True)
         return
     if args.quick:
         args.model, args.image_size, args.steps = "test_vit", 160, 2
@@ -191,6 +276,15 @@ def main():
         res["rows"].append({"name": name, **row})
         print(f"{row['step_s']:.2f} s/step, peak RSS {row['peak_rss_mib']:.0f} MiB, activations "
               f"{row['activations_mib']:.0f} MiB", flush=True)
+    sharded_model = "test_vit" if args.quick else SHARDED_MODEL
+    res["sharded"] = []
+    for name, sharded in (("DDP", False), ("--shard-model", True)):
+        print(f"{sharded_model}, 2 processes, {name} ...", end=" ", flush=True)
+        row = measure_sharded({"model": sharded_model, "image_size": args.image_size, "batch_size": 4,
+                               "steps": 2 if args.quick else 3, "sharded": sharded})
+        res["sharded"].append({"name": name, "model": sharded_model, **row})
+        held = row["parameters_mib"] + row["gradients_mib"] + row["optimizer_state_mib"]
+        print(f"{row['step_s']:.2f} s/step, {held:.0f} MiB of parameters, gradients and optimizer state", flush=True)
     res["checkpoints"] = {} if args.quick else \
         {m: {mode: checkpoint_bytes(m, mode) for mode in ("finetune", "lora")} for m in CHECKPOINT_MODELS}
     text = report(res)

@@ -125,5 +125,8 @@ def test_large_bench_quick_measures_checkpointing(tmp_path):
     assert 0 < lora_ckpt["activations_mib"] < lora["activations_mib"]
     assert lora["trainable"] < full["trainable"] and lora["checkpoint_bytes"] < full["checkpoint_bytes"]
     assert 0 < lora["optimizer_state_mib"] < full["optimizer_state_mib"]
+    ddp, sharded = res["sharded"]
+    held = [r["parameters_mib"] + r["gradients_mib"] + r["optimizer_state_mib"] for r in (ddp, sharded)]
+    assert (ddp["name"], sharded["name"]) == ("DDP", "--shard-model") and 0 < held[1] < 0.65 * held[0]
     text = (tmp_path / "results-large.md").read_text()
     assert "finetune: --grad-checkpointing cuts activation memory by" in text and "lora trains" in text
