@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, make_imagefolder
 
+from tl.runs import checkpoints
+
 pytestmark = [pytest.mark.slurm,  # `make test-slurm`; `make test` leaves these out (they apt-get and start daemons)
               pytest.mark.skipif(os.geteuid() != 0, reason="the local SLURM cluster needs root (apt, munge)")]
 RESUMING = r"resuming (after epoch \d+|epoch \d+ at step \d+)"  # the start line of a resumed run
@@ -82,9 +84,13 @@ def test_job_completes_with_exact_counts(cluster, data, tmp_path, script, nodes,
     assert json.loads((out / "summary.json").read_text())["num_val"] == 13
 
 
-def test_preempted_job_requeues_and_resumes_exactly_with_workers(cluster, data, tmp_path):
+@pytest.mark.parametrize("sharded", [False, True], ids=["ddp", "shard-model"])
+def test_preempted_job_requeues_and_resumes_exactly_with_workers(cluster, data, tmp_path, sharded):
+    """multi_node.sbatch on the two nodes, preempted after epoch 2: requeued, resumed from its state (with
+    --shard-model: every process's DCP shards), the uninterrupted run's metrics and best.safetensors exactly."""
     out = tmp_path / "run"
-    args = "--epochs 6 --image-size 112 --batch-size 4 --weights none --precision bf16"
+    args = "--epochs 6 --image-size 112 --batch-size 4 --weights none --precision bf16" + \
+        (" --shard-model" if sharded else "")
     # The same two processes uninterrupted, without workers, outside SLURM: trained while the job runs.
     ref = tmp_path / "ref"
     ref_log = tmp_path / "ref.log"  # a file: a pipe read only at the end would fill with progress bars and stall it
@@ -108,6 +114,9 @@ def test_preempted_job_requeues_and_resumes_exactly_with_workers(cluster, data, 
         return [{k: v for k, v in r.items() if k not in ("seconds", "train_images_per_s")} for r in epochs_of(d)]
     assert without_timings(out) == without_timings(ref)
     assert (out / "best.safetensors").read_bytes() == (ref / "best.safetensors").read_bytes()
+    if sharded:
+        state = checkpoints.read_metadata(out / "state.safetensors")
+        assert state["shards"] == "shards-6-0" and (out / "shards-6-0" / "__1_0.distcp").is_file()
 
 
 def rank_pids(out):

@@ -72,6 +72,9 @@ def save_shards(run_path: Path, main: bool, model: nn.Module, optimizer: torch.o
     if main and tmp.exists():
         shutil.rmtree(tmp)  # a save a kill cut short
     _barrier()
+    if dist.is_initialized():  # DCP keeps one copy of a tensor every process has (buffers): make it the main one's,
+        for buffer in model.buffers():  # which every process's next training forward starts from anyway
+            dist.broadcast(buffer, 0)
     model_state, optimizer_state = _states(model, optimizer, keep)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ONE_PROCESS)  # DCP without a process group: one process, as meant

@@ -12,6 +12,7 @@ import contextlib
 import types
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import convert_outputs_to_fp32
 from torch import nn
@@ -36,10 +37,27 @@ def shard(model: nn.Module, head_name: str, accelerator: Accelerator) -> int:
         fully_shard(unit, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     model.to(accelerator.device)  # after sharding: each process moves its shards, never the whole model
+    broadcast_buffers(model)
     if not cuda and accelerator.mixed_precision != "no":  # as Accelerate's prepare_model would
         forward = accelerator.autocast()(type(model).forward)
         model.forward = types.MethodType(convert_outputs_to_fp32(forward), model)
     return len(units) + 1
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """As DDP does (broadcast_buffers): every training forward starts from the main process's buffers (BatchNorm's
+    running statistics), which FSDP2 leaves to each process. So a sharded run's statistics are DDP's, and the one
+    copy of them a sharded state saves (tl.runs.shards) is what every process continues from."""
+    buffers = list(model.buffers())
+    if not buffers or not dist.is_initialized():
+        return
+
+    def sync(module, args):
+        if module.training and torch.is_grad_enabled():
+            for buffer in buffers:
+                dist.broadcast(buffer, 0)
+
+    model.register_forward_pre_hook(sync)
 
 
 @contextlib.contextmanager
