@@ -276,6 +276,19 @@ def test_jobs_of_other_process_counts_on_one_out_leave_each_other_alone(tmp_path
     assert not (tmp_path / "p.csv.parts").exists() and out.read_text().count("\n") == 3
 
 
+def test_a_merge_that_waited_while_another_process_merged_and_removed_the_parts_returns_quietly(tmp_path):
+    """Two processes of a job finish at once: both open merge.lock, one merges and removes the parts folder, the
+    other then gets the lock, finds OUT complete and removes its parts: none left, and no error (it was
+    FileNotFoundError, failing one task of a SLURM array now and then)."""
+    out, job = tmp_path / "p.csv", {"model": "sha256:x", "images": "sha256:y"}
+    output = Output(out, job, "csv")
+    output.check(0, 2, overwrite=False)
+    output.open_part(0, 2).close()
+    shutil.rmtree(tmp_path / "p.csv.parts")  # what the merging process did meanwhile
+    output._remove_parts(2)
+    assert not (tmp_path / "p.csv.parts").exists()
+
+
 def test_a_part_whose_folder_was_removed_says_what_happened(tmp_path):
     output = Output(tmp_path / "p.csv", {"model": "sha256:x"}, "csv")
     output.check(0, 1, overwrite=False)

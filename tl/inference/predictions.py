@@ -290,7 +290,11 @@ class Output:
         for k in range(n):
             for suffix in ("json", self.fmt):
                 (self.parts / f"part-{k:05d}-of-{n:05d}.{suffix}").unlink(missing_ok=True)
-        if not any(p.name.startswith("part-") for p in self.parts.iterdir()):
+        try:
+            others = any(p.name.startswith("part-") for p in self.parts.iterdir())
+        except FileNotFoundError:  # the process that merged removed it while this one waited for the lock
+            return
+        if not others:
             shutil.rmtree(self.parts, ignore_errors=True)
 
 
