@@ -43,14 +43,14 @@ def close(a, b, tol=1e-5):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("options", [["--epochs", "2"],
-                                     ["--epochs", "1", "--mode", "lora", "--layer-decay", "0.8", "--accumulate", "2",
+@pytest.mark.parametrize("options", [["--epochs", "2", "--mode", "lora", "--layer-decay", "0.8", "--accumulate", "2",
                                       "--grad-checkpointing"],
                                      ["--epochs", "2", "--model", "resnet18", "--image-size", "64"]],
-                         ids=["finetune", "lora+levers", "batchnorm"])
+                         ids=["vit lora+levers", "resnet finetune"])
 def test_sharded_training_gives_ddps_losses_and_weights(tmp_path, data, options):
-    """The same steps as DDP: on a ViT, and on a ResNet whose BatchNorm statistics are broadcast from the main
-    process at every training forward as DDP does (tl.train.sharding.broadcast_buffers)."""
+    """The same steps as DDP: on a ViT (no BatchNorm) with LoRA, layer decay, accumulation and checkpointing, and
+    finetuning a ResNet whose BatchNorm statistics are broadcast from the main process at every training forward
+    as DDP does (tl.train.sharding.broadcast_buffers)."""
     runs = {}
     for name, extra in (("ddp", []), ("sharded", ["--shard-model"])):
         runs[name] = tmp_path / name
