@@ -14,6 +14,7 @@ from test_distributed import BIN
 
 from tl.core.config import parse_args
 from tl.core.errors import UserError
+from tl.pack import pack
 from tl.runs import checkpoints
 
 pytest.importorskip("timm")
@@ -90,20 +91,27 @@ def test_a_sharded_run_killed_inside_an_epoch_resumes_exactly(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def two_epochs(tmp_path_factory, data):
-    """A sharded run of 2 epochs at 2 processes, to go on from."""
+def packed(tmp_path_factory, data):
+    out = tmp_path_factory.mktemp("pack") / "pack"
+    pack(data, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory, packed):
+    """A sharded run of 2 epochs at 2 processes on a pack (streamed), to go on from."""
     out = tmp_path_factory.mktemp("two") / "run"
-    proc = torchrun(2, "--data-dir", data, "--output-dir", out, *VIT, "--epochs", "2", "--shard-model", timeout=600)
+    proc = torchrun(2, "--data-dir", packed, "--output-dir", out, *VIT, "--epochs", "2", "--shard-model", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("processes", [1, 3])
-def test_a_sharded_state_goes_on_at_another_number_of_processes(tmp_path, data, two_epochs, processes):
+def test_a_sharded_state_goes_on_at_another_number_of_processes(tmp_path, packed, two_epochs, processes):
     out = tmp_path / "run"
     shutil.copytree(two_epochs, out)
-    args = ["--data-dir", data, "--output-dir", out, *VIT, "--epochs", "3", "--shard-model", "--resume"]
+    args = ["--data-dir", packed, "--output-dir", out, *VIT, "--epochs", "3", "--shard-model", "--resume"]
     proc = run_cli("train.py", *args) if processes == 1 else torchrun(processes, *args, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resuming at {processes} process(es) a run saved by 2" in proc.stdout
@@ -115,8 +123,8 @@ def test_a_sharded_state_goes_on_at_another_number_of_processes(tmp_path, data, 
 
 
 @pytest.mark.slow
-def test_a_damaged_or_incomplete_sharded_state_is_one_line_and_touches_nothing(tmp_path, data, two_epochs):
-    args = ["--data-dir", data, *VIT, "--epochs", "3", "--shard-model", "--resume"]
+def test_a_damaged_or_incomplete_sharded_state_is_one_line_and_touches_nothing(tmp_path, packed, two_epochs):
+    args = ["--data-dir", packed, *VIT, "--epochs", "3", "--shard-model", "--resume"]
     name = checkpoints.read_metadata(two_epochs / "state.safetensors")["shards"]
     for damage, phrase in (("missing", "damaged or missing a process's file"), ("metadata", "missing or incomplete"),
                            ("bytes", "damaged or missing a process's file")):
@@ -136,7 +144,7 @@ def test_a_damaged_or_incomplete_sharded_state_is_one_line_and_touches_nothing(t
 
 
 @pytest.mark.slow
-def test_a_save_cut_short_leaves_the_previous_state_to_resume_from(tmp_path, data, two_epochs):
+def test_a_save_cut_short_leaves_the_previous_state_to_resume_from(tmp_path, packed, two_epochs):
     """A kill while the processes write (shards.tmp half written) or before the state file names the new folder
     (a complete folder no state names): the resume goes on from the state file's folder and clears the rest."""
     out = tmp_path / "run"
@@ -145,7 +153,7 @@ def test_a_save_cut_short_leaves_the_previous_state_to_resume_from(tmp_path, dat
     (out / "shards.tmp").mkdir()
     (out / "shards.tmp" / "__0_0.distcp").write_bytes(b"half")
     shutil.copytree(out / name, out / "shards-3-0")  # renamed, but the state was not written
-    proc = run_cli("train.py", "--data-dir", data, "--output-dir", out, *VIT, "--epochs", "3", "--shard-model",
+    proc = run_cli("train.py", "--data-dir", packed, "--output-dir", out, *VIT, "--epochs", "3", "--shard-model",
                    "--resume")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming after epoch 2" in proc.stdout
