@@ -60,6 +60,13 @@ def test_default_targets_are_the_layers_inside_blocks_and_few_parameters_train(n
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
 
 
+def test_a_model_without_blocks_needs_named_targets():
+    model, head = build_model("vgg11", "none", 2, "lora")
+    with pytest.raises(UserError, match=r"--mode lora: the model has no .* --lora-targets \(candidates: .*features"):
+        default_targets(model, head)
+    assert resolve_targets(model, head, r"features\.(0|3)") == ["features.0", "features.3"]
+
+
 def test_targets_by_name_by_last_parts_or_regex_and_an_unmatched_pattern_lists_candidates():
     model, head = build_model("resnet18", "none", 2, "lora")
     assert resolve_targets(model, head, "conv2") == [f"layer{i}.{j}.conv2" for i in range(1, 5) for j in (0, 1)]

@@ -39,8 +39,11 @@ def default_targets(model: nn.Module, head_name: str) -> list[str]:
     """The family's usual targets: every adaptable layer inside the model's blocks (a ViT's attention and MLP
     projections, a ResNet's or ConvNeXt's block convolutions and projections), not the stem or the head; the
     blocks as --layer-decay finds them (timm's group_matcher, else a torchvision model's blocks)."""
-    depths, top = layer_depths(model, head_name)
     found = candidates(model, head_name)
+    try:
+        depths, top = layer_depths(model, head_name)
+    except UserError:  # no blocks (AlexNet, VGG)
+        depths, top = {}, 0
     inner = [n for n, m in found.items() if 0 < depths.get(_first_param(n, m), 0) < top]
     if not inner:
         raise UserError("--mode lora: the model has no linear or convolution layers inside blocks to adapt; name "
