@@ -44,7 +44,7 @@ def close(a, b, tol=1e-5):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("options", [["--epochs", "2", "--mode", "lora", "--layer-decay", "0.8", "--accumulate", "2",
+@pytest.mark.parametrize("options", [["--epochs", "1", "--mode", "lora", "--layer-decay", "0.8", "--accumulate", "2",
                                       "--grad-checkpointing"],
                                      ["--epochs", "2", "--model", "resnet18", "--image-size", "64"]],
                          ids=["vit lora+levers", "resnet finetune"])
