@@ -85,7 +85,7 @@ bench-recipes: install  ## RECIPE and the accuracy levers against the tutorial's
 		--config "imbalanced: + class weights=--data-dir {imbalanced} --mode finetune $(RECIPE) --class-weights auto" \
 		--config "imbalanced: + balanced sampler=--data-dir {imbalanced} --mode finetune $(RECIPE) --sampler balanced"
 
-bench-lora: install  ## LoRA (rank 8 and 16) against finetune, feature-extract and finetune with --layer-decay on hymenoptera, 25 epochs x 3 seeds (~50 min on 2 cores; goes on where it stopped); writes bench/results-lora.md
+bench-lora: install  ## LoRA (rank 8 and 16) against finetune, feature-extract and finetune with --layer-decay on hymenoptera, 25 epochs x 3 seeds (~55 min on a quiet 2-core machine; goes on where it stopped, see bench/results-lora.json); writes bench/results-lora.md
 	$(PY) bench/seeds.py --epochs 25 --title "LoRA and layer-wise decay against the tutorial's scenarios, best val accuracy over seeds" \
 		--out bench/results-lora.md --results bench/results-lora.json \
 		--config "finetune=--mode finetune" --config "feature-extract=--mode feature-extract" \

@@ -78,7 +78,8 @@ def _opt(default, help, **kw):
 class Config:
     mode: str = _opt("finetune", "finetune: train every layer; feature-extract: freeze the backbone, train only the "
                      "new final layer; lora: freeze the backbone, train low-rank adapters in its layers (peft's "
-                     "LoRA, see --lora-rank) and the new final layer", choices=MODES)
+                     "LoRA, see --lora-rank; it wants a larger --lr, e.g. 0.01) and the new final layer",
+                     choices=MODES)
     data_dir: str = _opt("data/hymenoptera_data", "an ImageFolder root holding train/ and val/ with the same "
                          "class folders (the tutorial's set is downloaded there if missing), or a packed set "
                          "(python -m tl.pack)")

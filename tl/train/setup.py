@@ -116,6 +116,9 @@ def setup(cfg: Config, accelerator: Accelerator, run: rundir.RunDir | None, out:
             trains = sum(p.numel() for p in model.parameters() if p.requires_grad)
             print(f"lora: rank {cfg.lora_rank} adapters on {len(targets)} layers ({summary(dict.fromkeys(targets))}),"
                   f" {trains:,} of {sum(p.numel() for p in model.parameters()):,} parameters train")
+            if cfg.optimizer == "sgd" and cfg.lr <= 0.001:
+                print(f"note: the adapters start as no change and learn slowly at --lr {cfg.lr:g}; about 10x more "
+                      "did best on hymenoptera (docs/large-models.md, 'Which to use when')")
     if cfg.grad_checkpointing:
         if cache:
             raise UserError("--grad-checkpointing saves memory in the backward pass through the backbone; "
