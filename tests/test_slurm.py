@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -59,12 +60,12 @@ def finished(job):
     return job_state(job) in ("COMPLETED", "FAILED", "CANCELLED")
 
 
-def wait_for(condition, timeout, what):
+def wait_for(condition, timeout, what, every=0.5):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if condition():
             return
-        time.sleep(0.5)
+        time.sleep(every)
     raise AssertionError(f"timed out waiting for {what}")
 
 
@@ -84,6 +85,26 @@ def test_job_completes_with_exact_counts(cluster, data, tmp_path, script, nodes,
     assert json.loads((out / "summary.json").read_text())["num_val"] == 13
 
 
+def pending(pid: int, signum: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return any(int(line.split()[1], 16) >> (signum - 1) & 1 for line in status.splitlines()
+               if line.startswith(("SigPnd:", "ShdPnd:")))
+
+
+def preempt(job, out):
+    """What `#SBATCH --signal=B:USR1@120` does before the time limit, sent now, at a moment that does not depend
+    on the machine's speed: the ranks are stopped (SIGSTOP) until the SIGTERM the batch script's trap sends has
+    reached each of them, so the job cannot finish its epochs before the preemption lands."""
+    pids = rank_pids(out)
+    assert len(pids) == 2, pids
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=ENV, check=True)
+    wait_for(lambda: all(pending(pid, signal.SIGTERM) for pid in pids), 120, "SIGTERM at every rank", every=0.05)
+    for pid in pids:
+        os.kill(pid, signal.SIGCONT)
+
+
 @pytest.mark.parametrize("sharded", [False, True], ids=["ddp", "shard-model"])
 def test_preempted_job_requeues_and_resumes_exactly_with_workers(cluster, data, tmp_path, sharded):
     """multi_node.sbatch on the two nodes, preempted after epoch 2: requeued, resumed from its state (with
@@ -99,9 +120,8 @@ def test_preempted_job_requeues_and_resumes_exactly_with_workers(cluster, data, 
                                   *args.split()], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                                  stderr=ref_log.open("w"))
     job = submit("multi_node.sbatch", out, data, 6, TRAIN_ARGS=f"{args} --num-workers 2")
-    wait_for(lambda: (out / "metrics.jsonl").exists() and len(epochs_of(out)) >= 2, 300, "epoch 2")
-    # What `#SBATCH --signal=B:USR1@120` does before the time limit, sent now.
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=ENV, check=True)
+    wait_for(lambda: (out / "metrics.jsonl").exists() and len(epochs_of(out)) >= 2, 300, "epoch 2", every=0.02)
+    preempt(job, out)
     wait_for(lambda: job_state(job) in ("COMPLETED", "FAILED", "CANCELLED"), 300, "the requeued job")
     log = Path(f"{out}.log").read_text(errors="replace")
     assert job_state(job) == "COMPLETED", log[-3000:]
