@@ -49,16 +49,6 @@ def make_imagefolder(root: Path, classes=("blue", "red"), n_train=12, n_val=6, s
     return root
 
 
-# The files whose tests take longest (several processes each), scheduled first: `make test` hands whole files to
-# its two workers in collection order (--dist loadfile), and a long file collected last leaves one worker alone.
-LONG_FILES = ("test_distributed.py", "test_sharding.py", "test_checkpoint.py", "test_bench.py", "test_lora.py")
-
-
-def pytest_collection_modifyitems(items):
-    items.sort(key=lambda item: LONG_FILES.index(item.path.name) if item.path.name in LONG_FILES
-               else len(LONG_FILES))  # stable: each file's tests keep their order
-
-
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     return make_imagefolder(tmp_path_factory.mktemp("tiny") / "tiny")
