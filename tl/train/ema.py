@@ -9,6 +9,7 @@ would be a device sync per step.
 """
 
 import contextlib
+import itertools
 
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -22,10 +23,25 @@ class WeightEMA:
         self.source = model.get_submodule(head) if mode == "feature-extract" else model
         self.averaged = AveragedModel(self.source, device, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
         self.averaged.n_averaged = self.averaged.n_averaged.cpu()
+        self.average = get_ema_multi_avg_fn(decay)
 
     @torch.no_grad()
     def update(self) -> None:
-        self.averaged.update_parameters(self.source)
+        """AveragedModel.update_parameters, with tensors paired by name rather than by order: peft's
+        MultiheadAttention re-registers in_proj_weight in every forward, which moves it in parameters()."""
+        own, new = _named_tensors(self.averaged.module), _named_tensors(self.source)
+        if self.averaged.n_averaged == 0:
+            for name, tensor in own.items():
+                tensor.copy_(new[name])
+        else:
+            by_dtype: dict[torch.dtype, tuple[list, list]] = {}
+            for name, tensor in own.items():
+                mine, theirs = by_dtype.setdefault(tensor.dtype, ([], []))
+                mine.append(tensor)
+                theirs.append(new[name].to(tensor.device))
+            for mine, theirs in by_dtype.values():
+                self.average(mine, theirs, self.averaged.n_averaged)
+        self.averaged.n_averaged += 1
 
     def trained(self) -> dict[str, torch.Tensor]:
         """The averaged weights under the model's own names, as Checkpointer.trained gives the model's."""
@@ -54,3 +70,7 @@ class WeightEMA:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.averaged.load_state_dict(state)
+
+
+def _named_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: t.detach() for name, t in itertools.chain(module.named_parameters(), module.named_buffers())}
