@@ -14,6 +14,7 @@ import runpy
 import select
 import signal
 import sys
+import tempfile
 import traceback
 
 import accelerate  # noqa: F401  imported once here, not in every child
@@ -41,6 +42,7 @@ def child(request: dict) -> None:
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
+        tempfile.tempdir = None  # gettempdir() reads this command's TMPDIR, as a fresh Python would
         sys.argv = list(request["argv"])
         if request["module"]:
             runpy.run_module(request["module"], run_name="__main__", alter_sys=True)

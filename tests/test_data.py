@@ -13,7 +13,7 @@ import zipfile
 
 import pytest
 import torch
-from conftest import make_imagefolder, run_cli
+from conftest import make_imagefolder, one_line_error, run_cli
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
@@ -419,3 +419,18 @@ def test_stream_start_up_check_reads_signatures(tmp_path):
     assert len(caught) == 3 and any("an empty file" in str(w.message) for w in caught)
     assert len(split.targets) == len(split.images) == 6
     assert split.images[split.paths.index(str(blue / "really-a-gif.jpg"))].shape == (3, 7, 9)
+
+
+def test_a_tmpdir_too_long_for_the_workers_sockets_is_one_line_error(tmp_path, tiny_data):
+    """Under such a TMPDIR a DataLoader worker cannot bind the socket it hands batches over with and the
+    loader waits forever (seen: a test hung until its timeout). tl refuses before training; 0 workers run."""
+    long = tmp_path / ("t" * 80)
+    long.mkdir()
+    argv = ["train.py", "--data-dir", str(tiny_data), "--epochs", "1", "--weights", "none", "--wandb", "disabled",
+            "--image-size", "32", "--batch-size", "8"]
+    proc = run_cli(*argv, "--output-dir", str(tmp_path / "a"), "--num-workers", "1", env={"TMPDIR": str(long)})
+    one_line_error(proc, f"TMPDIR {long} is too long", "export TMPDIR=/tmp", "--num-workers 0")
+    assert not (tmp_path / "a" / "state.safetensors").exists()
+    proc = run_cli(*argv, "--output-dir", str(tmp_path / "b"), "--num-workers", "0", env={"TMPDIR": str(long)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    tl.data.loaders.check_workers_can_start(1)  # this test's own TMPDIR is short enough

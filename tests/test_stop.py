@@ -3,7 +3,10 @@ inside a save, which finishes first (launchers deliver two: directly and through
 
 import json
 import os
+import shutil
 import signal
+import tempfile
+from pathlib import Path
 
 import pytest
 from conftest import FAST, one_line_stop, run_cli
@@ -90,7 +93,7 @@ def test_every_command_stops_with_one_line_and_leaves_nothing(tmp_path, finished
     argv, where, written = COMMANDS[command]
     fill = {"run": finished_run, "out": tmp_path / "out", "data": tiny_data, "weights": base_weights}
     (tmp_path / "out").mkdir()
-    (tmp_path / "tmp").mkdir()
+    temp = Path(tempfile.mkdtemp(prefix="stop-"))  # not under tmp_path: a short path for DataLoader workers' sockets
     module, name = where.rsplit(".", 1)
     code = (f"import os, sys, {module} as m\n"
             f"real = m.{name}\n"
@@ -100,11 +103,14 @@ def test_every_command_stops_with_one_line_and_leaves_nothing(tmp_path, finished
             f"m.{name} = signalled\n"
             f"from {command.split()[0]} import main\n"
             f"sys.exit(main({[a.format(**fill) for a in argv]!r}))\n")
-    proc = run_cli("-c", code, env={"TMPDIR": str(tmp_path / "tmp")})
-    one_line_stop(proc, signum, f"stopped by {signal.Signals(signum).name}", "run the command again")
-    assert sorted(os.listdir(tmp_path / "out")) == written
-    ours = [n for n in os.listdir(tmp_path / "tmp") if "tl" in n]  # onnxruntime's import leaves its own .ses
-    assert ours == [], f"{command} left temporary files"
+    try:
+        proc = run_cli("-c", code, env={"TMPDIR": str(temp)})
+        one_line_stop(proc, signum, f"stopped by {signal.Signals(signum).name}", "run the command again")
+        assert sorted(os.listdir(tmp_path / "out")) == written
+        ours = [n for n in os.listdir(temp) if "tl" in n]  # onnxruntime's import leaves its own .ses
+        assert ours == [], f"{command} left temporary files"
+    finally:
+        shutil.rmtree(temp)
 
 
 def test_a_stop_while_finishing_says_so_and_a_resume_finishes(tmp_path, tiny_data, monkeypatch):

@@ -33,6 +33,7 @@ from tl.core.cli import Parser, number
 from tl.core.errors import UserError, is_main_rank, run_cli
 from tl.core.files import write_atomic
 from tl.core.stop import Stopped, Stopper, StopRequested
+from tl.data.loaders import check_workers_can_start
 from tl.data.preprocess import Preprocess
 from tl.data.sources import Source, open_source
 from tl.data.splits import UNREADABLE, usable_cpus
@@ -70,6 +71,7 @@ def predict(checkpoint_path, paths: list[str], weights: str | None = None, png: 
     if top_k > len(classes):
         raise UserError(f"--top-k {top_k} is more than the model's {len(classes)} classes; pass at most {len(classes)}")
     workers = max(1, usable_cpus() // local) if workers is None else workers
+    check_workers_can_start(workers, ", or pass --num-workers 0")
     if out is None:
         return print_predictions(source, probs_of, classes, pre, batch_size, workers, png)
     if "OMP_NUM_THREADS" not in os.environ:  # the launcher's or the user's choice wins

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from tl.core.errors import UserError
-from tl.data.loaders import PAD, ShardSampler, train_sampler
+from tl.data.loaders import PAD, ShardSampler, eval_loader, train_sampler
 from tl.data.preprocess import TUTORIAL, Preprocess, to_input
 
 
@@ -49,8 +49,7 @@ def backbone_features(model, head_name: str, splits: dict[str, Dataset], batch_s
     model.set_submodule(head_name, torch.nn.Identity())
     try:
         for split, images in splits.items():
-            loader = DataLoader(Subset(images, range(rank, len(images), world)), batch_size=batch_size,
-                                num_workers=num_workers)
+            loader = eval_loader(images, batch_size, num_workers, rank, world)
             # minutes on a CPU for the tutorial's set: the main process shows its share's progress
             with tqdm(total=len(loader.dataset), unit="img", desc=f"feature cache {split}", leave=False,
                       disable=not accelerator.is_main_process) as bar:

@@ -1,11 +1,16 @@
 """Batches: a decoded split as a seeded Dataset, sharded per process with marked padding, in DataLoaders."""
 
 import hashlib
+import os
+import tempfile
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from tl.core.errors import UserError
 from tl.data.splits import Split
+
+SOCKET_PATH = 107  # bytes: a Unix socket's path (sun_path is 108 on Linux, with the closing NUL)
 
 
 class ImageSet(Dataset):
@@ -108,3 +113,15 @@ def skip_batches(loader: DataLoader, sampler, batches: int) -> DataLoader:
     return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=indices, num_workers=loader.num_workers,
                       drop_last=loader.drop_last, pin_memory=loader.pin_memory, collate_fn=loader.collate_fn,
                       generator=loader.generator)
+
+
+def check_workers_can_start(workers: int, fix: str = "") -> None:
+    """DataLoader workers hand each batch's memory over through a Unix socket that multiprocessing makes
+    under TMPDIR (pymp-XXXXXXXX/listener-XXXXXXXX). Under a long TMPDIR the socket cannot bind: the worker
+    only prints a traceback, and the loader waits for its batch forever. Refused here instead."""
+    folder = tempfile.gettempdir()
+    if workers > 0 and len(os.fsencode(os.path.join(folder, "pymp-12345678", "listener-12345678"))) > SOCKET_PATH:
+        raise UserError(f"TMPDIR {folder} is too long ({len(os.fsencode(folder))} bytes) for DataLoader worker "
+                        f"processes: they pass batches through a socket under it, whose path must stay within "
+                        f"{SOCKET_PATH} bytes (TMPDIR at most 75); set TMPDIR to a shorter folder (e.g. export "
+                        f"TMPDIR=/tmp){fix}")

@@ -19,7 +19,7 @@ from tl.data.augment import DeviceAugment
 from tl.data.augment import collate as padded_batches
 from tl.data.features import FeatureRows, backbone_features, feature_loaders
 from tl.data.listing import ensure_data
-from tl.data.loaders import ImageSet, make_loaders
+from tl.data.loaders import ImageSet, check_workers_can_start, make_loaders
 from tl.data.preprocess import Preprocess, center_view, train_transform
 from tl.data.sources import DataSet, open_data
 from tl.data.splits import Split, choose_data_mode, usable_cpus
@@ -161,6 +161,7 @@ def setup(cfg: Config, accelerator: Accelerator, run: rundir.RunDir | None, out:
     workers = cfg.num_workers if cfg.num_workers >= 0 else \
         0 if mode == "memory" else max(1, usable_cpus() // node_processes)
     accelerator.print(f"data: {mode} ({why}), {workers} DataLoader worker(s) per process")
+    check_workers_can_start(workers, ", or pass --num-workers 0")
     # Train images are kept big enough for both the train crop and the feature cache's center view.
     strict = cfg.strict()
     train_split = read_split(accelerator, data, "train", mode, pre, True, strict)
