@@ -95,8 +95,7 @@ def measure_sharded(cfg: dict) -> dict:
                        capture_output=True, text=True, cwd=ROOT)
     if r.returncode:
         sys.exit(f"bench/large.py sharded child failed:\n{r.stderr[-3000:]}")
-    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-    return next(row for row in rows if row["rank"] == 0)
+    return json.loads(next(line for line in r.stdout.splitlines() if line.startswith("{")))
 
 
 def checkpoint_bytes(name: str, mode: str) -> int:
@@ -261,7 +260,9 @@ def main():
         print(json.dumps(child(json.loads(args.child))), flush=True)
         return
     if args.sharded_child:
-        print(json.dumps(sharded_child(json.loads(args.sharded_child))), flush=True)
+        row = sharded_child(json.loads(args.sharded_child))
+        if row["rank"] == 0:  # one line: two ranks printing at once can interleave theirs
+            print(json.dumps(row), flush=True)
         return
     if args.quick:
         args.model, args.image_size, args.steps = "test_vit", 160, 2

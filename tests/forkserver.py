@@ -8,6 +8,8 @@ Tests of what happens during those imports (a signal at start-up) start a fresh 
 """
 
 import atexit
+import contextlib
+import importlib
 import json
 import os
 import runpy
@@ -22,6 +24,10 @@ import torch  # noqa: F401
 import torchvision  # noqa: F401
 
 import tl.train.loop  # noqa: F401
+
+for optional in ("timm", "peft"):  # the extras' imports, a second each
+    with contextlib.suppress(ImportError):
+        importlib.import_module(optional)
 
 
 def child(request: dict) -> None:

@@ -135,3 +135,28 @@ def test_a_stop_while_finishing_says_so_and_a_resume_finishes(tmp_path, tiny_dat
     assert not (out / "summary.json").exists()
     summary, _ = train(parse_args([*argv, "--resume"]))
     assert summary["epochs"] == 1 and (out / "summary.json").is_file() and (out / "curves.png").is_file()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_every_process_leaves_the_workers_to_the_main_one(tmp_path, tiny_data, signum):
+    """scancel, SLURM's time limit and Ctrl-C in a terminal signal the DataLoader workers as well. Sent from a
+    worker of epoch 1 to itself and to its main process: a clean stop (one line, 128 + the signal), not a worker
+    dying of it and the loader raising; --resume then finishes the run."""
+    out = tmp_path / "run"
+    argv = ["--data-dir", str(tiny_data), "--output-dir", str(out), "--epochs", "2", "--weights", "none",
+            "--wandb", "disabled", "--num-workers", "2", "--data-mode", "stream", *FAST]
+    code = (f"import os, sys, torch.utils.data as d, tl.data.loaders as m\n"
+            f"real = m.ImageSet.__getitem__\n"
+            f"def signalled(self, i):\n"
+            f"    if d.get_worker_info() is not None and self.epoch == 1 and i == 5 and self.transform:\n"
+            f"        os.kill(os.getppid(), {int(signum)})\n"
+            f"        os.kill(os.getpid(), {int(signum)})\n"
+            f"    return real(self, i)\n"
+            f"m.ImageSet.__getitem__ = signalled\n"
+            f"sys.argv = ['train.py', *{argv!r}]\n"
+            f"import runpy; runpy.run_path('train.py', run_name='__main__')\n")
+    proc = run_cli("-c", code)
+    one_line_stop(proc, signum, f"stopped by {signal.Signals(signum).name}")
+    resumed = run_cli("train.py", *argv, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from tl.core.cli import Parser, number
 from tl.core.errors import UserError, is_main_rank, run_cli
 from tl.core.files import write_atomic
-from tl.core.stop import Stopped, Stopper, StopRequested
+from tl.core.stop import Stopped, Stopper, StopRequested, ignore_in_worker
 from tl.data.loaders import check_workers_can_start
 from tl.data.preprocess import Preprocess
 from tl.data.sources import Source, open_source
@@ -45,7 +45,6 @@ from tl.runs.pictures import pick_examples, save_predictions
 
 COMMIT_SECONDS = 5.0  # between commits of a part (and after its first batch): what a kill can cost
 CONFUSION_TABLE_CLASSES = 20  # up to this many classes the confusion matrix is printed, else written to a file
-SIGNALS = Stopper.SIGNALS
 
 
 def predict(checkpoint_path, paths: list[str], weights: str | None = None, png: str | None = None,
@@ -168,18 +167,10 @@ def _collate(items):
     return [i for i, _ in items], [i for i, _ in good], torch.stack([x for _, x in good]) if good else None
 
 
-def _ignore_signals(_worker):
-    """Stop signals are the main process's to handle (it commits and ends the workers)."""
-    import signal
-
-    for sig in SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-
-
 def batches(source: Source, pre: Preprocess, probs_of, start: int, stop: int, batch_size: int, workers: int):
     """(indices, readable indices, their probabilities or None) per batch of images [start, stop)."""
     loader = DataLoader(Images(source, pre, start, stop), batch_size=batch_size, num_workers=workers,
-                        collate_fn=_collate, worker_init_fn=_ignore_signals if workers else None)
+                        collate_fn=_collate, worker_init_fn=ignore_in_worker)
     for indices, good, x in loader:
         yield indices, good, (probs_of(x) if x is not None else None)
 

@@ -8,6 +8,7 @@ terminal and again from torchrun's agent, which passes it on.
 """
 
 import contextlib
+import os
 import signal
 
 
@@ -39,11 +40,14 @@ class Stopper:
 
     def __init__(self):
         Stopper.active.append(self)
+        self.pid = os.getpid()
         self.signum, self.deferred, self.accelerator = 0, False, None
         self.in_save = self.forced = False
         self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame):
+        if os.getpid() != self.pid:  # a DataLoader worker before its ignore_in_worker: the main process stops it
+            return
         received.append(signum)
         again = bool(self.signum)
         self.signum = signum
@@ -100,3 +104,10 @@ def writing():
     """Around a command's last writes (several files that belong together): a stop signal waits for them,
     then stops (the active Stopper's `saving`); nothing to wait for without one."""
     return Stopper.active[-1].saving() if Stopper.active else contextlib.nullcontext()
+
+
+def ignore_in_worker(_worker_id: int) -> None:
+    """A DataLoader's worker_init_fn: scancel, SLURM's time limit and Ctrl-C signal the workers as well, and torch's
+    workers die of SIGTERM, which the loader then raises as a crash. The main process stops them itself."""
+    for sig in Stopper.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)

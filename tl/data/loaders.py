@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from tl.core.errors import UserError
+from tl.core.stop import ignore_in_worker
 from tl.data.splits import Split
 
 SOCKET_PATH = 107  # bytes: a Unix socket's path (sun_path is 108 on Linux, with the closing NUL)
@@ -96,14 +97,14 @@ def make_loaders(train_set: Dataset, val_set: Dataset, batch_size: int, num_work
     # generator (dropout's), or a resume inside an epoch would draw it once more than the epoch did.
     train_loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                               drop_last=drop_last, pin_memory=torch.cuda.is_available(), collate_fn=collate_fn,
-                              generator=torch.Generator().manual_seed(seed))
+                              generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_in_worker)
     return train_loader, sampler, eval_loader(val_set, max(batch_size, 32), num_workers, rank, world)
 
 
 def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, rank: int, world: int) -> DataLoader:
     """This process's strided shard of a set to evaluate (tl.model.evaluation.gather_in_order): no padding."""
     return DataLoader(Subset(dataset, range(rank, len(dataset), world)), batch_size=batch_size,
-                      num_workers=num_workers)
+                      num_workers=num_workers, worker_init_fn=ignore_in_worker)
 
 
 def skip_batches(loader: DataLoader, sampler, batches: int) -> DataLoader:
@@ -112,7 +113,7 @@ def skip_batches(loader: DataLoader, sampler, batches: int) -> DataLoader:
     indices = list(sampler)[batches * loader.batch_size:]
     return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=indices, num_workers=loader.num_workers,
                       drop_last=loader.drop_last, pin_memory=loader.pin_memory, collate_fn=loader.collate_fn,
-                      generator=loader.generator)
+                      generator=loader.generator, worker_init_fn=loader.worker_init_fn)
 
 
 def check_workers_can_start(workers: int, fix: str = "") -> None:
