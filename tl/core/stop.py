@@ -8,7 +8,6 @@ terminal and again from torchrun's agent, which passes it on.
 """
 
 import contextlib
-import os
 import signal
 
 
@@ -40,14 +39,11 @@ class Stopper:
 
     def __init__(self):
         Stopper.active.append(self)
-        self.pid = os.getpid()
         self.signum, self.deferred, self.accelerator = 0, False, None
         self.in_save = self.forced = False
         self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame):
-        if os.getpid() != self.pid:  # a DataLoader worker before its ignore_in_worker: the main process stops it
-            return
         received.append(signum)
         again = bool(self.signum)
         self.signum = signum
