@@ -71,9 +71,9 @@ def test_sharded_training_gives_ddps_losses_and_weights(tmp_path, data, options)
 
 @pytest.mark.slow
 def test_a_sharded_run_killed_inside_an_epoch_resumes_exactly(tmp_path):
-    data = make_imagefolder(tmp_path / "d", n_train=20, n_val=5, size=48)  # 10 steps a process at batch 2
+    data = make_imagefolder(tmp_path / "d", n_train=36, n_val=5, size=48)  # 18 steps a process at batch 2
     args = ["--data-dir", data, *VIT, "--batch-size", "2", "--epochs", "1", "--num-workers", "2", "--data-mode",
-            "stream", "--shard-model"]
+            "stream", "--shard-model"]  # killed at step 16 of 18
     ref = torchrun(2, *args, "--output-dir", tmp_path / "ref", timeout=600)
     assert ref.returncode == 0, ref.stderr[-3000:]
     out = tmp_path / "run"
