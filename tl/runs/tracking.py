@@ -17,6 +17,8 @@ from pathlib import Path
 from tl.core.files import write_atomic
 from tl.runs import rundir
 
+OFFLINE_TIMEOUT = 90.0  # s: the least an offline start (after a failed online one) may take
+
 
 def wandb_mode(requested: str) -> str:
     if requested != "auto":
@@ -45,6 +47,11 @@ def wandb_command() -> str:
     return str(exe) if exe.exists() else "wandb"
 
 
+def first_line(e: Exception) -> str:
+    """An exception's message as one line of tl's output (W&B's can run over several)."""
+    return str(e).strip().splitlines()[0] if str(e).strip() else ""
+
+
 def init_timeout() -> float:
     """Seconds an online start may take before tl logs offline: W&B's own WANDB_INIT_TIMEOUT, else 20."""
     try:
@@ -63,24 +70,27 @@ class Tracker:
         try:
             import wandb  # only when used: it takes a second to import
 
+            def settings(timeout: float):
+                return wandb.Settings(console="off", x_disable_stats=True, save_code=False, init_timeout=timeout,
+                                      silent=True)
+
             kwargs = dict(project=project, entity=entity, name=name or self.dir.name, group=group, config=config,
-                          dir=str(self.dir), id=self._run_id(resume), resume="allow",
-                          settings=wandb.Settings(console="off", x_disable_stats=True, save_code=False,
-                                                  init_timeout=init_timeout(), silent=True))
+                          dir=str(self.dir), id=self._run_id(resume), resume="allow")
             try:
-                self.run = wandb.init(mode=mode, **kwargs)
+                self.run = wandb.init(mode=mode, settings=settings(init_timeout()), **kwargs)
             except Exception as e:  # network down, bad key, service error: log offline
                 if mode != "online":
                     raise
-                print(f"W&B: could not start online ({type(e).__name__}: {e}); logging offline instead")
-                # A failed start can keep its run id reserved in the W&B service: use a fresh one.
-                self.run = wandb.init(mode="offline", **kwargs | {"id": self._run_id(resume=False)})
+                print(f"W&B: could not start online ({type(e).__name__}: {first_line(e)}); logging offline instead")
+                # A failed start can keep its run id reserved in the W&B service: use a fresh one. The timeout
+                # was the network's: offline needs only the local service, which a busy node can make slow.
+                self.run = wandb.init(mode="offline", settings=settings(max(init_timeout(), OFFLINE_TIMEOUT)),
+                                      **kwargs | {"id": self._run_id(resume=False)})
         except Exception as e:
             self._give_up("start", e)
 
     def _give_up(self, what: str, e: Exception) -> None:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        warnings.warn(f"W&B: could not {what} ({type(e).__name__}: {first}); training goes on without W&B",
+        warnings.warn(f"W&B: could not {what} ({type(e).__name__}: {first_line(e)}); training goes on without W&B",
                       stacklevel=2)
         self.run = None
         end_service()
