@@ -110,12 +110,10 @@ def test_three_processes_count_each_image_once_on_uneven_shards(tmp_path, odd_da
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HYMENOPTERA_ZIP.is_file() or not PROXY_WEIGHTS.is_file(), reason="needs ../shared")
-@pytest.mark.parametrize("data_mode", ["stream", "packed"])
-def test_three_processes_on_the_real_data_count_244_and_153(tmp_path, hymenoptera, data_mode):
-    data = hymenoptera
-    if data_mode == "packed":
-        pack(hymenoptera, tmp_path / "pack", progress=False)
-        data = tmp_path / "pack"
+def test_three_processes_on_the_real_data_count_244_and_153(tmp_path, hymenoptera):
+    """Packed and streamed (class folders streamed: the uneven-shards test above; in memory: the next one)."""
+    pack(hymenoptera, tmp_path / "pack", progress=False)
+    data = tmp_path / "pack"
     out = tmp_path / "run"
     proc = run_cli(str(BIN / "torchrun"), "--nproc_per_node", "3", str(ROOT / "train.py"), "--mode",
                    "feature-extract", "--feature-cache", "off", "--data-dir", str(data), "--data-mode", "stream",

@@ -110,7 +110,7 @@ def test_preempted_job_requeues_and_resumes_exactly_with_workers(cluster, data, 
     """multi_node.sbatch on the two nodes, preempted after epoch 2: requeued, resumed from its state (with
     --shard-model: every process's DCP shards), the uninterrupted run's metrics and best.safetensors exactly."""
     out = tmp_path / "run"
-    args = "--epochs 6 --image-size 112 --batch-size 4 --weights none --precision bf16" + \
+    args = "--epochs 5 --image-size 112 --batch-size 4 --weights none --precision bf16" + \
         (" --shard-model" if sharded else "")
     # The same two processes uninterrupted, without workers, outside SLURM: trained while the job runs.
     ref = tmp_path / "ref"
@@ -119,15 +119,15 @@ def test_preempted_job_requeues_and_resumes_exactly_with_workers(cluster, data, 
                                   "--mode", "finetune", "--data-dir", str(data), "--output-dir", str(ref),
                                   *args.split()], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                                  stderr=ref_log.open("w"))
-    job = submit("multi_node.sbatch", out, data, 6, TRAIN_ARGS=f"{args} --num-workers 2")
+    job = submit("multi_node.sbatch", out, data, 5, TRAIN_ARGS=f"{args} --num-workers 2")
     wait_for(lambda: (out / "metrics.jsonl").exists() and len(epochs_of(out)) >= 2, 300, "epoch 2", every=0.02)
     preempt(job, out)
     wait_for(lambda: job_state(job) in ("COMPLETED", "FAILED", "CANCELLED"), 300, "the requeued job")
     log = Path(f"{out}.log").read_text(errors="replace")
     assert job_state(job) == "COMPLETED", log[-3000:]
     assert "stopped by SIGTERM" in log and "restart 1" in log and re.search(RESUMING, log)
-    assert [r["epoch"] for r in epochs_of(out)] == [1, 2, 3, 4, 5, 6]  # one continuous record
-    assert json.loads((out / "summary.json").read_text())["epochs"] == 6
+    assert [r["epoch"] for r in epochs_of(out)] == [1, 2, 3, 4, 5]  # one continuous record
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 5
     assert reference.wait(timeout=600) == 0, ref_log.read_text(errors="replace")[-3000:]
 
     def without_timings(d):
@@ -136,7 +136,7 @@ def test_preempted_job_requeues_and_resumes_exactly_with_workers(cluster, data, 
     assert (out / "best.safetensors").read_bytes() == (ref / "best.safetensors").read_bytes()
     if sharded:
         state = checkpoints.read_metadata(out / "state.safetensors")
-        assert state["shards"] == "shards-6-0" and (out / "shards-6-0" / "__1_0.distcp").is_file()
+        assert state["shards"] == "shards-5-0" and (out / "shards-5-0" / "__1_0.distcp").is_file()
 
 
 def rank_pids(out):
@@ -198,7 +198,7 @@ def test_user_error_fails_without_requeue(cluster, tmp_path):
 def test_sweep_array_with_one_task_preempted(cluster, data, tmp_path):
     """slurm/sweep.sbatch over 3 seeds: 3 run dirs, 3 W&B runs in the sweep's group; task 1, preempted
     after its first epoch, requeues alone and ends equal to an uninterrupted run; tl.report sums it up."""
-    base = {"data_dir": str(data), "weights": "none", "epochs": 6, "image_size": 112, "batch_size": 4,
+    base = {"data_dir": str(data), "weights": "none", "epochs": 5, "image_size": 112, "batch_size": 4,
             "precision": "bf16"}
     file = tmp_path / "seeds.json"
     file.write_text(json.dumps({"name": "seeds", "base": base, "grid": {"seed": [0, 1, 2]}}))
@@ -224,7 +224,7 @@ def test_sweep_array_with_one_task_preempted(cluster, data, tmp_path):
     for i, task in enumerate(tasks):
         assert job_state(task) == "COMPLETED", logs[i][-3000:]
         assert job_field(task, "Restarts") == ("1" if i == 1 else "0"), logs[i][-3000:]
-        assert [r["epoch"] for r in epochs_of(runs[i])] == [1, 2, 3, 4, 5, 6]
+        assert [r["epoch"] for r in epochs_of(runs[i])] == [1, 2, 3, 4, 5]
         assert json.loads((runs[i] / "config.json").read_text())["seed"] == i
     assert "preemption signal" in logs[1] and re.search(RESUMING, logs[1])
     assert "Traceback" not in logs[1]  # W&B's service, stopped with the step, leaves one warning
