@@ -30,7 +30,7 @@ train-multi-gpu: install  ## DDP over NPROC GPUs of this node (NPROC CPU process
 
 # Test files run TEST_JOBS at a time (pytest-xdist; each test process then uses one thread, see tests/conftest.py).
 TEST_JOBS ?= 2
-test: install  ## the test suite on the CPU, without the SLURM tests (about 8 minutes on 2 cores; never apt-get or daemons)
+test: install  ## the test suite on the CPU, without the SLURM tests (about 9 minutes on 2 cores; never apt-get or daemons)
 	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile -m "not slurm" --durations=10
 
 test-fast: install  ## the same without the tests marked slow
