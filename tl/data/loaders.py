@@ -12,6 +12,7 @@ from tl.core.stop import ignore_in_worker
 from tl.data.splits import Split
 
 SOCKET_PATH = 107  # bytes: a Unix socket's path (sun_path is 108 on Linux, with the closing NUL)
+SOCKET_UNDER_TMPDIR = "pymp-12345678/listener-12345678"  # where multiprocessing puts a worker's socket
 
 
 class ImageSet(Dataset):
@@ -121,8 +122,9 @@ def check_workers_can_start(workers: int, fix: str = "") -> None:
     under TMPDIR (pymp-XXXXXXXX/listener-XXXXXXXX). Under a long TMPDIR the socket cannot bind: the worker
     only prints a traceback, and the loader waits for its batch forever. Refused here instead."""
     folder = tempfile.gettempdir()
-    if workers > 0 and len(os.fsencode(os.path.join(folder, "pymp-12345678", "listener-12345678"))) > SOCKET_PATH:
+    longest = SOCKET_PATH - len("/" + SOCKET_UNDER_TMPDIR)
+    if workers > 0 and len(os.fsencode(folder)) > longest:
         raise UserError(f"TMPDIR {folder} is too long ({len(os.fsencode(folder))} bytes) for DataLoader worker "
                         f"processes: they pass batches through a socket under it, whose path must stay within "
-                        f"{SOCKET_PATH} bytes (TMPDIR at most 75); set TMPDIR to a shorter folder (e.g. export "
-                        f"TMPDIR=/tmp){fix}")
+                        f"{SOCKET_PATH} bytes (TMPDIR at most {longest}); set TMPDIR to a shorter folder (e.g. "
+                        f"export TMPDIR=/tmp){fix}")

@@ -16,12 +16,11 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 from tl.core.errors import UserError
 from tl.core.files import output_folder, write_atomic
-from tl.core.stop import ignore_in_worker, writing
-from tl.data.loaders import ImageSet, check_workers_can_start
+from tl.core.stop import writing
+from tl.data.loaders import ImageSet, check_workers_can_start, eval_loader
 from tl.data.preprocess import Preprocess, to_pil
 from tl.data.sources import DataSet, open_run_data
 from tl.data.splits import Split, usable_cpus
@@ -199,7 +198,7 @@ def errors_report(run: str, split: str = "val", top: int = 16, weights: str | No
     batch = meta.get("eval_batch_size", 32)
     workers = min(4, usable_cpus(), math.ceil(len(images.targets) / batch))
     check_workers_can_start(workers)
-    loader = DataLoader(ImageSet(images), batch_size=batch, num_workers=workers, worker_init_fn=ignore_in_worker)
+    loader = eval_loader(ImageSet(images), batch, workers, 0, 1)
     probs = probabilities(model, loader, meta)
     result = analyse(images.paths, images.targets, probs, classes, top)
     tta, temperature = output_of(meta)

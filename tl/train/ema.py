@@ -23,7 +23,6 @@ class WeightEMA:
         self.source = model.get_submodule(head) if mode == "feature-extract" else model
         self.averaged = AveragedModel(self.source, device, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
         self.averaged.n_averaged = self.averaged.n_averaged.cpu()
-        self.average = get_ema_multi_avg_fn(decay)
 
     @torch.no_grad()
     def update(self) -> None:
@@ -40,7 +39,7 @@ class WeightEMA:
                 mine.append(tensor)
                 theirs.append(new[name].to(tensor.device))
             for mine, theirs in by_dtype.values():
-                self.average(mine, theirs, self.averaged.n_averaged)
+                self.averaged.multi_avg_fn(mine, theirs, self.averaged.n_averaged)
         self.averaged.n_averaged += 1
 
     def trained(self) -> dict[str, torch.Tensor]:
